@@ -1,0 +1,44 @@
+"""UniFusion core: LAP, refiner, DiT and rectified-flow sampling, independent of ComfyUI."""
+
+from .checkpoint import load_model, read_config, save_model
+from .config import (
+    DiTParams,
+    EncoderSpec,
+    LAPParams,
+    RefinerParams,
+    SamplingParams,
+    UniFusionConfig,
+    every_nth_layer,
+)
+from .dit import UniFusionDiT
+from .lap import LayerwiseAttentionPooling
+from .latents import LATENT_SPACES, LatentSpace, get_latent_space
+from .model import Conditioning, Features, UniFusionModel
+from .presets import PRESETS, get_preset
+from .refiner import Refiner
+from .sampling import SAMPLERS
+
+__all__ = [
+    "Conditioning",
+    "DiTParams",
+    "EncoderSpec",
+    "Features",
+    "LAPParams",
+    "LATENT_SPACES",
+    "LatentSpace",
+    "LayerwiseAttentionPooling",
+    "PRESETS",
+    "RefinerParams",
+    "Refiner",
+    "SAMPLERS",
+    "SamplingParams",
+    "UniFusionConfig",
+    "UniFusionDiT",
+    "UniFusionModel",
+    "every_nth_layer",
+    "get_latent_space",
+    "get_preset",
+    "load_model",
+    "read_config",
+    "save_model",
+]

@@ -1,0 +1,209 @@
+"""Typed parameters of a UniFusion model; the JSON form travels inside each checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .latents import LatentSpace, get_latent_space
+
+
+def every_nth_layer(num_layers: int, stride: int = 3) -> tuple[int, ...]:
+    """Indices 0, stride, 2*stride, ... <= num_layers (0 = embedding output; Sec. 3.1)."""
+    if num_layers < 1 or stride < 1:
+        raise ValueError(f"need num_layers >= 1 and stride >= 1, got {num_layers} and {stride}")
+    return tuple(range(0, num_layers + 1, stride))
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The frozen VLM a checkpoint was trained against, and the layers LAP reads from it."""
+
+    family: str
+    name: str
+    hidden_size: int
+    num_layers: int
+    layers: tuple[int, ...]
+    system_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.hidden_size < 1 or self.num_layers < 1:
+            raise ValueError(
+                f"encoder {self.name!r}: hidden_size and num_layers must be >= 1, "
+                f"got {self.hidden_size} and {self.num_layers}"
+            )
+        if not self.layers:
+            raise ValueError(f"encoder {self.name!r}: at least one layer must be selected")
+        if list(self.layers) != sorted(set(self.layers)) or not (
+            0 <= self.layers[0] and self.layers[-1] <= self.num_layers
+        ):
+            raise ValueError(
+                f"encoder {self.name!r}: layers must be increasing, unique and within "
+                f"0..{self.num_layers} (0 = embedding output), got {list(self.layers)}"
+            )
+
+    def same_encoder(self, other: EncoderSpec) -> bool:
+        """Whether features from `other` are what a model trained on `self` expects."""
+        return (
+            self.family == other.family
+            and self.hidden_size == other.hidden_size
+            and self.num_layers == other.num_layers
+            and self.layers == other.layers
+        )
+
+
+@dataclass(frozen=True)
+class LAPParams:
+    """Layerwise Attention Pooling (App. A.1): blocks across the layers of each token, then an FC."""
+
+    heads: int = 32
+    depth: int = 2
+    mlp_ratio: float = 1.3
+
+
+@dataclass(frozen=True)
+class RefinerParams:
+    """Bidirectional refiner over the pooled token sequence (Sec. 3.2)."""
+
+    heads: int = 32
+    depth: int = 2
+    mlp_ratio: float = 1.3
+    rope_theta: float = 10_000.0
+
+
+@dataclass(frozen=True)
+class DiTParams:
+    """Single-stream DiT over [conditioning ; noisy latent] tokens (Sec. 2.2)."""
+
+    hidden_size: int
+    depth: int
+    heads: int
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    rope_theta: float = 10_000.0
+    # Head-dim split of the rotary axes: (conditioning index, image row, image column).
+    axes_dim: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"DiT hidden_size {self.hidden_size} must be divisible by heads {self.heads}"
+            )
+        head_dim = self.hidden_size // self.heads
+        if self.axes_dim is None:
+            # A quarter of the head for the 1-D conditioning axis, the rest split between rows
+            # and columns; every part even so that it rotates in pairs.
+            a0 = 2 * max(1, head_dim // 8)
+            rest = head_dim - a0
+            a1 = 2 * (rest // 4)
+            object.__setattr__(self, "axes_dim", (a0, a1, rest - a1))
+        axes = tuple(int(a) for a in self.axes_dim)
+        object.__setattr__(self, "axes_dim", axes)
+        if len(axes) != 3 or sum(axes) != head_dim or any(a <= 0 or a % 2 for a in axes):
+            raise ValueError(
+                f"DiT axes_dim {list(axes)} must be three positive even numbers summing to the "
+                f"head dim {head_dim}"
+            )
+        if self.patch_size < 1 or self.depth < 1:
+            raise ValueError(
+                f"DiT patch_size and depth must be >= 1, got {self.patch_size} and {self.depth}"
+            )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Defaults the model was trained for: resolution-dependent timestep shift (SD3/Flux)."""
+
+    base_shift: float = 0.5  # log-shift at base_tokens image tokens
+    max_shift: float = 1.15  # log-shift at max_tokens image tokens
+    base_tokens: int = 256
+    max_tokens: int = 4096
+    steps: int = 28
+    cfg: float = 4.0
+
+
+@dataclass(frozen=True)
+class UniFusionConfig:
+    """Everything needed to rebuild a UniFusion model; serialised into checkpoint metadata."""
+
+    encoder: EncoderSpec
+    dit: DiTParams
+    latent: LatentSpace
+    lap: LAPParams = field(default_factory=LAPParams)
+    refiner: RefinerParams = field(default_factory=RefinerParams)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        d = self.encoder.hidden_size
+        for part, heads in (("lap", self.lap.heads), ("refiner", self.refiner.heads)):
+            if d % heads or (d // heads) % 2:
+                raise ValueError(
+                    f"{part}.heads={heads} must divide the encoder hidden size {d} into an even "
+                    f"head dim (encoder {self.encoder.name!r})"
+                )
+
+    @property
+    def num_layers(self) -> int:
+        """How many VLM layers LAP pools."""
+        return len(self.encoder.layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UniFusionConfig:
+        """Inverse of to_dict; unknown or missing keys raise ValueError naming them."""
+        return _build(cls, d, "config")
+
+    def replace(self, **overrides) -> UniFusionConfig:
+        """Copy with parts replaced: `dit={"depth": 4}`, `latent="pixel"`, `encoder=spec`, ..."""
+        kwargs = {}
+        for name, value in overrides.items():
+            if name not in _PARTS:
+                raise ValueError(
+                    f"unknown override {name!r}; expected one of {sorted(_PARTS)} "
+                    f"(e.g. dit={{'depth': 4}} or latent='pixel')"
+                )
+            current = getattr(self, name)
+            if name == "latent" and not isinstance(value, dict):
+                kwargs[name] = get_latent_space(value)
+            elif isinstance(value, dict):
+                merged = {**dataclasses.asdict(current), **value}
+                kwargs[name] = _build(type(current), merged, name)
+            elif isinstance(value, type(current)):
+                kwargs[name] = value
+            else:
+                raise ValueError(
+                    f"override {name!r} must be a dict or a {type(current).__name__}, "
+                    f"got {type(value).__name__}"
+                )
+        return dataclasses.replace(self, **kwargs)
+
+
+_PARTS = {
+    "encoder": EncoderSpec,
+    "dit": DiTParams,
+    "latent": LatentSpace,
+    "lap": LAPParams,
+    "refiner": RefinerParams,
+    "sampling": SamplingParams,
+}
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _PARTS.get(name) if cls is UniFusionConfig else None
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise ValueError(f"{where}: {e}") from None

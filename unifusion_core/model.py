@@ -1,0 +1,248 @@
+"""UniFusionModel: LAP + refiner + DiT, encoding VLM features and sampling latents."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import EncoderSpec, UniFusionConfig
+from .dit import UniFusionDiT
+from .lap import LayerwiseAttentionPooling
+from .presets import get_preset
+from .refiner import Refiner
+from .sampling import Callback, get_sampler, get_schedule, make_noise, resolution_shift
+
+
+@dataclass
+class Features:
+    """Hidden states of the selected VLM layers for the conditioning tokens of one prompt."""
+
+    hidden: Tensor  # (T, L, D)
+    layers: tuple[int, ...]
+    encoder: EncoderSpec | None = None
+    text: str = ""
+
+
+@dataclass
+class Conditioning:
+    """DiT-width conditioning tokens with a key-padding mask (True = real token)."""
+
+    tokens: Tensor  # (B, T, D)
+    mask: Tensor  # (B, T) bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def expand(self, batch_size: int) -> Conditioning:
+        """Broadcast a batch of one to batch_size; a matching batch is returned as is."""
+        if self.batch_size == batch_size:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(
+                f"conditioning has batch {self.batch_size}; it must be 1 or the requested "
+                f"batch size {batch_size}"
+            )
+        return Conditioning(self.tokens.expand(batch_size, -1, -1), self.mask.expand(batch_size, -1))
+
+    @staticmethod
+    def cat(conds: Sequence[Conditioning]) -> Conditioning:
+        """Stack along the batch, right-padding shorter sequences (padding is masked out)."""
+        T = max(c.tokens.shape[1] for c in conds)
+        tokens = torch.cat([F.pad(c.tokens, (0, 0, 0, T - c.tokens.shape[1])) for c in conds])
+        mask = torch.cat([F.pad(c.mask, (0, T - c.mask.shape[1]), value=False) for c in conds])
+        return Conditioning(tokens, mask)
+
+
+def encoder_spec_of(vlm) -> EncoderSpec:
+    """The EncoderSpec of an encoder, of its Features, or the spec itself."""
+    if isinstance(vlm, EncoderSpec):
+        return vlm
+    for attr in ("encoder_spec", "encoder"):
+        spec = getattr(vlm, attr, None)
+        if isinstance(spec, EncoderSpec):
+            return spec
+    raise ValueError(f"cannot tell which encoder {type(vlm).__name__} is: expected an EncoderSpec, "
+                     "a VLM encoder or its Features")
+
+
+class UniFusionModel(nn.Module):
+    """The trainable part of UniFusion: LAP -> refiner -> DiT (Fig. 4)."""
+
+    def __init__(self, config: UniFusionConfig, dtype: torch.dtype | None = None, device=None, operations=None):
+        super().__init__()
+        operations = operations or nn
+        self.config = config
+        self.dtype = dtype or torch.float32
+        kw = dict(dtype=self.dtype, device=device, operations=operations)
+        enc, lap, ref = config.encoder, config.lap, config.refiner
+        self.lap = LayerwiseAttentionPooling(enc.hidden_size, config.num_layers, lap.heads, lap.depth, lap.mlp_ratio, **kw)
+        self.refiner = Refiner(
+            enc.hidden_size, config.dit.hidden_size, ref.heads, ref.depth, ref.mlp_ratio, ref.rope_theta, **kw
+        )
+        self.dit = UniFusionDiT(config.dit, config.latent.channels, **kw)
+        if torch.device(device or "cpu").type != "meta":
+            self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, vlm=None, dtype=None, device=None, operations=None, **overrides) -> UniFusionModel:
+        """A freshly initialised model from a preset; `vlm` (an encoder, its Features or an
+        EncoderSpec) sets the LAP input to that encoder's width and selected layers."""
+        config = get_preset(name)
+        if vlm is not None:
+            overrides = {"encoder": encoder_spec_of(vlm), **overrides}
+        return cls(config.replace(**overrides), dtype=dtype, device=device, operations=operations)
+
+    def initialize_weights(self) -> None:
+        self.lap.initialize_weights()
+        self.refiner.initialize_weights()
+        self.dit.initialize_weights()
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.null_cond.device
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts per part and in total (works on the meta device)."""
+        counts = {n: sum(p.numel() for p in m.parameters()) for n, m in self.named_children()}
+        return {**counts, "total": sum(counts.values())}
+
+    # --- conditioning -------------------------------------------------------------------------
+
+    def encode(self, features, mask: Tensor | None = None, layer_drop: Sequence[int] = ()) -> Conditioning:
+        """VLM features -> DiT conditioning.
+
+        features: a Features, a list of them (one per batch item), or a tensor (B, T, L, D) or
+        (T, L, D) with an optional mask (B, T). layer_drop: VLM layer indices (as in
+        config.encoder.layers) whose contribution to the pooling is zeroed (Fig. 12).
+        """
+        hidden, mask = self._collate(features, mask)
+        layers = self.config.encoder.layers
+        bad = [i for i in layer_drop if i not in layers]
+        if bad:
+            raise ValueError(f"layer_drop {bad} not among the model's VLM layers {list(layers)}")
+        drop = [layers.index(i) for i in layer_drop]
+        hidden = hidden.to(self.device, self.dtype)
+        pooled = self.lap(hidden, drop)  # (B, T, D_vlm)
+        tokens = self.refiner(pooled, None if bool(mask.all()) else mask)  # (B, T, D_dit)
+        return Conditioning(tokens, mask)
+
+    def null_conditioning(self, batch_size: int = 1) -> Conditioning:
+        """The learned unconditional input used for classifier-free guidance."""
+        tokens = self.dit.null_cond[None].expand(batch_size, -1, -1)  # (B, 1, D)
+        return Conditioning(tokens, torch.ones(batch_size, 1, dtype=torch.bool, device=tokens.device))
+
+    def _collate(self, features, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        enc = self.config.encoder
+        if isinstance(features, Features):
+            features = [features]
+        if isinstance(features, (list, tuple)):
+            if mask is not None:
+                raise ValueError("pass a mask only with a tensor; Features carry their own length")
+            for f in features:
+                self._check_encoder(f)
+            hs = [f.hidden for f in features]
+            T = max(h.shape[0] for h in hs)
+            mask = torch.stack([torch.arange(T) < h.shape[0] for h in hs])
+            features = torch.stack([F.pad(h, (0, 0, 0, 0, 0, T - h.shape[0])) for h in hs])
+        if not isinstance(features, Tensor):
+            raise ValueError(f"features must be Features or a tensor, got {type(features).__name__}")
+        hidden = features[None] if features.ndim == 3 else features
+        if hidden.ndim != 4 or hidden.shape[2:] != (len(enc.layers), enc.hidden_size):
+            raise ValueError(
+                f"features must be (B, T, {len(enc.layers)}, {enc.hidden_size}) for encoder "
+                f"{enc.name!r} (layers {list(enc.layers)}), got {tuple(features.shape)}"
+            )
+        B, T = hidden.shape[:2]
+        if T == 0:
+            raise ValueError("features hold no tokens: give a prompt or an image")
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool)
+        if mask.shape != (B, T):
+            raise ValueError(f"mask must be (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+        mask = mask.to(self.device, torch.bool)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every batch item needs at least one unmasked conditioning token")
+        return hidden, mask
+
+    def _check_encoder(self, f: Features) -> None:
+        enc = self.config.encoder
+        if tuple(f.layers) != enc.layers or (f.encoder is not None and not enc.same_encoder(f.encoder)):
+            got = f.encoder.name if f.encoder is not None else "unknown encoder"
+            raise ValueError(
+                f"features come from {got!r} (layers {list(f.layers)}), but this model was trained "
+                f"against {enc.name!r} ({enc.family}, hidden {enc.hidden_size}, "
+                f"{enc.num_layers} layers, layers {list(enc.layers)}); load that encoder"
+            )
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Velocity for model-space latents x (B, C, H, W) at times t (B,)."""
+        return self.dit(x, t, cond.tokens, cond.mask)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Conditioning,
+        width: int,
+        height: int,
+        steps: int | None = None,
+        cfg: float | None = None,
+        seed: int = 0,
+        shift: float | None = None,
+        sampler: str = "euler",
+        negative: Conditioning | None = None,
+        batch_size: int = 1,
+        callback: Callback | None = None,
+        next_cond: Conditioning | None = None,
+        switch_at: float = 0.2,
+    ) -> Tensor:
+        """Generate latents; returns raw VAE latents (B, C, height/downscale, width/downscale), float32.
+
+        cfg guides against `negative`, or the learned null conditioning when none is given;
+        cfg == 1 runs no unconditional pass. With `next_cond`, `cond` conditions the first
+        `switch_at` fraction of the steps and `next_cond` the rest (Sec. 5.2). shift=None picks
+        the resolution-dependent shift. callback(step, total, x, x0) runs after each step, in
+        model space.
+        """
+        steps = self.config.sampling.steps if steps is None else int(steps)
+        cfg = self.config.sampling.cfg if cfg is None else float(cfg)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= switch_at <= 1.0:
+            raise ValueError(f"switch_at must be in [0, 1], got {switch_at}")
+        step_fn = get_sampler(sampler)
+        space, p = self.config.latent, self.config.dit.patch_size
+        lh, lw = space.latent_size(height, width)
+        # Sample on the grid rounded up to whole patches, then crop: any size works.
+        H, W = math.ceil(lh / p) * p, math.ceil(lw / p) * p
+        if shift is None:
+            shift = resolution_shift((H // p) * (W // p), self.config.sampling)
+        ts = get_schedule(steps, shift)
+
+        B = batch_size
+        uncond = (negative if negative is not None else self.null_conditioning()).expand(B)
+        schedule = [cond] if next_cond is None else [cond, next_cond]
+        # Guided conditioning is batched once here, not at every step: [cond ; uncond].
+        batched = [c.expand(B) if cfg == 1 else Conditioning.cat([c.expand(B), uncond]) for c in schedule]
+        switch_step = steps if next_cond is None else round(switch_at * steps)
+
+        def velocity(x: Tensor, t: float, i: int) -> Tensor:
+            c = batched[0] if i < switch_step else batched[-1]
+            n = c.batch_size
+            xin = (x if n == B else torch.cat([x, x])).to(self.dtype)
+            v = self.dit(xin, torch.full((n,), t, device=x.device), c.tokens, c.mask).float()
+            if n == B:
+                return v
+            v_cond, v_uncond = v.chunk(2)
+            return v_uncond + cfg * (v_cond - v_uncond)
+
+        x = make_noise((B, space.channels, H, W), seed, self.device)
+        x = step_fn(velocity, x, ts, callback)
+        return space.to_raw(x[:, :, :lh, :lw]).float()
