@@ -1,0 +1,173 @@
+"""Rectified-flow sampling: integrator orders, schedules, guidance, seeds, sizes, callbacks."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_features
+from torch.testing import assert_close
+
+import unifusion_core as uf
+from unifusion_core.sampling import (
+    get_schedule,
+    make_noise,
+    resolution_shift,
+    sample_euler,
+    sample_heun,
+    time_shift,
+)
+
+# --- integrators on a known field -----------------------------------------------------------------
+
+LAM = 1.5
+
+
+def linear_field(x, t, i):
+    return LAM * x  # dx/dt = LAM x  =>  x(0) = x(1) * exp(-LAM)
+
+
+@pytest.mark.parametrize("fn,order", [(sample_euler, 1), (sample_heun, 2)])
+def test_integrators_converge_at_their_order(fn, order):
+    x1 = torch.ones(4, dtype=torch.float64)
+    exact = x1 * math.exp(-LAM)
+    errors = [(fn(linear_field, x1, get_schedule(n, 1.0)) - exact).abs().max().item() for n in (16, 32, 64)]
+    for coarse, fine in zip(errors, errors[1:]):
+        assert coarse / fine == pytest.approx(2**order, rel=0.1)
+
+
+def test_euler_is_exact_on_straight_rectified_flow_paths():
+    # With one data point x0, the true velocity is constant along the straight path.
+    x0, noise = torch.randn(3, 4, 4, dtype=torch.float64), torch.randn(3, 4, 4, dtype=torch.float64)
+    for fn in (sample_euler, sample_heun):
+        out = fn(lambda x, t, i: noise - x0, noise, get_schedule(3, 3.0))
+        assert_close(out, x0)
+
+
+def test_schedule_and_shift():
+    ts = get_schedule(10, 3.0)
+    assert ts[0] == 1 and ts[-1] == 0 and bool((ts[1:] < ts[:-1]).all())
+    assert torch.equal(get_schedule(10, 1.0), torch.linspace(1, 0, 11, dtype=torch.float64))
+    assert time_shift(torch.tensor(0.5), 3.0) == pytest.approx(0.75)
+    p = uf.SamplingParams()
+    assert resolution_shift(256, p) == pytest.approx(math.exp(0.5))
+    assert resolution_shift(4096, p) == pytest.approx(math.exp(1.15))
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        get_schedule(0, 1.0)
+
+
+def test_noise_is_seeded_and_batch_prefix_stable():
+    a = make_noise((2, 3, 4, 4), 7)
+    assert torch.equal(a, make_noise((2, 3, 4, 4), 7))
+    assert not torch.equal(a, make_noise((2, 3, 4, 4), 8))
+    assert torch.equal(a[:1], make_noise((1, 3, 4, 4), 7))
+
+
+# --- the model's sampler ----------------------------------------------------------------------
+
+
+def manual_sample(model, conds, uncond, cfg, W, H, steps, seed, shift, switch_step=None):
+    """Plain Euler loop calling the DiT separately for each conditioning."""
+    space, p = model.config.latent, model.config.dit.patch_size
+    lh, lw = H // space.downscale, W // space.downscale
+    Hp, Wp = math.ceil(lh / p) * p, math.ceil(lw / p) * p
+    x = make_noise((1, space.channels, Hp, Wp), seed)
+    ts = get_schedule(steps, shift)
+    for i in range(steps):
+        c = conds[0] if switch_step is None or i < switch_step else conds[1]
+        t = torch.tensor([float(ts[i])])
+        v = model.dit(x, t, c.tokens, c.mask)
+        if cfg != 1:
+            vu = model.dit(x, t, uncond.tokens, uncond.mask)
+            v = vu + cfg * (v - vu)
+        x = x + float(ts[i + 1] - ts[i]) * v
+    return space.to_raw(x[:, :, :lh, :lw])
+
+
+@pytest.fixture
+def cond(tiny):
+    return tiny.encode(tiny_features(B=1, T=5))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.5])
+def test_sample_matches_manual_loop(tiny, cond, cfg):
+    out = tiny.sample(cond, 8, 6, steps=4, cfg=cfg, seed=3, shift=2.0)
+    with torch.no_grad():
+        expected = manual_sample(tiny, [cond], tiny.null_conditioning(), cfg, 8, 6, 4, 3, 2.0)
+    assert out.shape == (1, 3, 6, 8) and out.dtype == torch.float32
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_negative_conditioning_replaces_the_null_token(tiny, cond):
+    neg = tiny.encode(tiny_features(B=1, T=3, seed=9))
+    out = tiny.sample(cond, 8, 8, steps=3, cfg=4.0, seed=1, shift=1.0, negative=neg)
+    with torch.no_grad():
+        expected = manual_sample(tiny, [cond], neg, 4.0, 8, 8, 3, 1, 1.0)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, tiny.sample(cond, 8, 8, steps=3, cfg=4.0, seed=1, shift=1.0))
+
+
+def test_conditioning_schedule_switches_after_the_fraction(tiny, cond):
+    other = tiny.encode(tiny_features(B=1, T=2, seed=5))
+    out = tiny.sample(cond, 8, 8, steps=5, cfg=2.0, seed=0, shift=1.0, next_cond=other, switch_at=0.4)
+    with torch.no_grad():
+        expected = manual_sample(tiny, [cond, other], tiny.null_conditioning(), 2.0, 8, 8, 5, 0, 1.0, switch_step=2)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    only_other = tiny.sample(other, 8, 8, steps=5, cfg=2.0, seed=0, shift=1.0)
+    assert torch.equal(tiny.sample(cond, 8, 8, steps=5, cfg=2.0, seed=0, shift=1.0, next_cond=other, switch_at=0.0), only_other)
+
+
+def test_same_seed_same_latents_other_seed_other_latents(tiny, cond):
+    a = tiny.sample(cond, 8, 8, steps=3, cfg=3.0, seed=42, batch_size=2)
+    assert torch.equal(a, tiny.sample(cond, 8, 8, steps=3, cfg=3.0, seed=42, batch_size=2))
+    assert not torch.allclose(a, tiny.sample(cond, 8, 8, steps=3, cfg=3.0, seed=43, batch_size=2))
+    assert not torch.allclose(a[0], a[1])  # each image of the batch has its own noise
+    assert_close(a[:1], tiny.sample(cond, 8, 8, steps=3, cfg=3.0, seed=42), atol=1e-5, rtol=1e-5)
+
+
+def test_heun_sampler_runs_two_calls_per_step(tiny, cond):
+    calls = []
+    forward = tiny.dit.forward
+    tiny.dit.forward = lambda *a: calls.append(1) or forward(*a)
+    out = tiny.sample(cond, 8, 8, steps=3, cfg=2.0, sampler="heun")
+    assert len(calls) == 6 and torch.isfinite(out).all()
+    assert not torch.allclose(out, tiny.sample(cond, 8, 8, steps=3, cfg=2.0, sampler="euler"))
+
+
+@pytest.mark.parametrize("space,W,H,latent", [("pixel", 17, 10, (10, 17)), ("flux", 100, 60, (7, 12)), ("sdxl", 64, 72, (9, 8))])
+def test_any_size_returns_raw_latents_of_that_size(space, W, H, latent):
+    # At init the DiT predicts zero velocity, so the result is exactly the noise in raw space.
+    model = uf.UniFusionModel.from_preset("tiny", latent=space)
+    c = model.encode(tiny_features(B=1, T=2))
+    out = model.sample(c, W, H, steps=2, cfg=3.0, seed=5)
+    ls = uf.LATENT_SPACES[space]
+    assert out.shape == (1, ls.channels, *latent)
+    p = model.config.dit.patch_size
+    noise = make_noise((1, ls.channels, math.ceil(latent[0] / p) * p, math.ceil(latent[1] / p) * p), 5)
+    assert_close(out, ls.to_raw(noise[:, :, : latent[0], : latent[1]]))
+
+
+def test_callback_sees_every_step_and_can_cancel(tiny, cond):
+    seen = []
+    tiny.sample(cond, 8, 8, steps=4, callback=lambda i, n, x, x0: seen.append((i, n, x0.shape)))
+    assert seen == [(i, 4, (1, 3, 8, 8)) for i in range(4)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(i, n, x, x0):
+        if i == 1:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        tiny.sample(cond, 8, 8, steps=4, callback=cancel)
+
+
+def test_sampler_errors(tiny, cond):
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        tiny.sample(cond, 8, 8, steps=2, sampler="dpm")
+    with pytest.raises(ValueError, match="must be 1 or the requested batch size 3"):
+        tiny.sample(tiny.encode(tiny_features(B=2)), 8, 8, steps=2, batch_size=3)
+    with pytest.raises(ValueError, match="smaller than one latent pixel"):
+        uf.UniFusionModel.from_preset("tiny", latent="flux").sample(cond, 4, 64, steps=1)
+    with pytest.raises(ValueError, match="switch_at must be in"):
+        tiny.sample(cond, 8, 8, steps=2, next_cond=cond, switch_at=1.5)
