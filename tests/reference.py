@@ -119,7 +119,7 @@ def dit(module, x, t, cond, mask=None):
             a = self_attention(layer_norm(seq) * (1 + ca) + sa, blk.attn, prm.heads, keys, pos, prm.axes_dim, prm.rope_theta)
             seq = seq + ga * a
             m = layer_norm(seq) * (1 + cm) + sm
-            seq = seq + gm * linear(F.gelu(linear(m, blk.mlp.fc1), approximate="tanh"), blk.mlp.fc2)
+            seq = seq + gm * linear(F.gelu(linear(m, blk.mlp.fc1)), blk.mlp.fc2)
         shift, scale = linear(F.silu(temb), module.final.adaLN).chunk(2)
         out = linear(layer_norm(seq[T:]) * (1 + scale) + shift, module.final.linear)  # (h*w, C*p*p)
         img_out = torch.zeros(C, H, W)
