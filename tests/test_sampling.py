@@ -134,7 +134,7 @@ def test_heun_sampler_runs_two_calls_per_step(tiny, cond):
 
 
 @pytest.mark.parametrize("space,W,H,latent", [("pixel", 17, 10, (10, 17)), ("flux", 100, 60, (7, 12)), ("sdxl", 64, 72, (9, 8))])
-def test_any_size_returns_raw_latents_of_that_size(space, W, H, latent):
+def test_any_size_returns_raw_latents_of_that_size(space, W, H, latent, caplog):
     # At init the DiT predicts zero velocity, so the result is exactly the noise in raw space.
     model = uf.UniFusionModel.from_preset("tiny", latent=space)
     c = model.encode(tiny_features(B=1, T=2))
@@ -144,6 +144,8 @@ def test_any_size_returns_raw_latents_of_that_size(space, W, H, latent):
     p = model.config.dit.patch_size
     noise = make_noise((1, ls.channels, math.ceil(latent[0] / p) * p, math.ceil(latent[1] / p) * p), 5)
     assert_close(out, ls.to_raw(noise[:, :, : latent[0], : latent[1]]))
+    floored = (W, H) != (latent[1] * ls.downscale, latent[0] * ls.downscale)
+    assert ("the image will be" in caplog.text) == floored
 
 
 def test_callback_sees_every_step_and_can_cancel(tiny, cond):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from .lap import LayerwiseAttentionPooling
 from .presets import get_preset
 from .refiner import Refiner
 from .sampling import Callback, get_sampler, get_schedule, make_noise, resolution_shift
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,8 +81,7 @@ class UniFusionModel(nn.Module):
         super().__init__()
         operations = operations or nn
         self.config = config
-        self.dtype = dtype or torch.float32
-        kw = dict(dtype=self.dtype, device=device, operations=operations)
+        kw = dict(dtype=dtype or torch.float32, device=device, operations=operations)
         enc, lap, ref = config.encoder, config.lap, config.refiner
         self.lap = LayerwiseAttentionPooling(enc.hidden_size, config.num_layers, lap.heads, lap.depth, lap.mlp_ratio, **kw)
         self.refiner = Refiner(
@@ -106,6 +108,12 @@ class UniFusionModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.dit.null_cond.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: that of the plain parameters (comfy.ops may store Linear weights
+        in another dtype and cast them on the fly)."""
+        return self.dit.null_cond.dtype
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts per part and in total (works on the meta device)."""
@@ -220,6 +228,11 @@ class UniFusionModel(nn.Module):
         step_fn = get_sampler(sampler)
         space, p = self.config.latent, self.config.dit.patch_size
         lh, lw = space.latent_size(height, width)
+        if (lh * space.downscale, lw * space.downscale) != (height, width):
+            log.warning(
+                "%dx%d is not a multiple of the %s latent space's %d-pixel grid; the image will be %dx%d",
+                width, height, space.name, space.downscale, lw * space.downscale, lh * space.downscale,
+            )
         # Sample on the grid rounded up to whole patches, then crop: any size works.
         H, W = math.ceil(lh / p) * p, math.ceil(lw / p) * p
         if shift is None:
