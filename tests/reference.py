@@ -71,7 +71,7 @@ def lap(hidden, module, heads, drop=()):
     out = torch.zeros(B, T, D)
     for b in range(B):
         for t in range(T):
-            x = rms(hidden[b, t], module.input_norm.weight) + module.layer_embed  # (L, D)
+            x = rms(hidden[b, t], module.input_norm) + module.layer_embed  # (L, D)
             for blk in module.blocks:
                 x = lap_refiner_block(x, blk, heads)
             x = x.clone()

@@ -36,9 +36,8 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
-def matmul_gflops(n: int, dtype: torch.dtype, device: str, repeats: int) -> float:
+def matmul_gflops(n: int, dtype: torch.dtype, device: str, repeats: int, sync) -> float:
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = timed(lambda: (a @ b, sync()), repeats)
     return 2 * n**3 / min(times) / 1e9
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
     dtype, device = getattr(torch, args.dtype), args.device
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)  # noqa: E731
 
     model = UniFusionModel.from_preset(args.preset, dtype=dtype, device=device).eval()
     cfg = model.config
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "params": model.num_parameters(),
-        "matmul_4096_gflops": round(matmul_gflops(4096, dtype, device, args.repeats), 1),
+        "matmul_4096_gflops": round(matmul_gflops(4096, dtype, device, args.repeats, sync), 1),
         "cond_tokens": args.cond_tokens,
         "dit": [],
     }

@@ -57,9 +57,13 @@ def load_model(
     with _open(path) as f:
         config = _config_from_metadata(path, f.metadata())
         keys = set(f.keys())
-        first = next(iter(keys), None)
-        stored_dtype = f.get_slice(first).get_dtype() if first else None
-        dtype = dtype or _DTYPES.get(stored_dtype, torch.float32)
+        if dtype is None:  # the stored dtype of a plain parameter
+            stored = f.get_slice(_DTYPE_KEY).get_dtype() if _DTYPE_KEY in keys else None
+            if stored not in _DTYPES:
+                raise ValueError(
+                    f"{path}: cannot tell the model's dtype (tensor {_DTYPE_KEY!r} is {stored}); pass dtype="
+                )
+            dtype = _DTYPES[stored]
         model = UniFusionModel(config, dtype=dtype, device="meta", operations=operations)
         expected = model.state_dict()
         missing = sorted(set(expected) - keys)
@@ -88,7 +92,8 @@ def load_model(
     return model.eval()
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_KEY = "dit.null_cond"
 
 
 def _open(path: Path):

@@ -53,6 +53,14 @@ class EncoderSpec:
         )
 
 
+def _check_blocks(part: str, heads: int, depth: int, mlp_ratio: float) -> None:
+    if heads < 1 or depth < 0 or mlp_ratio <= 0:
+        raise ValueError(
+            f"{part}: need heads >= 1, depth >= 0 and mlp_ratio > 0, got heads={heads}, "
+            f"depth={depth}, mlp_ratio={mlp_ratio}"
+        )
+
+
 @dataclass(frozen=True)
 class LAPParams:
     """Layerwise Attention Pooling (App. A.1): blocks across the layers of each token, then an FC."""
@@ -60,6 +68,9 @@ class LAPParams:
     heads: int = 32
     depth: int = 2
     mlp_ratio: float = 1.3
+
+    def __post_init__(self) -> None:
+        _check_blocks("lap", self.heads, self.depth, self.mlp_ratio)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ class RefinerParams:
     depth: int = 2
     mlp_ratio: float = 1.3
     rope_theta: float = 10_000.0
+
+    def __post_init__(self) -> None:
+        _check_blocks("refiner", self.heads, self.depth, self.mlp_ratio)
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,7 @@ class DiTParams:
     axes_dim: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
+        _check_blocks("dit", self.heads, self.depth, self.mlp_ratio)
         if self.hidden_size % self.heads:
             raise ValueError(
                 f"DiT hidden_size {self.hidden_size} must be divisible by heads {self.heads}"
@@ -123,6 +138,12 @@ class SamplingParams:
     steps: int = 28
     cfg: float = 4.0
 
+    def __post_init__(self) -> None:
+        if not 0 < self.base_tokens < self.max_tokens:
+            raise ValueError(
+                f"sampling: need 0 < base_tokens < max_tokens, got {self.base_tokens} and {self.max_tokens}"
+            )
+
 
 @dataclass(frozen=True)
 class UniFusionConfig:
@@ -137,12 +158,16 @@ class UniFusionConfig:
 
     def __post_init__(self) -> None:
         d = self.encoder.hidden_size
-        for part, heads in (("lap", self.lap.heads), ("refiner", self.refiner.heads)):
-            if d % heads or (d // heads) % 2:
-                raise ValueError(
-                    f"{part}.heads={heads} must divide the encoder hidden size {d} into an even "
-                    f"head dim (encoder {self.encoder.name!r})"
-                )
+        if d % self.lap.heads:
+            raise ValueError(
+                f"lap.heads={self.lap.heads} must divide the encoder hidden size {d} "
+                f"(encoder {self.encoder.name!r})"
+            )
+        if d % self.refiner.heads or (d // self.refiner.heads) % 2:
+            raise ValueError(
+                f"refiner.heads={self.refiner.heads} must divide the encoder hidden size {d} into an "
+                f"even head dim for RoPE (encoder {self.encoder.name!r})"
+            )
 
     @property
     def num_layers(self) -> int:

@@ -131,6 +131,11 @@ class UniFusionDiT(nn.Module):
                 f"DiT input must be (B, {self.in_channels}, H, W) with H and W multiples of the patch "
                 f"size {p}, got {tuple(x.shape)}"
             )
+        if t.shape != (B,) or cond.ndim != 3 or cond.shape[0] != B:
+            raise ValueError(
+                f"DiT needs t of shape ({B},) and cond of shape ({B}, T, D), got {tuple(t.shape)} "
+                f"and {tuple(cond.shape)}"
+            )
         h, w, T = H // p, W // p, cond.shape[1]
         # Computes in x's dtype (as ComfyUI's Flux does); the caller casts x to the model's dtype.
         img = self.img_in(patchify(x, p))  # (B, h*w, D)

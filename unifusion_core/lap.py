@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from einops import rearrange
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import TransformerBlock, init_linears
@@ -31,7 +32,8 @@ class LayerwiseAttentionPooling(nn.Module):
         # Why: VLM residual streams grow by orders of magnitude with depth (and carry a few
         # massive activations); one RMSNorm brings every layer to a common scale before they
         # attend to each other. The paper notes SANA's RMSNorm on LLM features (Sec. 2.1).
-        self.input_norm = operations.RMSNorm(hidden_size, eps=1e-6, **kw)
+        # Computed in float32 so that states beyond fp16's range (1e5 is not rare) stay finite.
+        self.input_norm = nn.Parameter(torch.empty(hidden_size, **kw))
         # Why: attention across layers is permutation-equivariant; a learned per-layer
         # embedding tells the blocks which depth each state comes from (the paper is silent).
         self.layer_embed = nn.Parameter(torch.empty(num_layers, hidden_size, **kw))
@@ -44,6 +46,7 @@ class LayerwiseAttentionPooling(nn.Module):
 
     def initialize_weights(self) -> None:
         init_linears(self)
+        nn.init.ones_(self.input_norm)
         nn.init.normal_(self.layer_embed, std=0.02)
 
     def forward(self, hidden: Tensor, layer_drop: Sequence[int] = ()) -> Tensor:
@@ -54,8 +57,9 @@ class LayerwiseAttentionPooling(nn.Module):
                 f"LAP expects (B, T, {self.num_layers}, {self.hidden_size}) hidden states "
                 f"(layers x width), got {tuple(hidden.shape)}"
             )
-        x = rearrange(hidden, "b t l d -> (b t) l d")
-        x = self.input_norm(x) + self.layer_embed.to(x)  # (B*T, L, D)
+        dtype = self.layer_embed.dtype
+        x = rearrange(hidden, "b t l d -> (b t) l d").float()
+        x = F.rms_norm(x, (D,), self.input_norm.float(), eps=1e-6).to(dtype) + self.layer_embed  # (B*T, L, D)
         for block in self.blocks:
             x = block(x)
         if layer_drop:

@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v.to(q.dtype), mask)  # (B, H, S, Dh)
+        out = attention(q, k, v, mask)  # (B, H, S, Dh)
         return self.proj(rearrange(out, "b h s d -> b s (h d)"))
 
 

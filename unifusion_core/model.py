@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,22 +13,13 @@ from torch import Tensor, nn
 
 from .config import EncoderSpec, UniFusionConfig
 from .dit import UniFusionDiT
+from .features import Features
 from .lap import LayerwiseAttentionPooling
 from .presets import get_preset
 from .refiner import Refiner
 from .sampling import Callback, get_sampler, get_schedule, make_noise, resolution_shift
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Features:
-    """Hidden states of the selected VLM layers for the conditioning tokens of one prompt."""
-
-    hidden: Tensor  # (T, L, D)
-    layers: tuple[int, ...]
-    encoder: EncoderSpec | None = None
-    text: str = ""
 
 
 @dataclass
@@ -82,11 +73,9 @@ class UniFusionModel(nn.Module):
         operations = operations or nn
         self.config = config
         kw = dict(dtype=dtype or torch.float32, device=device, operations=operations)
-        enc, lap, ref = config.encoder, config.lap, config.refiner
-        self.lap = LayerwiseAttentionPooling(enc.hidden_size, config.num_layers, lap.heads, lap.depth, lap.mlp_ratio, **kw)
-        self.refiner = Refiner(
-            enc.hidden_size, config.dit.hidden_size, ref.heads, ref.depth, ref.mlp_ratio, ref.rope_theta, **kw
-        )
+        D = config.encoder.hidden_size
+        self.lap = LayerwiseAttentionPooling(D, config.num_layers, **asdict(config.lap), **kw)
+        self.refiner = Refiner(D, config.dit.hidden_size, **asdict(config.refiner), **kw)
         self.dit = UniFusionDiT(config.dit, config.latent.channels, **kw)
         if torch.device(device or "cpu").type != "meta":
             self.initialize_weights()
@@ -135,8 +124,7 @@ class UniFusionModel(nn.Module):
         if bad:
             raise ValueError(f"layer_drop {bad} not among the model's VLM layers {list(layers)}")
         drop = [layers.index(i) for i in layer_drop]
-        hidden = hidden.to(self.device, self.dtype)
-        pooled = self.lap(hidden, drop)  # (B, T, D_vlm)
+        pooled = self.lap(hidden.to(self.device), drop)  # (B, T, D_vlm); LAP normalises in fp32
         tokens = self.refiner(pooled, None if bool(mask.all()) else mask)  # (B, T, D_dit)
         return Conditioning(tokens, mask)
 
@@ -191,8 +179,8 @@ class UniFusionModel(nn.Module):
     # --- generation ---------------------------------------------------------------------------
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Velocity for model-space latents x (B, C, H, W) at times t (B,)."""
-        return self.dit(x, t, cond.tokens, cond.mask)
+        """Velocity (in the model's dtype) for model-space latents x (B, C, H, W) at times t (B,)."""
+        return self.dit(x.to(self.dtype), t, cond.tokens, cond.mask)
 
     @torch.no_grad()
     def sample(
@@ -206,7 +194,7 @@ class UniFusionModel(nn.Module):
         shift: float | None = None,
         sampler: str = "euler",
         negative: Conditioning | None = None,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         callback: Callback | None = None,
         next_cond: Conditioning | None = None,
         switch_at: float = 0.2,
@@ -214,13 +202,14 @@ class UniFusionModel(nn.Module):
         """Generate latents; returns raw VAE latents (B, C, height/downscale, width/downscale), float32.
 
         cfg guides against `negative`, or the learned null conditioning when none is given;
-        cfg == 1 runs no unconditional pass. With `next_cond`, `cond` conditions the first
+        cfg == 1 runs no unconditional pass. batch_size defaults to cond's batch. With `next_cond`, `cond` conditions the first
         `switch_at` fraction of the steps and `next_cond` the rest (Sec. 5.2). shift=None picks
         the resolution-dependent shift. callback(step, total, x, x0) runs after each step, in
         model space.
         """
         steps = self.config.sampling.steps if steps is None else int(steps)
         cfg = self.config.sampling.cfg if cfg is None else float(cfg)
+        batch_size = cond.batch_size if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= switch_at <= 1.0:
@@ -239,19 +228,22 @@ class UniFusionModel(nn.Module):
             shift = resolution_shift((H // p) * (W // p), self.config.sampling)
         ts = get_schedule(steps, shift)
 
-        B = batch_size
+        B, guided = batch_size, cfg != 1
         uncond = (negative if negative is not None else self.null_conditioning()).expand(B)
         schedule = [cond] if next_cond is None else [cond, next_cond]
         # Guided conditioning is batched once here, not at every step: [cond ; uncond].
-        batched = [c.expand(B) if cfg == 1 else Conditioning.cat([c.expand(B), uncond]) for c in schedule]
-        switch_step = steps if next_cond is None else round(switch_at * steps)
+        batched = [Conditioning.cat([c.expand(B), uncond]) if guided else c.expand(B) for c in schedule]
+        switch_step = steps
+        if next_cond is not None:
+            switch_step = int(switch_at * steps + 0.5)  # round half up
+            if switch_step in (0, steps) and 0 < switch_at < 1:
+                log.warning("switch_at=%g of %d steps rounds to %d steps on the first conditioning", switch_at, steps, switch_step)
 
         def velocity(x: Tensor, t: float, i: int) -> Tensor:
             c = batched[0] if i < switch_step else batched[-1]
-            n = c.batch_size
-            xin = (x if n == B else torch.cat([x, x])).to(self.dtype)
-            v = self.dit(xin, torch.full((n,), t, device=x.device), c.tokens, c.mask).float()
-            if n == B:
+            xin = torch.cat([x, x]) if guided else x
+            v = self.dit(xin.to(self.dtype), torch.full((c.batch_size,), t, device=x.device), c.tokens, c.mask).float()
+            if not guided:
                 return v
             v_cond, v_uncond = v.chunk(2)
             return v_uncond + cfg * (v_cond - v_uncond)
