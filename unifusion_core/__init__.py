@@ -13,7 +13,8 @@ from .config import (
 from .dit import UniFusionDiT
 from .lap import LayerwiseAttentionPooling
 from .latents import LATENT_SPACES, LatentSpace, get_latent_space
-from .model import Conditioning, Features, UniFusionModel
+from .features import Features
+from .model import Conditioning, UniFusionModel
 from .presets import PRESETS, get_preset
 from .refiner import Refiner
 from .sampling import SAMPLERS

@@ -1,0 +1,64 @@
+"""Features: what the frozen VLM hands to LAP for one prompt (Sec. 2.1, 3.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import EncoderSpec
+
+
+@dataclass
+class Features:
+    """Hidden states of the selected VLM layers for the conditioning tokens of one prompt.
+
+    Conditioning tokens are the rewritten (VERIFI) or the user's text tokens plus every image
+    token. Index i of `layers` is the residual stream after block i (0 = embedding output),
+    always before the final norm.
+    """
+
+    hidden: Tensor  # (T, L, D)
+    layers: tuple[int, ...]
+    encoder: EncoderSpec | None = None
+    text: str = ""  # the rewritten prompt, or the user's prompt without VERIFI
+    sequence_ids: list[int] = field(default_factory=list)  # every token the VLM saw
+    positions: Tensor | None = None  # (T,) index of each conditioning token in sequence_ids
+    is_image: Tensor | None = None  # (T,) bool
+    image_index: Tensor | None = None  # (T,) which reference image (-1 for text tokens)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(i) for i in self.layers)
+        if self.hidden.ndim != 3 or self.hidden.shape[1] != len(self.layers):
+            raise ValueError(
+                f"Features.hidden must be (T, {len(self.layers)}, D) for layers {list(self.layers)}, "
+                f"got {tuple(self.hidden.shape)}"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+    def image_tokens(self) -> Features:
+        """Only the image tokens (e.g. to condition the first steps on the images, Sec. 5.2)."""
+        return self._select(self.is_image)
+
+    def text_tokens(self) -> Features:
+        """Only the text tokens."""
+        return self._select(~self.is_image)
+
+    def _select(self, keep: Tensor | None) -> Features:
+        if keep is None:
+            raise ValueError("these Features do not record which tokens are image tokens")
+        if not bool(keep.any()):
+            raise ValueError("no tokens of that kind in these Features")
+        pick = lambda t: None if t is None else t[keep]  # noqa: E731
+        return Features(
+            self.hidden[keep], self.layers, self.encoder, self.text, self.sequence_ids,
+            pick(self.positions), pick(self.is_image), pick(self.image_index),
+        )
+
+
+def empty_mask(n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.bool)
