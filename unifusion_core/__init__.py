@@ -18,6 +18,8 @@ from .model import Conditioning, UniFusionModel
 from .presets import PRESETS, get_preset
 from .refiner import Refiner
 from .sampling import SAMPLERS
+from .tiling import TiledImage, tile_images
+from .vlm import VLMEncoder, load_vlm
 
 __all__ = [
     "Conditioning",
@@ -33,13 +35,17 @@ __all__ = [
     "Refiner",
     "SAMPLERS",
     "SamplingParams",
+    "TiledImage",
     "UniFusionConfig",
     "UniFusionDiT",
     "UniFusionModel",
+    "VLMEncoder",
     "every_nth_layer",
     "get_latent_space",
     "get_preset",
     "load_model",
+    "load_vlm",
     "read_config",
     "save_model",
+    "tile_images",
 ]

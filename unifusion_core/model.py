@@ -57,8 +57,9 @@ def encoder_spec_of(vlm) -> EncoderSpec:
     """The EncoderSpec of an encoder, of its Features, or the spec itself."""
     if isinstance(vlm, EncoderSpec):
         return vlm
-    for attr in ("encoder_spec", "encoder"):
+    for attr in ("encoder_spec", "encoder"):  # VLMEncoder.encoder_spec(), Features.encoder
         spec = getattr(vlm, attr, None)
+        spec = spec() if callable(spec) else spec
         if isinstance(spec, EncoderSpec):
             return spec
     raise ValueError(f"cannot tell which encoder {type(vlm).__name__} is: expected an EncoderSpec, "

