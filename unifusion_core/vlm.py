@@ -309,7 +309,8 @@ class VLMEncoder:
             if rewrite:
                 fed = self._generate(ids, p.inputs, max_new_tokens, seed, callback)  # tokens fed back
             else:
-                self.model(input_ids=ids, **p.inputs, use_cache=False)
+                # the base model: no logits over the vocabulary for every position
+                self.model.model(input_ids=ids, **p.inputs, use_cache=False)
                 fed = torch.zeros(0, dtype=torch.long)
         hidden = capture.result()  # (keep.sum() + len(fed), L, D)
 
