@@ -51,8 +51,7 @@ def plain_forward_states(vlm, f, images):
     inputs = {}
     if tiled:
         inputs = vlm.adapter.pixel_inputs(tiled, vlm.model.dtype, vlm.device)
-        if hasattr(vlm.adapter, "extra_inputs"):
-            inputs |= {k: v[None] for k, v in vlm.adapter.extra_inputs(ids[0]).items()}
+        inputs |= {k: v[None] for k, v in vlm.adapter.extra_inputs(ids[0]).items()}
     out = vlm.model(input_ids=ids, **inputs, output_hidden_states=True, use_cache=False)
     return out.hidden_states
 
@@ -66,7 +65,6 @@ def test_features_equal_a_plain_forward_at_their_positions(vlms, family, rewrite
     f = vlm.encode("a red fox in the snow", images, rewrite=rewrite, max_new_tokens=6, layers=layers, system_prompt=SYSTEM)
     assert f.layers == layers and f.hidden.shape == (len(f.positions), 4, 32)
     hs = plain_forward_states(vlm, f, images)
-    norm = vlm.adapter.decoder_layers()  # noqa: F841 (documenting where the layers live)
     final_norm = vlm.model.get_decoder().norm if family in ("qwen2", "llama") else vlm.model.model.language_model.norm
     for j, i in enumerate(layers):
         expected = hs[i][0, f.positions]

@@ -39,14 +39,7 @@ def get_schedule(steps: int, shift: float) -> Tensor:
 
 def sample_euler(velocity: Velocity, x: Tensor, ts: Tensor, callback: Callback | None = None) -> Tensor:
     """First-order Euler integration of dx/dt = v from ts[0] to ts[-1]."""
-    total = len(ts) - 1
-    for i in range(total):
-        t, t_next = float(ts[i]), float(ts[i + 1])
-        v = velocity(x, t, i)
-        if callback is not None:
-            callback(i, total, x, x - t * v)
-        x = x + (t_next - t) * v
-    return x
+    return _integrate(velocity, x, ts, callback, heun=False)
 
 
 def sample_heun(velocity: Velocity, x: Tensor, ts: Tensor, callback: Callback | None = None) -> Tensor:
@@ -55,6 +48,10 @@ def sample_heun(velocity: Velocity, x: Tensor, ts: Tensor, callback: Callback | 
     Unlike k-diffusion's heun there is no Euler fallback at the last step: a rectified-flow
     velocity is well defined at t = 0, so every step keeps second order.
     """
+    return _integrate(velocity, x, ts, callback, heun=True)
+
+
+def _integrate(velocity: Velocity, x: Tensor, ts: Tensor, callback: Callback | None, heun: bool) -> Tensor:
     total = len(ts) - 1
     for i in range(total):
         t, t_next = float(ts[i]), float(ts[i + 1])
@@ -62,8 +59,9 @@ def sample_heun(velocity: Velocity, x: Tensor, ts: Tensor, callback: Callback | 
         if callback is not None:
             callback(i, total, x, x - t * v)
         dt = t_next - t
-        v_next = velocity(x + dt * v, t_next, i)
-        x = x + dt * 0.5 * (v + v_next)
+        if heun:
+            v = 0.5 * (v + velocity(x + dt * v, t_next, i))
+        x = x + dt * v
     return x
 
 

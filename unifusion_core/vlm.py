@@ -59,24 +59,14 @@ class TextOnly:
         return None
 
 
-class InternVL(TextOnly):
-    """InternVL3 '-hf': 448-pixel tiles, ImageNet normalisation, <img><IMG_CONTEXT>*n</img>."""
+class VisionLanguage(TextOnly):
+    """A VLM whose decoder sits at model.model.language_model and whose config names its image token."""
 
     takes_images = True
     message_content_is_list = True
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    resample = 3  # PIL bicubic, as InternVL's preprocessing
-
-    def __init__(self, model, tokenizer):
-        super().__init__(model, tokenizer)
-        cfg = model.config
-        vision = cfg.vision_config
-        size = _first(vision.image_size)
-        self.tile_size = size
-        self.tokens_per_tile = int((size // _first(vision.patch_size)) ** 2 * cfg.downsample_ratio**2)
-        self.context = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
-        self.start = getattr(tokenizer, "start_image_token", None) or "<img>"
-        self.end = getattr(tokenizer, "end_image_token", None) or "</img>"
+    mean = std = (0.5, 0.5, 0.5)
+    resample = 2  # PIL bilinear
+    tile_size = tokens_per_tile = 0
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.language_model.layers
@@ -86,22 +76,46 @@ class InternVL(TextOnly):
 
     def placeholder(self) -> str:
         """What the chat template writes for one image."""
+        raise NotImplementedError
+
+    def expand(self, tiled: TiledImage) -> str:
+        """The image tokens that replace one placeholder."""
+        raise NotImplementedError
+
+    def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
+        x = torch.cat([t.tiles for t in tiled])  # (N, 3, S, S) in 0..1
+        x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+        return {"pixel_values": x.to(device=device, dtype=dtype)}
+
+    def extra_inputs(self, ids: Tensor) -> dict:
+        return {}
+
+
+class InternVL(VisionLanguage):
+    """InternVL3 '-hf': 448-pixel tiles, ImageNet normalisation, <img><IMG_CONTEXT>*n</img>."""
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    resample = 3  # PIL bicubic, as InternVL's preprocessing
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        cfg = model.config
+        self.tile_size = _first(cfg.vision_config.image_size)
+        patches = self.tile_size // _first(cfg.vision_config.patch_size)
+        self.tokens_per_tile = int(patches**2 * cfg.downsample_ratio**2)
+        self.context = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
+        self.start = getattr(tokenizer, "start_image_token", None) or "<img>"
+        self.end = getattr(tokenizer, "end_image_token", None) or "</img>"
+
+    def placeholder(self) -> str:
         return self.context
 
     def expand(self, tiled: TiledImage) -> str:
         return self.start + self.context * (self.tokens_per_tile * tiled.num_tiles) + self.end
 
-    def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
-        return {"pixel_values": _normalize(tiled, self.mean, self.std, dtype, device)}
 
-
-class Gemma3(TextOnly):
+class Gemma3(VisionLanguage):
     """Gemma-3: each tile is one 896-pixel SigLIP image of 256 soft tokens, normalised to -1..1."""
-
-    takes_images = True
-    message_content_is_list = True
-    mean = std = (0.5, 0.5, 0.5)
-    resample = 2  # PIL bilinear, as Gemma 3's image processor
 
     def __init__(self, model, tokenizer):
         super().__init__(model, tokenizer)
@@ -111,12 +125,6 @@ class Gemma3(TextOnly):
         ids = tokenizer.convert_ids_to_tokens
         self.boi, self.eoi, self.soft = ids(cfg.boi_token_id), ids(cfg.eoi_token_id), ids(cfg.image_token_id)
 
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
-
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
     def placeholder(self) -> str:
         return self.boi
 
@@ -125,9 +133,6 @@ class Gemma3(TextOnly):
         one = f"\n\n{self.boi}{self.soft * self.tokens_per_tile}{self.eoi}\n\n"
         return one * tiled.num_tiles
 
-    def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
-        return {"pixel_values": _normalize(tiled, self.mean, self.std, dtype, device)}
-
     def extra_inputs(self, ids: Tensor) -> dict:
         # Gemma 3 lets the tokens of one image attend to each other bidirectionally.
         return {"token_type_ids": (ids == self.image_token_id()).long()}
@@ -135,12 +140,6 @@ class Gemma3(TextOnly):
 
 def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x
-
-
-def _normalize(tiled: list[TiledImage], mean, std, dtype, device) -> Tensor:
-    x = torch.cat([t.tiles for t in tiled])  # (N, 3, S, S) in 0..1
-    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return x.to(device=device, dtype=dtype)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -406,8 +405,7 @@ class VLMEncoder:
             image_index[is_img] = torch.repeat_interleave(torch.arange(len(tiled)), torch.tensor(counts))
             user_text &= ~is_img
             inputs = a.pixel_inputs(tiled, self.model.dtype, self.device)
-            if hasattr(a, "extra_inputs"):
-                inputs |= {k: v[None].to(self.device) for k, v in a.extra_inputs(ids).items()}
+            inputs |= {k: v[None].to(self.device) for k, v in a.extra_inputs(ids).items()}
         return _Prompt(ids, user_text, image_index, inputs)
 
     def _generate(self, ids: Tensor, inputs: dict, max_new_tokens: int, seed: int | None, callback) -> Tensor:
