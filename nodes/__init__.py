@@ -1,7 +1,29 @@
-"""ComfyUI nodes of the UniFusion pack: thin wrappers over unifusion_core.
+"""ComfyUI nodes of the UniFusion pack: thin wrappers over unifusion_core (one node per file)."""
 
-The node classes land with the node-pack issue; until then the pack registers no nodes.
-"""
+from . import host
+from .lap_encode import UniFusionLAPEncode
+from .model_load import UniFusionModelLoad
+from .sample import UniFusionSample
+from .tile_images import UniFusionTileImages
+from .verifi_rewrite import UniFusionVERIFIRewrite
+from .vlm_load import UniFusionVLMLoad
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+host.register_folders()
+
+# Node ids and input names are public API: saved workflows depend on them.
+NODE_CLASS_MAPPINGS = {
+    "UniFusionVLMLoad": UniFusionVLMLoad,
+    "UniFusionTileImages": UniFusionTileImages,
+    "UniFusionVERIFIRewrite": UniFusionVERIFIRewrite,
+    "UniFusionModelLoad": UniFusionModelLoad,
+    "UniFusionLAPEncode": UniFusionLAPEncode,
+    "UniFusionSample": UniFusionSample,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "UniFusionVLMLoad": "UniFusion VLM Load",
+    "UniFusionTileImages": "UniFusion Tile Images",
+    "UniFusionVERIFIRewrite": "UniFusion VERIFI Rewrite",
+    "UniFusionModelLoad": "UniFusion Model Load",
+    "UniFusionLAPEncode": "UniFusion LAP Encode",
+    "UniFusionSample": "UniFusion Sample",
+}

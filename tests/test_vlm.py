@@ -47,7 +47,7 @@ def plain_forward_states(vlm, f, images):
     after the final norm; so for layer N we apply the final norm to the captured state instead.
     """
     ids = torch.tensor(f.sequence_ids)[None]
-    tiled = vlm._tile(images, 10, True)
+    tiled = vlm.tile(images, 10, True)
     inputs = {}
     if tiled:
         inputs = vlm.adapter.pixel_inputs(tiled, vlm.model.dtype, vlm.device)
@@ -78,7 +78,7 @@ def test_features_equal_a_plain_forward_at_their_positions(vlms, family, rewrite
 def test_conditioning_tokens_are_rewrite_plus_every_image_token(vlms, family):
     vlm = vlms[family]
     images = [gradient(120, 60), gradient(40, 90, seed=1)]
-    tiled = vlm._tile(images, 10, True)
+    tiled = vlm.tile(images, 10, True)
     f = vlm.encode("make it snow", images, max_new_tokens=5, system_prompt=SYSTEM)
     per_tile = vlm.adapter.tokens_per_tile
     counts = [int((f.image_index == k).sum()) for k in range(2)]

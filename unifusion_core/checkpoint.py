@@ -48,11 +48,16 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     operations=None,
+    weight_dtype: torch.dtype | None = None,
 ) -> UniFusionModel:
     """Build a model from the checkpoint's own config and load its weights (never unpickles).
 
-    dtype=None keeps the stored dtype; device defaults to the CPU.
+    dtype: the compute dtype (None keeps the stored one). weight_dtype: a storage dtype for the
+    Linear weights only (e.g. float8_e4m3fn), for `operations` that cast weights on the fly
+    (ComfyUI's comfy.ops.manual_cast). device defaults to the CPU.
     """
+    if weight_dtype is not None and operations is None:
+        raise ValueError("weight_dtype needs operations that cast weights at run time (comfy.ops.manual_cast)")
     path = Path(path)
     with _open(path) as f:
         config = _config_from_metadata(path, f.metadata())
@@ -86,7 +91,11 @@ def load_model(
                 tensor = f.get_tensor(key)
             except SafetensorError as e:
                 raise ValueError(f"{path}: tensor {key!r} cannot be read ({e}); the file is corrupted") from None
-            state[key] = tensor.to(device=device or "cpu", dtype=dtype)
+            stored_as = dtype
+            if weight_dtype is not None and key.endswith(".weight"):
+                owner = model.get_submodule(key.rsplit(".", 1)[0])
+                stored_as = weight_dtype if isinstance(owner, torch.nn.Linear) else dtype
+            state[key] = tensor.to(device=device or "cpu", dtype=stored_as)
     model.load_state_dict(state, strict=True, assign=True)
     log.info("loaded UniFusion checkpoint %s (%s params)", path.name, f"{model.num_parameters()['total']:,}")
     return model.eval()

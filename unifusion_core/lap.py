@@ -57,9 +57,12 @@ class LayerwiseAttentionPooling(nn.Module):
                 f"LAP expects (B, T, {self.num_layers}, {self.hidden_size}) hidden states "
                 f"(layers x width), got {tuple(hidden.shape)}"
             )
-        dtype = self.layer_embed.dtype
+        # Plain parameters are cast where they are used: under ComfyUI's low-VRAM loading they may
+        # stay on the offload device.
+        dtype, dev = self.layer_embed.dtype, hidden.device
         x = rearrange(hidden, "b t l d -> (b t) l d").float()
-        x = F.rms_norm(x, (D,), self.input_norm.float(), eps=1e-6).to(dtype) + self.layer_embed  # (B*T, L, D)
+        x = F.rms_norm(x, (D,), self.input_norm.to(dev, torch.float32), eps=1e-6)
+        x = x.to(dtype) + self.layer_embed.to(dev)  # (B*T, L, D)
         for block in self.blocks:
             x = block(x)
         if layer_drop:

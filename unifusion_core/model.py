@@ -44,6 +44,9 @@ class Conditioning:
             )
         return Conditioning(self.tokens.expand(batch_size, -1, -1), self.mask.expand(batch_size, -1))
 
+    def to(self, device) -> Conditioning:
+        return Conditioning(self.tokens.to(device), self.mask.to(device))
+
     @staticmethod
     def cat(conds: Sequence[Conditioning]) -> Conditioning:
         """Stack along the batch, right-padding shorter sequences (padding is masked out)."""
@@ -112,26 +115,31 @@ class UniFusionModel(nn.Module):
 
     # --- conditioning -------------------------------------------------------------------------
 
-    def encode(self, features, mask: Tensor | None = None, layer_drop: Sequence[int] = ()) -> Conditioning:
+    def encode(
+        self, features, mask: Tensor | None = None, layer_drop: Sequence[int] = (), device: torch.device | None = None
+    ) -> Conditioning:
         """VLM features -> DiT conditioning.
 
         features: a Features, a list of them (one per batch item), or a tensor (B, T, L, D) or
         (T, L, D) with an optional mask (B, T). layer_drop: VLM layer indices (as in
-        config.encoder.layers) whose contribution to the pooling is zeroed (Fig. 12).
+        config.encoder.layers) whose contribution to the pooling is zeroed (Fig. 12). device: where
+        to compute (default: where the parameters are; ComfyUI passes its load device).
         """
+        device = device or self.device
         hidden, mask = self._collate(features, mask)
+        mask = mask.to(device)
         layers = self.config.encoder.layers
         bad = [i for i in layer_drop if i not in layers]
         if bad:
             raise ValueError(f"layer_drop {bad} not among the model's VLM layers {list(layers)}")
         drop = [layers.index(i) for i in layer_drop]
-        pooled = self.lap(hidden.to(self.device), drop)  # (B, T, D_vlm); LAP normalises in fp32
+        pooled = self.lap(hidden.to(device), drop)  # (B, T, D_vlm); LAP normalises in fp32
         tokens = self.refiner(pooled, None if bool(mask.all()) else mask)  # (B, T, D_dit)
         return Conditioning(tokens, mask)
 
-    def null_conditioning(self, batch_size: int = 1) -> Conditioning:
+    def null_conditioning(self, batch_size: int = 1, device: torch.device | None = None) -> Conditioning:
         """The learned unconditional input used for classifier-free guidance."""
-        tokens = self.dit.null_cond[None].expand(batch_size, -1, -1)  # (B, 1, D)
+        tokens = self.dit.null_cond.to(device or self.device)[None].expand(batch_size, -1, -1)  # (B, 1, D)
         return Conditioning(tokens, torch.ones(batch_size, 1, dtype=torch.bool, device=tokens.device))
 
     def _collate(self, features, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -162,7 +170,7 @@ class UniFusionModel(nn.Module):
             mask = torch.ones(B, T, dtype=torch.bool)
         if mask.shape != (B, T):
             raise ValueError(f"mask must be (B, T) = {(B, T)}, got {tuple(mask.shape)}")
-        mask = mask.to(self.device, torch.bool)
+        mask = mask.bool()
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every batch item needs at least one unmasked conditioning token")
         return hidden, mask
@@ -199,6 +207,7 @@ class UniFusionModel(nn.Module):
         callback: Callback | None = None,
         next_cond: Conditioning | None = None,
         switch_at: float = 0.2,
+        device: torch.device | None = None,
     ) -> Tensor:
         """Generate latents; returns raw VAE latents (B, C, height/downscale, width/downscale), float32.
 
@@ -206,8 +215,9 @@ class UniFusionModel(nn.Module):
         cfg == 1 runs no unconditional pass. batch_size defaults to cond's batch. With `next_cond`, `cond` conditions the first
         `switch_at` fraction of the steps and `next_cond` the rest (Sec. 5.2). shift=None picks
         the resolution-dependent shift. callback(step, total, x, x0) runs after each step, in
-        model space.
+        model space. device: where to compute (default: where the parameters are).
         """
+        device = device or self.device
         steps = self.config.sampling.steps if steps is None else int(steps)
         cfg = self.config.sampling.cfg if cfg is None else float(cfg)
         batch_size = cond.batch_size if batch_size is None else int(batch_size)
@@ -230,8 +240,8 @@ class UniFusionModel(nn.Module):
         ts = get_schedule(steps, shift)
 
         B, guided = batch_size, cfg != 1
-        uncond = (negative if negative is not None else self.null_conditioning()).expand(B)
-        schedule = [cond] if next_cond is None else [cond, next_cond]
+        uncond = (negative if negative is not None else self.null_conditioning(device=device)).to(device).expand(B)
+        schedule = [c.to(device) for c in ([cond] if next_cond is None else [cond, next_cond])]
         # Guided conditioning is batched once here, not at every step: [cond ; uncond].
         batched = [Conditioning.cat([c.expand(B), uncond]) if guided else c.expand(B) for c in schedule]
         switch_step = steps
@@ -249,6 +259,6 @@ class UniFusionModel(nn.Module):
             v_cond, v_uncond = v.chunk(2)
             return v_uncond + cfg * (v_cond - v_uncond)
 
-        x = make_noise((B, space.channels, H, W), seed, self.device)
+        x = make_noise((B, space.channels, H, W), seed, device)
         x = step_fn(velocity, x, ts, callback)
         return space.to_raw(x[:, :, :lh, :lw]).float()

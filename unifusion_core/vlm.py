@@ -286,7 +286,7 @@ class VLMEncoder:
         generated token and may raise to cancel.
         """
         prompt = prompt or ""
-        tiled = self._tile(images, max_tiles, thumbnail)
+        tiled = self.tile(images, max_tiles, thumbnail)
         if not prompt.strip() and not tiled:
             raise ValueError("empty prompt and no image: give a prompt, a reference image, or both")
         chosen = self.select_layers(layers)
@@ -338,7 +338,8 @@ class VLMEncoder:
             image_index=image_index,
         )
 
-    def _tile(self, images, max_tiles: int, thumbnail: bool) -> list[TiledImage]:
+    def tile(self, images, max_tiles: int = 10, thumbnail: bool = True) -> list[TiledImage]:
+        """Tile reference images at this model's tile size (TiledImages pass through)."""
         if images is None or (isinstance(images, (list, tuple)) and not images):
             return []
         if not self.adapter.takes_images:

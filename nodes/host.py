@@ -1,0 +1,168 @@
+"""ComfyUI as the host: model folders, memory management, progress and Cancel.
+
+The only module of the pack that imports ComfyUI. Without ComfyUI (tests, scripts) it falls back
+to plain folders under $UNIFUSION_MODELS_DIR (default ./models), the CPU, no progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+try:
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.utils
+    import folder_paths
+except ImportError:  # not running inside ComfyUI
+    mm = folder_paths = None
+
+log = logging.getLogger(__name__)
+
+IN_COMFYUI = folder_paths is not None
+# Folders this pack reads: VLMs from text_encoders and LLM (a community convention we register),
+# UniFusion checkpoints from unifusion (ours) and diffusion_models.
+VLM_FOLDERS = ("text_encoders", "LLM")
+MODEL_FOLDERS = ("unifusion", "diffusion_models")
+_EXTENSIONS = {"LLM": {".gguf", ".safetensors"}, "unifusion": {".safetensors"}}
+
+
+def register_folders() -> None:
+    """Register the `LLM` and `unifusion` model folders, keeping paths from extra_model_paths.yaml."""
+    if not IN_COMFYUI:
+        return
+    for name, exts in _EXTENSIONS.items():
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
+        paths, old = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(old) | exts)
+
+
+def folder_paths_for(name: str) -> list[Path]:
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(name)]
+    return [Path(os.environ.get("UNIFUSION_MODELS_DIR", "models")) / name]
+
+
+def list_vlms() -> list[str]:
+    """Hugging Face model folders (with config.json) and .gguf files, one level deep or two."""
+    names = set()
+    for folder in (p for f in VLM_FOLDERS for p in folder_paths_for(f)):
+        if not folder.is_dir():
+            continue
+        for config in list(folder.glob("*/config.json")) + list(folder.glob("*/*/config.json")):
+            names.add(config.parent.relative_to(folder).as_posix())
+        names.update(p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf"))
+    return sorted(names)
+
+
+def list_models() -> list[str]:
+    """UniFusion checkpoints: .safetensors whose metadata says format 'unifusion'."""
+    names = set()
+    for folder in (p for f in MODEL_FOLDERS for p in folder_paths_for(f)):
+        if folder.is_dir():
+            names.update(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors") if is_unifusion_file(p))
+    return sorted(names)
+
+
+def resolve(kind: str, name: str) -> Path:
+    """A listed name -> its full path; FileNotFoundError naming the folders searched."""
+    folders = [p for f in (VLM_FOLDERS if kind == "vlm" else MODEL_FOLDERS) for p in folder_paths_for(f)]
+    for folder in folders:
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{name!r} is not in any of the model folders {[str(f) for f in folders]}")
+
+
+def is_unifusion_file(path: Path) -> bool:
+    """Read only the safetensors header (8-byte length + JSON) to check the format tag."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return False
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        return meta.get("format") == "unifusion"
+    except (OSError, ValueError, struct.error):
+        return False
+
+
+# --- devices and memory -------------------------------------------------------------------------
+
+
+def load_device() -> torch.device:
+    return mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    return mm.unet_offload_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device does it well, else fp16 on GPUs, fp32 on CPUs."""
+    if device.type == "cpu":
+        return torch.float32
+    if IN_COMFYUI and not mm.should_use_bf16(device):
+        return torch.float16
+    return torch.bfloat16
+
+
+def operations(weight_dtype: torch.dtype | None, compute: torch.dtype):
+    """ComfyUI's layer classes for the core (weight casting, low-VRAM partial loading); casting
+    ones when the weights are stored in another dtype (fp8). None without ComfyUI."""
+    if not IN_COMFYUI:
+        return None
+    return comfy.ops.manual_cast if weight_dtype not in (None, compute) else comfy.ops.disable_weight_init
+
+
+class Managed:
+    """An object whose weights (`module`) are under ComfyUI's memory manager (ModelPatcher), or
+    plainly held without ComfyUI. `load()` brings them to the compute device and returns `obj`."""
+
+    def __init__(self, obj, module: torch.nn.Module, load: torch.device, offload: torch.device, partial: bool):
+        self.obj, self.module, self.device = obj, module, load
+        self.partial = partial  # only modules built from comfy.ops may be loaded partially (low VRAM)
+        self.patcher = comfy.model_patcher.ModelPatcher(module, load, offload) if IN_COMFYUI else None
+
+    def load(self):
+        if self.patcher is not None:
+            mm.load_models_gpu([self.patcher], force_full_load=not self.partial)
+        return self.obj
+
+
+# --- progress and Cancel ------------------------------------------------------------------------
+
+
+class Progress:
+    """ComfyUI's progress bar; each update also honours Cancel by raising ComfyUI's interrupt."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+
+    def update(self, value: int, total: int | None = None, preview=None) -> None:
+        if IN_COMFYUI:
+            mm.throw_exception_if_processing_interrupted()
+            self.bar.update_absolute(value, total, preview)
+
+
+_LATENT_FORMATS = {"flux": "Flux", "sd3": "SD3", "sdxl": "SDXL"}  # ComfyUI's classes, same scale/shift
+
+
+def previewer(latent_space: str, device: torch.device):
+    """x0 (model space) -> a preview for the progress bar, when ComfyUI has previews turned on."""
+    if not IN_COMFYUI or latent_space not in _LATENT_FORMATS:
+        return None
+    import comfy.latent_formats
+    import latent_preview
+
+    p = latent_preview.get_previewer(device, getattr(comfy.latent_formats, _LATENT_FORMATS[latent_space])())
+    return None if p is None else (lambda x0: p.decode_latent_to_preview_image("JPEG", x0))

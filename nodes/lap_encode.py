@@ -1,0 +1,42 @@
+"""UniFusion LAP Encode: VLM features -> DiT conditioning through LAP and the refiner."""
+
+from __future__ import annotations
+
+from . import host
+from .common import CATEGORY, COND, FEATURES, MODEL, parse_layers
+
+TOKENS = ("all", "image", "text")
+
+
+class UniFusionLAPEncode:
+    DESCRIPTION = (
+        "Pools the VLM layers of every token with Layerwise Attention Pooling and refines the sequence "
+        "(paper Sec. 2-3), giving the conditioning for UniFusion Sample. Refuses features from a VLM the "
+        "checkpoint was not trained against."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (COND,)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("Conditioning for UniFusion Sample.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From UniFusion Model Load."}),
+                "features": (FEATURES, {"tooltip": "From VERIFI Rewrite."}),
+                "tokens": (list(TOKENS), {"default": "all", "tooltip": "Which tokens condition: all, only the image tokens, or only the text tokens (e.g. images for the first steps, text after: paper Sec. 5.2)."}),
+            },
+            "optional": {
+                "layer_drop": ("STRING", {"default": "", "tooltip": "VLM layers to leave out of the pooling, e.g. '0, 27' (paper Fig. 12). Empty: none."}),
+            },
+        }
+
+    def encode(self, model, features, tokens: str = "all", layer_drop: str = ""):
+        if tokens == "image":
+            features = features.image_tokens()
+        elif tokens == "text":
+            features = features.text_tokens()
+        cond = model.load().encode(features, layer_drop=parse_layers(layer_drop), device=model.device)
+        return (cond.to(host.intermediate_device()),)  # conditioning waits off the GPU until sampling

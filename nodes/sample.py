@@ -1,0 +1,61 @@
+"""UniFusion Sample: rectified-flow sampling of the DiT, returning a LATENT for the stock VAE Decode."""
+
+from __future__ import annotations
+
+from . import host
+from .common import CATEGORY, COND, MODEL, uf
+
+MAX_RESOLUTION = 16384
+
+
+class UniFusionSample:
+    DESCRIPTION = (
+        "Generates latents with the UniFusion DiT from LAP Encode conditioning, with classifier-free "
+        "guidance against the model's learned empty conditioning (or a negative). The result is a "
+        "plain LATENT in the VAE's own space: decode it with the stock VAE Decode and the VAE the "
+        "checkpoint was trained with (pixel_space for pixel models)."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Latents for VAE Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From UniFusion Model Load."}),
+                "conditioning": (COND, {"tooltip": "From LAP Encode."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image width in pixels."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image height in pixels."}),
+                "steps": ("INT", {"default": 28, "min": 1, "max": 1000, "tooltip": "Sampling steps (Heun costs two model calls per step)."}),
+                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale; 1 turns guidance off and halves the cost."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "Timestep shift (SD3/Flux style; higher spends more steps at high noise). 0: chosen from the resolution."}),
+                "sampler": (sorted(uf.SAMPLERS), {"default": "euler", "tooltip": "euler: first order; heun: second order, two model calls per step."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same images."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run (image i of a batch matches seed's batch position, as in ComfyUI)."}),
+            },
+            "optional": {
+                "negative": (COND, {"tooltip": "Guide away from this instead of the learned empty conditioning."}),
+                "second_conditioning": (COND, {"tooltip": "Conditioning for the steps after switch_at (e.g. image tokens first, text after: paper Sec. 5.2)."}),
+                "switch_at": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the steps conditioned on `conditioning` before switching to `second_conditioning`."}),
+            },
+        }
+
+    def sample(self, model, conditioning, width: int, height: int, steps: int, cfg: float, shift: float,
+               sampler: str, seed: int, batch_size: int = 1, negative=None, second_conditioning=None,
+               switch_at: float = 0.2):
+        net = model.load()
+        progress = host.Progress(steps)
+        previewer = host.previewer(net.config.latent.name, model.device)
+
+        def callback(step, total, x, x0):
+            progress.update(step + 1, total, previewer(x0) if previewer else None)
+
+        latent = net.sample(
+            conditioning, width, height, steps=steps, cfg=cfg, seed=seed, shift=shift or None,
+            sampler=sampler, negative=negative, batch_size=batch_size, callback=callback,
+            next_cond=second_conditioning, switch_at=switch_at, device=model.device,
+        )
+        return ({"samples": latent.to(host.intermediate_device())},)

@@ -1,0 +1,35 @@
+"""UniFusion Tile Images: reference images for the VLM, each with its own tiling."""
+
+from __future__ import annotations
+
+from .common import CATEGORY, IMAGES, ReferenceImage
+
+
+class UniFusionTileImages:
+    DESCRIPTION = (
+        "Adds reference images for VERIFI Rewrite. Each image is cut into up to max_tiles tiles matching "
+        "its aspect ratio, plus a thumbnail, at the VLM's own tile size (paper Fig. 7: more tiles keep "
+        "more detail). Chain several of these nodes to pass any number of images of different sizes."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "add"
+    RETURN_TYPES = (IMAGES,)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The reference images so far, in order.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "One or more images (each image of a batch is a reference of its own)."}),
+                "max_tiles": ("INT", {"default": 10, "min": 1, "max": 40, "tooltip": "At most this many tiles per image (the paper trains with up to 10)."}),
+                "thumbnail": ("BOOLEAN", {"default": True, "tooltip": "Also give the VLM the whole image as one tile when it has several."}),
+            },
+            "optional": {
+                "images": (IMAGES, {"tooltip": "Reference images from an earlier Tile Images node; these come first."}),
+            },
+        }
+
+    def add(self, image, max_tiles: int = 10, thumbnail: bool = True, images=None):
+        new = [ReferenceImage(image[i : i + 1], max_tiles, thumbnail) for i in range(image.shape[0])]
+        return (tuple(images or ()) + tuple(new),)

@@ -1,0 +1,48 @@
+"""UniFusion VERIFI Rewrite: the VLM rewrites the request in context; its features condition the DiT."""
+
+from __future__ import annotations
+
+from . import host
+from .common import CATEGORY, FEATURES, IMAGES, VLM, uf
+
+
+class UniFusionVERIFIRewrite:
+    DESCRIPTION = (
+        "Encodes the prompt and reference images with the VLM. With rewrite on (VERIFI, paper Sec. 3.3) "
+        "the VLM first writes a detailed description of the image to make, and the features of those "
+        "words, captured while writing, plus every image token condition the image; with rewrite off, "
+        "the prompt's own tokens do. The rewritten prompt comes out as text to read, edit or reuse."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (FEATURES, "STRING")
+    RETURN_NAMES = ("features", "rewritten_prompt")
+    OUTPUT_TOOLTIPS = ("VLM features for LAP Encode.", "The VLM's rewritten prompt (the original prompt when rewrite is off).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vlm": (VLM, {"tooltip": "From UniFusion VLM Load."}),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "", "tooltip": "What to make, or how to change the reference images."}),
+                "rewrite": ("BOOLEAN", {"default": True, "tooltip": "VERIFI: let the VLM rewrite the request into a detailed prompt first (the paper's default)."}),
+                "system_prompt": ("STRING", {"multiline": True, "default": uf.prompts.VERIFI_SYSTEM_PROMPT, "tooltip": "The instruction for the rewrite. Checkpoints are trained with this default; changing it steers the rewrite."}),
+                "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 4096, "tooltip": "The longest rewrite, in tokens."}),
+                "sample": ("BOOLEAN", {"default": False, "tooltip": "Off: greedy decoding (always the same rewrite). On: sample with the seed."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Seed of the rewrite when sampling."}),
+            },
+            "optional": {
+                "images": (IMAGES, {"tooltip": "Reference images from UniFusion Tile Images."}),
+            },
+        }
+
+    def encode(self, vlm, prompt: str, rewrite: bool = True, system_prompt: str = "", max_new_tokens: int = 256,
+               sample: bool = False, seed: int = 0, images=None):
+        encoder = vlm.load()
+        tiled = [t for ref in images or () for t in encoder.tile(ref.image, ref.max_tiles, ref.thumbnail)]
+        progress = host.Progress(max_new_tokens)
+        features = encoder.encode(
+            prompt, tiled, rewrite=rewrite, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+            seed=seed if sample else None, callback=lambda i, n: progress.update(i, n),
+        )
+        return (features, features.text)

@@ -1,0 +1,41 @@
+"""UniFusion VLM Load: the frozen VLM that encodes prompts and reference images."""
+
+from __future__ import annotations
+
+import torch
+
+from . import host
+from .common import CATEGORY, VLM, uf
+
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class UniFusionVLMLoad:
+    DESCRIPTION = (
+        "Loads the frozen vision-language model UniFusion encodes with (InternVL3 '-hf', Gemma-3, or a "
+        "Llama/Qwen/SmolLM chat model, as a Hugging Face folder or a .gguf file) from models/text_encoders "
+        "or models/LLM. Nothing is downloaded. Use the VLM the UniFusion checkpoint was trained against."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (VLM,)
+    RETURN_NAMES = ("vlm",)
+    OUTPUT_TOOLTIPS = ("The loaded VLM, for VERIFI Rewrite.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vlm_name": (host.list_vlms(), {"tooltip": "A model folder (with config.json) or a .gguf file in models/text_encoders or models/LLM."}),
+                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bfloat16 on GPUs (float16 where bf16 is slow), float32 on CPUs."}),
+                "device": (["default", "cpu"], {"default": "default", "tooltip": "Where the VLM runs: ComfyUI's GPU, or always the CPU (slow, saves VRAM)."}),
+            }
+        }
+
+    def load(self, vlm_name: str, dtype: str = "auto", device: str = "default"):
+        run_on = torch.device("cpu") if device == "cpu" else host.load_device()
+        chosen = DTYPES[dtype] or host.compute_dtype(run_on)
+        # Loaded on the offload device; ComfyUI's memory manager moves it when it runs.
+        encoder = uf.load_vlm(host.resolve("vlm", vlm_name), dtype=chosen, device=host.offload_device())
+        # transformers' layers are plain torch.nn: always loaded whole.
+        return (host.Managed(encoder, encoder.model, run_on, host.offload_device(), partial=False),)

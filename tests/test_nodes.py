@@ -1,0 +1,129 @@
+"""The ComfyUI nodes, called directly (no ComfyUI): schemas, model folders, the whole chain."""
+
+import pytest
+import tiny_vlms
+import torch
+from safetensors.torch import save_file
+from torch.testing import assert_close
+
+import nodes
+from conftest import randomize
+import unifusion_core as uf
+from nodes.common import ReferenceImage
+
+N = nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    vlm_path = tiny_vlms.make_tiny_internvl(root / "text_encoders" / "tiny-internvl")
+    tiny_vlms.make_tiny_causal_lm(root / "LLM" / "family" / "tiny-qwen2")  # two levels deep
+    vlm = uf.load_vlm(vlm_path)
+    torch.manual_seed(0)
+    model = randomize(uf.UniFusionModel.from_preset("tiny", vlm=vlm), std=0.1)  # not zero-init: outputs depend on inputs
+    (root / "unifusion").mkdir()
+    uf.save_model(model, root / "unifusion" / "tiny.safetensors")
+    (root / "diffusion_models").mkdir()
+    save_file({"x": torch.zeros(1)}, str(root / "diffusion_models" / "flux-dev.safetensors"))  # not ours
+    return root
+
+
+@pytest.fixture(autouse=True)
+def use_models_dir(models_dir, monkeypatch):
+    monkeypatch.setenv("UNIFUSION_MODELS_DIR", str(models_dir))
+
+
+def image(w=64, h=48, seed=0):
+    return torch.rand(1, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def run_chain(prompt="a fox", refs=None, rewrite=True, **sample):
+    (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
+    feats, text = N["UniFusionVERIFIRewrite"]().encode(vlm, prompt, rewrite, uf.prompts.VERIFI_SYSTEM_PROMPT, 6, False, 0, refs)
+    (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
+    (cond,) = N["UniFusionLAPEncode"]().encode(model, feats)
+    args = dict(width=16, height=8, steps=3, cfg=3.0, shift=0.0, sampler="euler", seed=1) | sample
+    (latent,) = N["UniFusionSample"]().sample(model, cond, **args)
+    return vlm, feats, text, model, cond, latent
+
+
+def test_every_node_documents_itself():
+    for name, cls in N.items():
+        assert cls.CATEGORY == "UniFusion" and len(cls.DESCRIPTION) > 40, name
+        assert name in nodes.NODE_DISPLAY_NAME_MAPPINGS
+        spec = cls.INPUT_TYPES()
+        for section in spec.values():
+            for input_name, (kind, opts) in section.items():
+                assert opts.get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+        assert callable(getattr(cls(), cls.FUNCTION))
+
+
+def test_model_folders_list_only_what_the_nodes_can_load():
+    vlms = N["UniFusionVLMLoad"].INPUT_TYPES()["required"]["vlm_name"][0]
+    assert vlms == ["family/tiny-qwen2", "tiny-internvl"]
+    assert N["UniFusionModelLoad"].INPUT_TYPES()["required"]["model_name"][0] == ["tiny.safetensors"]
+    with pytest.raises(FileNotFoundError, match="'missing' is not in any of the model folders"):
+        N["UniFusionVLMLoad"]().load("missing")
+
+
+def test_tile_images_chain_keeps_order_and_settings():
+    node = N["UniFusionTileImages"]()
+    (first,) = node.add(image(seed=1), 4, False)
+    (both,) = node.add(torch.cat([image(seed=2), image(seed=3)]), 2, True, first)
+    assert [r.max_tiles for r in both] == [4, 2, 2] and [r.thumbnail for r in both] == [False, True, True]
+    assert torch.equal(both[0].image, image(seed=1)) and torch.equal(both[2].image, image(seed=3))
+
+
+def test_the_node_chain_equals_the_core():
+    refs = (ReferenceImage(image(80, 40), 3, True), ReferenceImage(image(30, 60, seed=1), 1, False))
+    vlm, feats, text, model, cond, latent = run_chain("make it snow", refs)
+    assert text == feats.text and latent["samples"].shape == (1, 3, 8, 16)
+    enc = vlm.obj
+    tiled = enc.tile(refs[0].image, 3, True) + enc.tile(refs[1].image, 1, False)
+    assert [t.num_tiles for t in tiled] == [3, 1]
+    direct = enc.encode("make it snow", tiled, max_new_tokens=6)
+    assert direct.sequence_ids == feats.sequence_ids and torch.equal(direct.hidden, feats.hidden)
+    net = model.obj
+    expected = net.sample(net.encode(direct), 16, 8, steps=3, cfg=3.0, seed=1)
+    assert_close(latent["samples"], expected)
+
+
+def test_lap_encode_token_choice_and_layer_drop():
+    vlm, feats, _, model, cond, _ = run_chain("a fox", (ReferenceImage(image(), 2, True),))
+    enc = N["UniFusionLAPEncode"]()
+    n_img = int(feats.is_image.sum())
+    assert enc.encode(model, feats, "image")[0].tokens.shape[1] == n_img
+    assert enc.encode(model, feats, "text")[0].tokens.shape[1] == feats.num_tokens - n_img
+    dropped = enc.encode(model, feats, "all", "0, 6")[0]
+    assert not torch.allclose(dropped.tokens, cond.tokens)
+    with pytest.raises(ValueError, match="layer_drop must be VLM layer indices"):
+        enc.encode(model, feats, "all", "first")
+
+
+def test_lap_encode_refuses_features_of_another_encoder():
+    (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
+    (vlm,) = N["UniFusionVLMLoad"]().load("family/tiny-qwen2")
+    feats, _ = N["UniFusionVERIFIRewrite"]().encode(vlm, "a fox", False, "", 4, False, 0)
+    with pytest.raises(ValueError, match="trained against 'tiny-internvl'"):
+        N["UniFusionLAPEncode"]().encode(model, feats)
+
+
+def test_sample_options_reach_the_sampler():
+    _, _, _, model, cond, base = run_chain()
+    sample = N["UniFusionSample"]()
+    args = dict(width=16, height=8, steps=3, cfg=3.0, shift=0.0, sampler="euler", seed=1)
+    again = sample.sample(model, cond, **args)[0]["samples"]
+    assert torch.equal(again, base["samples"])  # seeds reproduce
+    batch = sample.sample(model, cond, **(args | {"batch_size": 2}))[0]["samples"]
+    assert batch.shape[0] == 2 and torch.allclose(batch[:1], base["samples"], atol=1e-4)
+    for change in ({"seed": 2}, {"sampler": "heun"}, {"shift": 3.0}, {"cfg": 1.0}):
+        assert not torch.equal(sample.sample(model, cond, **(args | change))[0]["samples"], base["samples"]), change
+    schedule = sample.sample(model, cond, **args, second_conditioning=model.obj.null_conditioning(), switch_at=0.5)
+    assert not torch.equal(schedule[0]["samples"], base["samples"])
+
+
+def test_rewrite_off_returns_the_prompt():
+    _, feats, text, *_ = run_chain("a quiet lake", rewrite=False)
+    assert text == "a quiet lake" and not bool(feats.is_image.any())
