@@ -124,6 +124,17 @@ def operations(weight_dtype: torch.dtype | None, compute: torch.dtype):
     return comfy.ops.manual_cast if weight_dtype not in (None, compute) else comfy.ops.disable_weight_init
 
 
+class _Holder(torch.nn.Module):
+    """What ModelPatcher manages: the weights as its one child, plus the plain `device` attribute
+    (and bookkeeping attributes) ModelPatcher writes on the module it manages. transformers' models
+    and UniFusionModel have a read-only `device` property, so they cannot be managed directly."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.module = module
+        self.device = device
+
+
 class Managed:
     """An object whose weights (`module`) are under ComfyUI's memory manager (ModelPatcher), or
     plainly held without ComfyUI. `load()` brings them to the compute device and returns `obj`."""
@@ -131,7 +142,7 @@ class Managed:
     def __init__(self, obj, module: torch.nn.Module, load: torch.device, offload: torch.device, partial: bool):
         self.obj, self.module, self.device = obj, module, load
         self.partial = partial  # only modules built from comfy.ops may be loaded partially (low VRAM)
-        self.patcher = comfy.model_patcher.ModelPatcher(module, load, offload) if IN_COMFYUI else None
+        self.patcher = comfy.model_patcher.ModelPatcher(_Holder(module, offload), load, offload) if IN_COMFYUI else None
 
     def load(self):
         if self.patcher is not None:

@@ -119,7 +119,7 @@ def test_max_new_tokens_bounds_the_rewrite_and_every_token_has_features(vlms):
     vlm = vlms["qwen2"]
     f = vlm.encode("a cat", max_new_tokens=5)
     generated = len(f.sequence_ids) - len(vlm._prepare("a cat", [], uf.vlm.VERIFI_SYSTEM_PROMPT, True).ids)
-    assert generated <= 5 and (~f.is_image).sum() == generated
+    assert generated == 5 and (~f.is_image).sum() == 5  # this tiny model never ends its turn
 
 
 def test_generation_stops_at_the_end_of_turn_token(vlms, monkeypatch):
@@ -145,7 +145,7 @@ def test_callback_sees_tokens_and_can_cancel(vlms):
     vlm = vlms["qwen2"]
     seen = []
     vlm.encode("a cat", max_new_tokens=4, callback=lambda i, n: seen.append((i, n)))
-    assert seen and seen[-1][1] == 4 and [i for i, _ in seen] == list(range(1, len(seen) + 1))
+    assert [i for i, _ in seen] == [1, 2, 3, 4] and all(n == 4 for _, n in seen)
 
     class Cancelled(Exception):
         pass
@@ -257,3 +257,124 @@ def test_real_smollm2_rewrites_a_cat():
     assert sum(w.isascii() for w in words) == len(words)  # English
     assert f.hidden.shape[1:] == (11, 576) and f.layers == tuple(range(0, 31, 3))
     assert f.encoder.same_encoder(uf.get_preset("small").encoder)
+    # the captured rewrite equals one plain forward over everything the model saw
+    hs = plain_forward_states(vlm, f, None)
+    for j, i in enumerate(f.layers[:-1]):
+        assert_close(f.hidden[:, j], hs[i][0, f.positions], atol=1e-4, rtol=1e-3)
+    assert_close(vlm.model.model.norm(f.hidden[:, -1]), hs[30][0, f.positions], atol=1e-4, rtol=1e-3)
+
+
+# --- parity with transformers' own (PIL) image processors ----------------------------------------
+
+
+@pytest.mark.parametrize("w,h", [(120, 60), (40, 90), (56, 56), (300, 20)])
+def test_internvl_pixels_match_transformers_processor(vlms, w, h):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    vlm = vlms["internvl"]
+    im = Image.fromarray((gradient(w, h)[0].numpy() * 255).round().astype("uint8"))
+    size = vlm.adapter.tile_size
+    hf = GotOcr2ImageProcessorPil(
+        size={"height": size, "width": size}, crop_to_patches=True, min_patches=1, max_patches=10,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )(images=[im], return_tensors="pt")["pixel_values"]
+    ours = vlm.adapter.pixel_inputs(vlm.tile(im, 10, True), torch.float32, "cpu")["pixel_values"]
+    assert ours.shape == hf.shape
+    assert_close(ours, hf.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_pixels_match_transformers_processor(vlms):
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    vlm = vlms["gemma3"]
+    im = Image.fromarray((gradient(100, 70)[0].numpy() * 255).round().astype("uint8"))
+    size = vlm.adapter.tile_size
+    hf = Gemma3ImageProcessorPil(size={"height": size, "width": size})(images=[im], return_tensors="pt")["pixel_values"]
+    ours = vlm.adapter.pixel_inputs(vlm.tile(im, 1, False), torch.float32, "cpu")["pixel_values"]
+    assert_close(ours, hf.float(), atol=1e-5, rtol=1e-5)
+
+
+# --- templates and generation settings ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["im", "end", "Describe", "a <b>bold</b> cat & 100% \"quoted\"  "])
+def test_user_text_is_found_even_where_it_also_occurs_elsewhere(vlms, prompt):
+    vlm = vlms["qwen2"]
+    f = vlm.encode(prompt, rewrite=False, system_prompt=SYSTEM)  # "Describe" is also in SYSTEM
+    text_ids = torch.tensor(f.sequence_ids)[f.positions]
+    assert vlm.tokenizer.decode(text_ids).strip() == prompt.strip()
+    user_turn = f.sequence_ids.index(vlm.tokenizer.convert_tokens_to_ids("<|im_start|>"), 1)
+    assert int(f.positions[0]) > user_turn  # in the user's turn, not in the system prompt
+
+
+def test_a_template_that_injects_its_own_system_prompt(vlms, monkeypatch):
+    vlm = vlms["qwen2"]
+    template = "<|im_start|>system\nDefault helper.<|im_end|>\n" + vlm.chat_template
+    monkeypatch.setattr(vlm, "chat_template", template)
+    f = vlm.encode("a lonely lighthouse", rewrite=False, system_prompt="")
+    assert vlm.tokenizer.decode(torch.tensor(f.sequence_ids)[f.positions]) == "a lonely lighthouse"
+
+
+def test_the_checkpoints_generation_config_does_not_leak_in(vlms, monkeypatch):
+    vlm = vlms["qwen2"]
+    greedy = vlm.encode("a cat", max_new_tokens=6, system_prompt=SYSTEM).sequence_ids
+    sampled = vlm.encode("a cat", max_new_tokens=6, seed=3, system_prompt=SYSTEM).sequence_ids
+    cfg = vlm.model.generation_config
+    for key, value in dict(repetition_penalty=5.0, top_k=1, no_repeat_ngram_size=1, min_new_tokens=6).items():
+        monkeypatch.setattr(cfg, key, value)
+    assert vlm.encode("a cat", max_new_tokens=6, system_prompt=SYSTEM).sequence_ids == greedy
+    assert vlm.encode("a cat", max_new_tokens=6, seed=3, system_prompt=SYSTEM).sequence_ids == sampled
+
+
+def test_end_of_turn_is_a_stop_token_even_when_eos_is_another(tmp_path):
+    folder = tiny_vlms.make_tiny_causal_lm(tmp_path / "llama3ish", "llama")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|endoftext|>"  # as Llama 3: eos <|end_of_text|>, turns end with <|eot_id|>
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    gen = json.loads((folder / "generation_config.json").read_text())
+    vlm0 = load_vlm(folder)
+    gen["eos_token_id"] = vlm0.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    vlm = load_vlm(folder)
+    assert vlm.tokenizer.eos_token == "<|endoftext|>"
+    assert vlm.tokenizer.convert_tokens_to_ids("<|im_end|>") in vlm.stop_ids
+
+
+def test_the_processors_chat_template_wins_for_vlms(tmp_path):
+    folder = tiny_vlms.make_tiny_internvl(tmp_path / "ivl")
+    right = load_vlm(folder).chat_template
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: <|vision_start|><|image_pad|>{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in folder.glob("chat_template.jinja"):
+        f.unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": right}))
+    vlm = load_vlm(folder)
+    assert vlm.chat_template == right
+    assert vlm.encode("a fox", [gradient(32, 32)], rewrite=False).is_image.any()
+
+
+def test_weights_must_be_safetensors(tmp_path):
+    folder = tiny_vlms.make_tiny_causal_lm(tmp_path / "binonly", "qwen2")
+    model = load_vlm(folder).model
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="safetensors weights are required"):
+        load_vlm(folder)
+
+
+def test_context_overflow_with_images(vlms):
+    with pytest.raises(ValueError, match=r"prompt and images take \d+ tokens .* context window of 512"):
+        vlms["internvl"].encode("a fox", [gradient(400, 40, seed=i) for i in range(10)], rewrite=False)
+
+
+def test_image_token_typed_into_the_prompt(vlms):
+    with pytest.raises(ValueError, match="contains the image token"):
+        vlms["internvl"].encode("look: <IMG_CONTEXT>", [gradient(32, 32)])
+
+
+def test_internvl_chat_remote_code_folder_gets_the_hf_hint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "auto_map": {"AutoConfig": "x.y"}}))
+    with pytest.raises(ValueError, match="'internvl_chat' is not supported .*'-hf' conversion"):
+        load_vlm(tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from .config import EncoderSpec
@@ -58,7 +57,3 @@ class Features:
             self.hidden[keep], self.layers, self.encoder, self.text, self.sequence_ids,
             pick(self.positions), pick(self.is_image), pick(self.image_index),
         )
-
-
-def empty_mask(n: int) -> Tensor:
-    return torch.zeros(n, dtype=torch.bool)

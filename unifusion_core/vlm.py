@@ -9,6 +9,8 @@ generation, layer capture) is shared.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from .config import EncoderSpec, every_nth_layer
@@ -26,7 +29,7 @@ from .tiling import TiledImage, tile_images
 log = logging.getLogger(__name__)
 
 # Text-only decoders loaded through AutoModelForCausalLM (the paper's Llama ablation, SmolLM2).
-CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
 VLM_TYPES = ("internvl", "gemma3")
 SUPPORTED = (
     "InternVL3 in transformers' native format (model_type 'internvl', the '-hf' checkpoints), "
@@ -46,8 +49,7 @@ TEMPERATURE, TOP_P = 0.7, 0.9
 class TextOnly:
     """A text-only decoder: no image support."""
 
-    takes_images = False
-    message_content_is_list = False
+    takes_images = False  # and so its chat messages carry plain-string content
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -62,10 +64,9 @@ class TextOnly:
 class VisionLanguage(TextOnly):
     """A VLM whose decoder sits at model.model.language_model and whose config names its image token."""
 
-    takes_images = True
-    message_content_is_list = True
+    takes_images = True  # chat content is a list of {"type": "image"} / {"type": "text"} items
     mean = std = (0.5, 0.5, 0.5)
-    resample = 2  # PIL bilinear
+    resample = Image.Resampling.BILINEAR
     tile_size = tokens_per_tile = 0
 
     def decoder_layers(self) -> nn.ModuleList:
@@ -95,14 +96,14 @@ class InternVL(VisionLanguage):
     """InternVL3 '-hf': 448-pixel tiles, ImageNet normalisation, <img><IMG_CONTEXT>*n</img>."""
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    resample = 3  # PIL bicubic, as InternVL's preprocessing
+    resample = Image.Resampling.BICUBIC  # as InternVL's preprocessing
 
     def __init__(self, model, tokenizer):
         super().__init__(model, tokenizer)
         cfg = model.config
         self.tile_size = _first(cfg.vision_config.image_size)
         patches = self.tile_size // _first(cfg.vision_config.patch_size)
-        self.tokens_per_tile = int(patches**2 * cfg.downsample_ratio**2)
+        self.tokens_per_tile = getattr(cfg, "image_seq_length", None) or int(patches**2 * cfg.downsample_ratio**2)
         self.context = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
         self.start = getattr(tokenizer, "start_image_token", None) or "<img>"
         self.end = getattr(tokenizer, "end_image_token", None) or "</img>"
@@ -164,7 +165,7 @@ def load_vlm(
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     if not path.exists():
         raise FileNotFoundError(f"VLM not found: {path}")
-    common = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(
@@ -172,22 +173,22 @@ def load_vlm(
                 f"not a {path.suffix or 'bare'} file"
             )
         for module in ("gguf", "accelerate"):
-            if _missing(module):
+            if importlib.util.find_spec(module) is None:
                 raise ImportError(f"loading {path.name} needs the '{module}' package: pip install gguf accelerate")
-        folder, extra = path.parent, dict(gguf_file=path.name)
+        folder, kw["gguf_file"] = path.parent, path.name
+        model_type = AutoConfig.from_pretrained(folder, **kw).model_type
     else:
-        if not (path / "config.json").is_file():
+        try:  # read the type before transformers does: remote-code folders would only ask for trust
+            model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+        except FileNotFoundError:
             raise ValueError(
                 f"{path} is not a model folder: it has no config.json. Point at a Hugging Face model "
                 "folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
-            )
-        folder, extra = path, dict(use_safetensors=True)
+            ) from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}/config.json cannot be read ({e})") from None
+        folder = path
 
-    try:
-        config = AutoConfig.from_pretrained(folder, **common, **({"gguf_file": path.name} if path.is_file() else {}))
-    except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"{path}: unsupported or unreadable model config ({e}). Supported: {SUPPORTED}") from None
-    model_type = config.model_type
     if model_type == "internvl":
         cls, adapter = transformers.InternVLForConditionalGeneration, InternVL
     elif model_type == "gemma3":
@@ -199,18 +200,29 @@ def load_vlm(
         raise ValueError(f"{path}: architecture {model_type!r} is not supported{hint}. Supported: {SUPPORTED}")
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **common, **({k: v for k, v in extra.items() if k == "gguf_file"}))
-        model = cls.from_pretrained(folder, dtype=dtype, **common, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+        weights = {} if path.is_file() else {"use_safetensors": True}
+        placement = {} if device.type == "cpu" else {"device_map": {"": device}}  # straight to the GPU
+        model = cls.from_pretrained(folder, dtype=dtype, **kw, **weights, **placement)
     except OSError as e:
         raise ValueError(f"{path}: cannot load the model files ({e}); safetensors weights are required") from None
     model = model.to(device).eval().requires_grad_(False)
-    return VLMEncoder(model, tokenizer, adapter(model, tokenizer), name=path.stem if path.is_file() else path.name)
+    template = _processor_template(folder) if adapter.takes_images else None
+    return VLMEncoder(model, tokenizer, adapter(model, tokenizer), name=path.stem if path.is_file() else path.name,
+                      chat_template=template)
 
 
-def _missing(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is None
+def _processor_template(folder: Path) -> str | None:
+    """A VLM's processor may carry the chat template that writes image placeholders, in files
+    AutoTokenizer does not read (InternVL3-hf's tokenizer comes from Qwen2.5-VL)."""
+    for name, key in (("chat_template.json", "chat_template"), ("processor_config.json", "chat_template")):
+        try:
+            template = json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if template:
+            return template
+    return None
 
 
 # --- the encoder --------------------------------------------------------------------------------
@@ -227,8 +239,9 @@ class _Prompt:
 class VLMEncoder:
     """A frozen VLM that turns a prompt and reference images into Features for LAP."""
 
-    def __init__(self, model, tokenizer, adapter, name: str):
+    def __init__(self, model, tokenizer, adapter, name: str, chat_template: str | None = None):
         self.model, self.tokenizer, self.adapter, self.name = model, tokenizer, adapter, name
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         text_cfg = model.config.get_text_config()
         self.hidden_size = text_cfg.hidden_size
         self.num_layers = text_cfg.num_hidden_layers
@@ -261,7 +274,7 @@ class VLMEncoder:
             )
         return chosen
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: Features may feed LAP training
     def encode(
         self,
         prompt: str,
@@ -361,25 +374,36 @@ class VLMEncoder:
                 out += tile_images(item, max_tiles, self.adapter.tile_size, thumbnail, self.adapter.resample)
         return out
 
+    def _render(self, content, system: str, generation_prompt: bool) -> str:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=generation_prompt,
+            enable_thinking=False,  # Qwen3 / SmolLM3 would think aloud into the rewrite; others ignore it
+        )
+
     def _prepare(self, prompt: str, tiled: list[TiledImage], system: str, generation_prompt: bool) -> _Prompt:
         """Chat-template the turn, expand image placeholders, tokenize, and mark the user's text."""
         a, tok = self.adapter, self.tokenizer
-        if a.message_content_is_list:
-            content = [{"type": "image"} for _ in tiled] + [{"type": "text", "text": prompt}]
-        else:
-            content = prompt
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-        if not getattr(tok, "chat_template", None):
+        if not self.chat_template:
             raise ValueError(f"{self.name} has no chat template; VERIFI needs an instruction-tuned chat model")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        user_start = text.rfind(prompt.strip()) if prompt.strip() else -1
-        user_span = (user_start, user_start + len(prompt.strip())) if user_start >= 0 else (0, 0)
+        if a.takes_images and a.placeholder() in prompt:
+            raise ValueError(f"the prompt contains the image token {a.placeholder()!r}; remove it and pass images instead")
+        content = (lambda text: [{"type": "image"} for _ in tiled] + [{"type": "text", "text": text}]) if a.takes_images else (lambda text: text)
+        text = self._render(content(prompt), system, generation_prompt)
+        # Where the user's text lands: render once more with a marker in its place. Templates may
+        # trim the text, and it may also occur in the system prompt or the template itself.
+        marked = self._render(content(_MARKER), system, generation_prompt)
+        start = marked.find(_MARKER)
+        written = next((t for t in (prompt, prompt.strip()) if text[start : start + len(t)] == t), None)
+        if start < 0 or written is None or text[:start] != marked[:start]:
+            raise ValueError(f"cannot find the prompt in {self.name}'s chat template output")
+        user_span = (start, start + len(written))
         if tiled:
             parts = text.split(a.placeholder())
             if len(parts) != len(tiled) + 1:
                 raise ValueError(
-                    f"the chat template of {self.name} wrote {len(parts) - 1} image placeholders for "
-                    f"{len(tiled)} images; remove {a.placeholder()!r} from the prompt text"
+                    f"the chat template of {self.name} wrote {len(parts) - 1} image placeholders "
+                    f"{a.placeholder()!r} for {len(tiled)} images: the template does not match this model"
                 )
             shift, at = 0, len(parts[0])  # expansions before the user's text move it right
             expanded = parts[0]
@@ -391,12 +415,12 @@ class VLMEncoder:
             text, user_span = expanded, (user_span[0] + shift, user_span[1] + shift)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, return_tensors="pt")
         ids, offsets = enc["input_ids"][0], enc["offset_mapping"][0]
-        user_text = (offsets[:, 1] > user_span[0]) & (offsets[:, 0] < user_span[1])
+        special = torch.tensor([i in set(tok.all_special_ids) for i in ids.tolist()], dtype=torch.bool)
+        user_text = (offsets[:, 1] > user_span[0]) & (offsets[:, 0] < user_span[1]) & ~special
         image_index = torch.full_like(ids, -1)
-        img_id = a.image_token_id()
         inputs = {}
         if tiled:
-            is_img = ids == img_id
+            is_img = ids == a.image_token_id()
             counts = [t.num_tiles * a.tokens_per_tile for t in tiled]
             if int(is_img.sum()) != sum(counts):
                 raise ValueError(
@@ -418,8 +442,9 @@ class VLMEncoder:
 
         class Progress(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                if callback is not None:
-                    callback(input_ids.shape[1] - ids.shape[1], max_new_tokens)
+                n = input_ids.shape[1] - ids.shape[1]
+                if callback is not None and n <= max_new_tokens:  # (one token more is generated)
+                    callback(n, max_new_tokens)
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         sample = seed is not None
@@ -428,13 +453,21 @@ class VLMEncoder:
             # features of all max_new_tokens rewrite tokens exist.
             max_new_tokens=max_new_tokens + 1,
             do_sample=sample,
-            temperature=TEMPERATURE if sample else None,
-            top_p=TOP_P if sample else None,
-            top_k=None,
+            # Every knob set: transformers fills unset ones from the checkpoint's generation_config
+            # (repetition penalties, top-k, ...), which would make the rewrite depend on it.
+            temperature=TEMPERATURE if sample else 1.0,
+            top_p=TOP_P if sample else 1.0,
+            top_k=0,
+            min_p=None,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0],
         )
-        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) if sample else contextlib.nullcontext()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        rng = torch.random.fork_rng(devices=cuda) if sample else contextlib.nullcontext()
         with rng:
             if sample:
                 torch.manual_seed(seed)
@@ -444,6 +477,9 @@ class VLMEncoder:
             )
         generated = out[0, ids.shape[1]:].cpu()
         return generated[:-1][:max_new_tokens]
+
+
+_MARKER = "UNIFUSIONUSERTEXT"
 
 
 def _as_list(x) -> list:
@@ -466,6 +502,11 @@ class _LayerCapture:
 
     def _store(self, index: int, h: Tensor) -> None:
         first = not self.states[index]
+        if first and h.shape[1] != len(self.keep) or not first and h.shape[1] != 1:
+            raise RuntimeError(
+                f"unexpected forward of {h.shape[1]} tokens: VERIFI capture needs one prefill of the whole "
+                "prompt and single-token decode steps (no chunked prefill or speculative decoding)"
+            )
         self.states[index].append(h[0, self.keep.to(h.device)] if first else h[0, -1:])
 
     def __enter__(self):
