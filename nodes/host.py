@@ -38,7 +38,8 @@ def register_folders() -> None:
     if not IN_COMFYUI:
         return
     for name, exts in _EXTENSIONS.items():
-        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
+        new = name not in folder_paths.folder_names_and_paths  # else extra_model_paths.yaml has it: keep its order
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=new)
         paths, old = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, set(old) | exts)
 
@@ -95,25 +96,32 @@ def is_unifusion_file(path: Path) -> bool:
 # --- devices and memory -------------------------------------------------------------------------
 
 
-def load_device() -> torch.device:
-    return mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
+def load_device(text_encoder: bool = False) -> torch.device:
+    if not IN_COMFYUI:
+        return torch.device("cpu")
+    return mm.text_encoder_device() if text_encoder else mm.get_torch_device()
 
 
-def offload_device() -> torch.device:
-    return mm.unet_offload_device() if IN_COMFYUI else torch.device("cpu")
+def offload_device(text_encoder: bool = False) -> torch.device:
+    if not IN_COMFYUI:
+        return torch.device("cpu")
+    return mm.text_encoder_offload_device() if text_encoder else mm.unet_offload_device()
 
 
 def intermediate_device() -> torch.device:
     return mm.intermediate_device() if IN_COMFYUI else torch.device("cpu")
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device does it well, else fp16 on GPUs, fp32 on CPUs."""
+def compute_dtype(device: torch.device, text_encoder: bool = False) -> torch.dtype:
+    """The DiT: ComfyUI's choice for diffusion models (honours --bf16-unet, --force-fp32, ...).
+    The VLM: bf16 where the device does it well, else fp32 (VLMs overflow in fp16)."""
     if device.type == "cpu":
         return torch.float32
-    if IN_COMFYUI and not mm.should_use_bf16(device):
-        return torch.float16
-    return torch.bfloat16
+    if not IN_COMFYUI:
+        return torch.bfloat16
+    if text_encoder:
+        return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+    return mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
 
 
 def operations(weight_dtype: torch.dtype | None, compute: torch.dtype):
@@ -144,9 +152,10 @@ class Managed:
         self.partial = partial  # only modules built from comfy.ops may be loaded partially (low VRAM)
         self.patcher = comfy.model_patcher.ModelPatcher(_Holder(module, offload), load, offload) if IN_COMFYUI else None
 
-    def load(self):
+    def load(self, memory_required: int = 0):
+        """Load for a run that needs `memory_required` bytes beyond the weights (activations)."""
         if self.patcher is not None:
-            mm.load_models_gpu([self.patcher], force_full_load=not self.partial)
+            mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=not self.partial)
         return self.obj
 
 

@@ -38,5 +38,6 @@ class UniFusionLAPEncode:
             features = features.image_tokens()
         elif tokens == "text":
             features = features.text_tokens()
-        cond = model.load().encode(features, layer_drop=parse_layers(layer_drop), device=model.device)
+        net = model.load(memory_required=model.obj.encode_memory_required(1, features.num_tokens))
+        cond = net.encode(features, layer_drop=parse_layers(layer_drop), device=model.device)
         return (cond.to(host.intermediate_device()),)  # conditioning waits off the GPU until sampling

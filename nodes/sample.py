@@ -46,7 +46,8 @@ class UniFusionSample:
     def sample(self, model, conditioning, width: int, height: int, steps: int, cfg: float, shift: float,
                sampler: str, seed: int, batch_size: int = 1, negative=None, second_conditioning=None,
                switch_at: float = 0.2):
-        net = model.load()
+        tokens = max(c.tokens.shape[1] for c in (conditioning, negative, second_conditioning) if c is not None)
+        net = model.load(memory_required=model.obj.memory_required(batch_size, tokens, width, height, cfg != 1))
         progress = host.Progress(steps)
         previewer = host.previewer(net.config.latent.name, model.device)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 from . import host
 from .common import CATEGORY, FEATURES, IMAGES, VLM, uf
 
@@ -36,13 +38,32 @@ class UniFusionVERIFIRewrite:
             },
         }
 
+    def __init__(self):
+        self._last = None  # (inputs, weak references to vlm and images, result)
+
     def encode(self, vlm, prompt: str, rewrite: bool = True, system_prompt: str = "", max_new_tokens: int = 256,
                sample: bool = False, seed: int = 0, images=None):
-        encoder = vlm.load()
+        # The seed widget's control re-queues the node with a new seed, but a greedy rewrite (or
+        # none) does not depend on it: reuse the last result instead of running the VLM again.
+        key = (prompt, rewrite, system_prompt, max_new_tokens, sample, seed if sample and rewrite else None)
+        objects = (vlm, *(images or ()))
+        if self._last and self._last[0] == key and len(self._last[1]) == len(objects) and all(
+            ref() is obj for ref, obj in zip(self._last[1], objects)
+        ):
+            return self._last[2]
+        result = self._run(vlm, prompt, rewrite, system_prompt, max_new_tokens, sample, seed, images)
+        self._last = (key, [weakref.ref(o) for o in objects], result)
+        return result
+
+    def _run(self, vlm, prompt, rewrite, system_prompt, max_new_tokens, sample, seed, images):
+        encoder = vlm.obj
         tiled = [t for ref in images or () for t in encoder.tile(ref.image, ref.max_tiles, ref.thumbnail)]
+        tokens = encoder.estimate_tokens(prompt, system_prompt, tiled, max_new_tokens if rewrite else 0)
+        vlm.load(memory_required=encoder.memory_required(tokens))
         progress = host.Progress(max_new_tokens)
         features = encoder.encode(
             prompt, tiled, rewrite=rewrite, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
             seed=seed if sample else None, callback=lambda i, n: progress.update(i, n),
         )
+        progress.update(max_new_tokens, max_new_tokens)  # the rewrite may end before max_new_tokens
         return (features, features.text)

@@ -27,15 +27,16 @@ class UniFusionVLMLoad:
         return {
             "required": {
                 "vlm_name": (host.list_vlms(), {"tooltip": "A model folder (with config.json) or a .gguf file in models/text_encoders or models/LLM."}),
-                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bfloat16 on GPUs (float16 where bf16 is slow), float32 on CPUs."}),
+                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bfloat16 on GPUs that run it well, else float32 (VLMs overflow in float16)."}),
                 "device": (["default", "cpu"], {"default": "default", "tooltip": "Where the VLM runs: ComfyUI's GPU, or always the CPU (slow, saves VRAM)."}),
             }
         }
 
     def load(self, vlm_name: str, dtype: str = "auto", device: str = "default"):
-        run_on = torch.device("cpu") if device == "cpu" else host.load_device()
-        chosen = DTYPES[dtype] or host.compute_dtype(run_on)
+        run_on = torch.device("cpu") if device == "cpu" else host.load_device(text_encoder=True)
+        chosen = DTYPES[dtype] or host.compute_dtype(run_on, text_encoder=True)
+        offload = host.offload_device(text_encoder=True)
         # Loaded on the offload device; ComfyUI's memory manager moves it when it runs.
-        encoder = uf.load_vlm(host.resolve("vlm", vlm_name), dtype=chosen, device=host.offload_device())
+        encoder = uf.load_vlm(host.resolve("vlm", vlm_name), dtype=chosen, device=offload)
         # transformers' layers are plain torch.nn: always loaded whole.
-        return (host.Managed(encoder, encoder.model, run_on, host.offload_device(), partial=False),)
+        return (host.Managed(encoder, encoder.model, run_on, offload, partial=False),)

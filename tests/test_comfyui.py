@@ -370,3 +370,16 @@ def test_cancel_stops_sampling_within_a_step(server):
     interrupted = messages(entry).get("execution_interrupted")
     assert interrupted and interrupted["node_type"] == "UniFusionSample", entry["status"]
     assert not any(out.get("images") for out in entry["outputs"].values())
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "bfloat16"])
+def test_weight_dtypes_and_a_plain_encoding(server, weight_dtype):
+    """fp8 storage through comfy.ops.manual_cast, bf16 weights; VERIFI off (the prompt's own tokens)."""
+    prompt = tiny_prompt("unifusion_edit_image")
+    verifi = prompt[node_id(prompt, "UniFusionVERIFIRewrite")]["inputs"]
+    verifi["rewrite"], verifi["sample"] = False, False
+    prompt[node_id(prompt, "UniFusionModelLoad")]["inputs"]["weight_dtype"] = weight_dtype
+    entry = server.run(prompt)
+    assert_success(server, entry)
+    assert [im.size for im in saved_images(server, entry)] == [SIZE]
+    assert entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0] == verifi["prompt"]

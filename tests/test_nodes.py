@@ -127,3 +127,21 @@ def test_sample_options_reach_the_sampler():
 def test_rewrite_off_returns_the_prompt():
     _, feats, text, *_ = run_chain("a quiet lake", rewrite=False)
     assert text == "a quiet lake" and not bool(feats.is_image.any())
+
+
+def test_verifi_reuses_a_greedy_rewrite_when_only_the_seed_changes(monkeypatch):
+    (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
+    node = N["UniFusionVERIFIRewrite"]()
+    calls = []
+    real = vlm.obj.encode
+    monkeypatch.setattr(vlm.obj, "encode", lambda *a, **k: calls.append(k.get("seed")) or real(*a, **k))
+    args = (vlm, "a fox", True, "Describe.", 4)
+    first = node.encode(*args, False, 1)
+    assert node.encode(*args, False, 2) is first and len(calls) == 1  # greedy: the seed is irrelevant
+    node.encode(*args, True, 1)
+    node.encode(*args, True, 2)
+    assert calls == [None, 1, 2]  # sampling: each seed runs
+    (other,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
+    monkeypatch.setattr(other.obj, "encode", lambda *a, **k: calls.append("other") or real(*a, **k))
+    node.encode(other, "a fox", True, "Describe.", 4, False, 1)
+    assert calls[-1] == "other"  # another VLM object: runs again

@@ -108,6 +108,20 @@ class UniFusionModel(nn.Module):
         in another dtype and cast them on the fly)."""
         return self.dit.null_cond.dtype
 
+    def memory_required(self, batch: int, cond_tokens: int, width: int, height: int, guided: bool = True) -> int:
+        """Rough peak bytes of activations for one sampler step (what a memory manager should keep
+        free beside the weights): per token the qkv, attention output, MLP hidden and residuals."""
+        space, p = self.config.latent, self.config.dit
+        lh, lw = space.latent_size(height, width)
+        tokens = cond_tokens + math.ceil(lh / p.patch_size) * math.ceil(lw / p.patch_size)
+        per_token = p.hidden_size * (3 + 1 + p.mlp_ratio + 2) * self.dtype.itemsize
+        return int(1.5 * batch * (2 if guided else 1) * tokens * per_token)  # 1.5: SDPA / allocator slack
+
+    def encode_memory_required(self, batch: int, tokens: int) -> int:
+        """Rough peak bytes of activations of encode(): LAP attends over L layers for every token."""
+        L, D = self.config.num_layers, self.config.encoder.hidden_size
+        return int(1.5 * batch * tokens * L * D * (4 + (3 + 1 + self.config.lap.mlp_ratio + 2) * self.dtype.itemsize))
+
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts per part and in total (works on the meta device)."""
         counts = {n: sum(p.numel() for p in m.parameters()) for n, m in self.named_children()}

@@ -267,6 +267,16 @@ class VLMEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def memory_required(self, tokens: int) -> int:
+        """Rough peak bytes of one encode beyond the weights: KV cache and activations per token."""
+        bytes_ = self.model.dtype.itemsize
+        return int(tokens * self.hidden_size * bytes_ * (2 * self.num_layers + 24))
+
+    def estimate_tokens(self, prompt: str, system_prompt: str, tiled: list[TiledImage], max_new_tokens: int) -> int:
+        """An upper estimate of the sequence length, before tokenizing (about 3 characters a token)."""
+        image_tokens = sum(t.num_tiles * getattr(self.adapter, "tokens_per_tile", 0) for t in tiled)
+        return image_tokens + (len(prompt) + len(system_prompt)) // 3 + 64 + max_new_tokens
+
     def encoder_spec(self, layers: Sequence[int] | int | None = None, system_prompt: str | None = None) -> EncoderSpec:
         """This encoder's identity with a layer selection, for a UniFusion checkpoint."""
         return EncoderSpec(
