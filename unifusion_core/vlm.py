@@ -254,6 +254,7 @@ class VLMEncoder:
     def __init__(self, model, tokenizer, adapter, name: str, chat_template: str | None = None):
         self.model, self.tokenizer, self.adapter, self.name = model, tokenizer, adapter, name
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)  # asked for once
         text_cfg = model.config.get_text_config()
         self.hidden_size = text_cfg.hidden_size
         self.num_layers = text_cfg.num_hidden_layers
@@ -348,8 +349,7 @@ class VLMEncoder:
                 fed = torch.zeros(0, dtype=torch.long)
         hidden = capture.result()  # (keep.sum() + len(fed), L, D)
 
-        special = set(self.tokenizer.all_special_ids)
-        rewrite_keep = torch.tensor([int(t) not in special for t in fed], dtype=torch.bool)
+        rewrite_keep = ~torch.isin(fed, self.special_ids)
         cond = torch.cat([keep, rewrite_keep])  # over sequence_ids
         sequence_ids = torch.cat([p.ids, fed])
         hidden = hidden[torch.cat([torch.ones(int(keep.sum()), dtype=torch.bool), rewrite_keep])]
@@ -430,15 +430,15 @@ class VLMEncoder:
             shift, at = 0, len(parts[0])  # expansions before the user's text move it right
             expanded = parts[0]
             for t, part in zip(tiled, parts[1:]):
+                image = a.expand(t)
                 if at < user_span[0]:
-                    shift += len(a.expand(t)) - len(a.placeholder())
-                expanded += a.expand(t) + part
+                    shift += len(image) - len(a.placeholder())
+                expanded += image + part
                 at += len(a.placeholder()) + len(part)
             text, user_span = expanded, (user_span[0] + shift, user_span[1] + shift)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, return_tensors="pt")
         ids, offsets = enc["input_ids"][0], enc["offset_mapping"][0]
-        special = torch.tensor([i in set(tok.all_special_ids) for i in ids.tolist()], dtype=torch.bool)
-        user_text = (offsets[:, 1] > user_span[0]) & (offsets[:, 0] < user_span[1]) & ~special
+        user_text = (offsets[:, 1] > user_span[0]) & (offsets[:, 0] < user_span[1]) & ~torch.isin(ids, self.special_ids)
         image_index = torch.full_like(ids, -1)
         inputs = {}
         if tiled:
