@@ -33,7 +33,7 @@ class UniFusionModelLoad:
         return {
             "required": {
                 "model_name": (host.list_models(), {"tooltip": "UniFusion checkpoints found in models/unifusion and models/diffusion_models."}),
-                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How the weights are stored in memory. default: the compute dtype (bf16 on GPUs, fp32 on CPUs); fp8 halves the memory of bf16 and computes in bf16."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How the weights are stored in memory. default: the dtype ComfyUI picks for diffusion models (bf16 on most GPUs, fp32 on CPUs); fp8 halves the memory of bf16 and computes in that dtype."}),
             }
         }
 
