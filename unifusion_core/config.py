@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .latents import LatentSpace, get_latent_space
@@ -137,8 +138,27 @@ class SamplingParams:
     max_tokens: int = 4096
     steps: int = 28
     cfg: float = 4.0
+    # A fixed shift for this checkpoint (training and sampling use it at every size), or None
+    # for the rule above, clamped to shift_range (see flow.resolution_shift).
+    shift: float | None = None
+    shift_range: tuple[float, float] = (0.5, 10.0)
+    # The (width, height) the model was trained at, when it has one (the default for generate).
+    size: tuple[int, int] | None = None
+    # Whether the model was trained on VERIFI rewrites (features of the rewritten prompt) or on
+    # the user's own prompt tokens; generate() encodes the same way by default.
+    rewrite: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shift_range", tuple(float(v) for v in self.shift_range))
+        if self.size is not None:
+            object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        lo, hi = self.shift_range
+        if not 0 < lo <= hi or not math.isfinite(hi):
+            raise ValueError(f"sampling: shift_range must be 0 < low <= high < inf, got {list(self.shift_range)}")
+        if self.shift is not None and not (0 < self.shift < math.inf):
+            raise ValueError(f"sampling: shift must be a finite number > 0 or None, got {self.shift}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ValueError(f"sampling: size must be (width, height) >= 1, got {self.size}")
         if not 0 < self.base_tokens < self.max_tokens:
             raise ValueError(
                 f"sampling: need 0 < base_tokens < max_tokens, got {self.base_tokens} and {self.max_tokens}"

@@ -8,6 +8,7 @@ import torch
 from einops import rearrange
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import TransformerBlock, init_linears
 
@@ -43,6 +44,7 @@ class LayerwiseAttentionPooling(nn.Module):
         )
         # The FC pools L layers into one feature: (L * D) -> D.
         self.pool = operations.Linear(num_layers * hidden_size, hidden_size, bias=True, **kw)
+        self.gradient_checkpointing = False
 
     def initialize_weights(self) -> None:
         init_linears(self)
@@ -64,7 +66,7 @@ class LayerwiseAttentionPooling(nn.Module):
         x = F.rms_norm(x, (D,), self.input_norm.to(dev, torch.float32), eps=1e-6)
         x = x.to(dtype) + self.layer_embed.to(dev)  # (B*T, L, D)
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing and torch.is_grad_enabled() else block(x)
         if layer_drop:
             # Fig. 12: drop layers by zeroing their contribution to the pooling FC.
             keep = torch.ones(L, 1, device=x.device, dtype=x.dtype)

@@ -17,7 +17,7 @@ from .features import Features
 from .lap import LayerwiseAttentionPooling
 from .presets import get_preset
 from .refiner import Refiner
-from .sampling import Callback, get_sampler, get_schedule, make_noise, resolution_shift
+from .sampling import Callback, denoise, make_noise, resolution_shift
 
 log = logging.getLogger(__name__)
 
@@ -222,14 +222,17 @@ class UniFusionModel(nn.Module):
         next_cond: Conditioning | None = None,
         switch_at: float = 0.2,
         device: torch.device | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Generate latents; returns raw VAE latents (B, C, height/downscale, width/downscale), float32.
 
-        cfg guides against `negative`, or the learned null conditioning when none is given;
-        cfg == 1 runs no unconditional pass. batch_size defaults to cond's batch. With `next_cond`, `cond` conditions the first
-        `switch_at` fraction of the steps and `next_cond` the rest (Sec. 5.2). shift=None picks
-        the resolution-dependent shift. callback(step, total, x, x0) runs after each step, in
-        model space. device: where to compute (default: where the parameters are).
+        A thin convenience over sampling.denoise: cfg guides against `negative`, or the learned
+        null conditioning when none is given; cfg == 1 runs no unconditional pass. batch_size
+        defaults to cond's batch. With `next_cond`, `cond` conditions the first `switch_at`
+        fraction of the steps and `next_cond` the rest (Sec. 5.2). shift=None picks the
+        checkpoint's shift for this size. callback(step, total, x, x0) runs after each step, in
+        model space. noise: the starting noise on the patch-padded latent grid (default: drawn
+        from `seed`). device: where to compute (default: where the parameters are).
         """
         device = device or self.device
         steps = self.config.sampling.steps if steps is None else int(steps)
@@ -237,9 +240,6 @@ class UniFusionModel(nn.Module):
         batch_size = cond.batch_size if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= switch_at <= 1.0:
-            raise ValueError(f"switch_at must be in [0, 1], got {switch_at}")
-        step_fn = get_sampler(sampler)
         space, p = self.config.latent, self.config.dit.patch_size
         lh, lw = space.latent_size(height, width)
         if (lh * space.downscale, lw * space.downscale) != (height, width):
@@ -251,28 +251,16 @@ class UniFusionModel(nn.Module):
         H, W = math.ceil(lh / p) * p, math.ceil(lw / p) * p
         if shift is None:
             shift = resolution_shift((H // p) * (W // p), self.config.sampling)
-        ts = get_schedule(steps, shift)
+        shape = (batch_size, space.channels, H, W)
+        if noise is None:
+            noise = make_noise(shape, seed, device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {shape} (batch, channels, latent grid padded to whole patches), got {tuple(noise.shape)}")
+        uncond = negative if negative is not None else self.null_conditioning(device=device)
 
-        B, guided = batch_size, cfg != 1
-        uncond = (negative if negative is not None else self.null_conditioning(device=device)).to(device).expand(B)
-        schedule = [c.to(device) for c in ([cond] if next_cond is None else [cond, next_cond])]
-        # Guided conditioning is batched once here, not at every step: [cond ; uncond].
-        batched = [Conditioning.cat([c.expand(B), uncond]) if guided else c.expand(B) for c in schedule]
-        switch_step = steps
-        if next_cond is not None:
-            switch_step = int(switch_at * steps + 0.5)  # round half up
-            if switch_step in (0, steps) and 0 < switch_at < 1:
-                log.warning("switch_at=%g of %d steps rounds to %d steps on the first conditioning", switch_at, steps, switch_step)
+        def model_fn(x: Tensor, t: Tensor, c: Conditioning) -> Tensor:
+            return self.dit(x.to(self.dtype), t, c.tokens, c.mask)
 
-        def velocity(x: Tensor, t: float, i: int) -> Tensor:
-            c = batched[0] if i < switch_step else batched[-1]
-            xin = torch.cat([x, x]) if guided else x
-            v = self.dit(xin.to(self.dtype), torch.full((c.batch_size,), t, device=x.device), c.tokens, c.mask).float()
-            if not guided:
-                return v
-            v_cond, v_uncond = v.chunk(2)
-            return v_uncond + cfg * (v_cond - v_uncond)
-
-        x = make_noise((B, space.channels, H, W), seed, device)
-        x = step_fn(velocity, x, ts, callback)
+        x = denoise(model_fn, cond, noise.to(device, torch.float32), steps, cfg, shift, sampler, uncond, callback,
+                    next_cond, switch_at)
         return space.to_raw(x[:, :, :lh, :lw]).float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import TransformerBlock, init_linears, rope_angles
 
@@ -34,6 +35,7 @@ class Refiner(nn.Module):
         # transformers end with one); the paper does not say.
         self.norm = operations.RMSNorm(hidden_size, eps=1e-6, **kw)
         self.proj = operations.Linear(hidden_size, out_size, bias=True, **kw)
+        self.gradient_checkpointing = False
 
     def initialize_weights(self) -> None:
         init_linears(self)
@@ -46,5 +48,8 @@ class Refiner(nn.Module):
         pos = torch.arange(T, device=x.device)[None, :, None].expand(B, T, 1)
         rope = rope_angles(pos, [self.head_dim], self.rope_theta)
         for block in self.blocks:
-            x = block(x, mask, rope)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, rope, use_reentrant=False)
+            else:
+                x = block(x, mask, rope)
         return self.proj(self.norm(x))

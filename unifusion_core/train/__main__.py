@@ -1,0 +1,143 @@
+"""Train a UniFusion model: python -m unifusion_core.train --out RUN_DIR [--data scenes|PATH] [...]
+
+Every flag can also come from a JSON file (--config run.json, keys = flag names with
+underscores); flags given on the command line win. The run directory gets the training states
+(checkpoints/), metrics.jsonl, validation grids, run.json (the exact settings) and, at the end,
+model.safetensors (EMA weights, loadable by the nodes). Re-running the same command with
+--resume continues where the newest state left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import UniFusionConfig, every_nth_layer
+from ..latents import get_latent_space
+from ..presets import get_preset
+from .loop import TrainConfig, Trainer, build_model
+
+log = logging.getLogger("unifusion_core.train")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m unifusion_core.train", description=__doc__.splitlines()[0])
+    a = ap.add_argument
+    a("--config", type=Path, help="JSON file with any of these settings")
+    a("--out", help="run directory (states, metrics, grids, the exported model)")
+    # data
+    a("--data", default="scenes", help="'scenes' (the synthetic benchmark scenes), an image folder with .txt captions, a .jsonl/.parquet manifest, or a tar-shard glob")
+    a("--resolution", type=int, default=64, help="training image size (square)")
+    a("--mix", default="t2i=0.85,reconstruction=0.05,edit=0.10", help="task ratios (paper Sec. 2.2); tasks without data are dropped")
+    # encoder
+    a("--vlm", help="the frozen VLM: a Hugging Face folder or .gguf (default: the embedded SmolLM2-135M-Instruct GGUF)")
+    a("--rewrite", action=argparse.BooleanOptionalAction, default=False, help="VERIFI: train on features of the VLM's rewrite (produced once, offline)")
+    a("--layers", default="3", help="VLM layers for LAP: a stride (3 = every third, Sec. 3.1), 'last', or a comma list")
+    a("--features", type=Path, help="precomputed features file (safetensors: '0','1',... with metadata 'prompts')")
+    a("--feature-cache", type=Path, help="opt-in on-disk feature cache directory (fp16 safetensors shards, keyed by id)")
+    a("--vae", help="VAE folder/file for flux/sd3/sdxl latent spaces (not needed for 'pixel')")
+    # model
+    a("--preset", default="tiny", help="base preset (tiny, small, paper-5b); the flags below override it")
+    a("--latent", default="pixel")
+    a("--dit-width", type=int)
+    a("--dit-depth", type=int)
+    a("--dit-heads", type=int)
+    a("--patch", type=int)
+    a("--mlp-ratio", type=float)
+    a("--lap-heads", type=int)
+    a("--lap-depth", type=int)
+    a("--refiner-heads", type=int)
+    a("--refiner-depth", type=int, help="0 = no refiner blocks (the Fig. 21 ablation)")
+    a("--shift", type=float, help="fixed timestep shift of this checkpoint, used in training and sampling")
+    a("--sample-steps", type=int, default=20)
+    a("--sample-cfg", type=float, default=3.0)
+    a("--init-from", help="handoff (Sec. 3.4): start from this .safetensors checkpoint's weights")
+    a("--reinit", default="", help="with --init-from: parts to start fresh, e.g. 'lap,refiner'")
+    # loop
+    for f in TrainConfig.__dataclass_fields__.values():
+        if f.name in ("out", "betas"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            a(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            a(flag, type=typ, default=None)
+    a("--resume", nargs="?", const="auto", help="continue the run: 'auto' (newest state in --out) or a state file")
+    a("--threads", type=int, help="CPU threads for torch")
+    a("--val-prompts", type=int, default=32, help="scenes: prompts per split scored at each validation")
+    return ap
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.config:
+        try:
+            file = json.loads(args.config.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--config {args.config}: cannot read it as JSON ({e})")
+        given = {a.dest for a in ap._actions if any(s in (argv or sys.argv[1:]) for s in a.option_strings)}
+        unknown = sorted(set(file) - set(vars(args)))
+        if unknown:
+            raise SystemExit(f"--config {args.config}: unknown settings {unknown}")
+        for k, v in file.items():
+            if k not in given:
+                setattr(args, k, v)
+    if not args.out:
+        raise SystemExit("--out RUN_DIR is required")
+    return args
+
+
+def model_config(args, spec) -> UniFusionConfig:
+    """The preset with the encoder and the flags applied."""
+    dit = {k: v for k, v in {"hidden_size": args.dit_width, "depth": args.dit_depth, "heads": args.dit_heads,
+                             "patch_size": args.patch, "mlp_ratio": args.mlp_ratio}.items() if v is not None}
+    lap = {k: v for k, v in {"heads": args.lap_heads, "depth": args.lap_depth}.items() if v is not None}
+    ref = {k: v for k, v in {"heads": args.refiner_heads, "depth": args.refiner_depth}.items() if v is not None}
+    base = get_preset(args.preset)
+    if dit.get("hidden_size") and dit.get("heads") and "axes_dim" not in dit:
+        dit["axes_dim"] = None  # recompute the rotary split for the new head size
+    sampling = {"steps": args.sample_steps, "cfg": args.sample_cfg, "shift": args.shift, "rewrite": bool(args.rewrite),
+                "size": (args.resolution, args.resolution)}
+    return base.replace(encoder=spec, latent=get_latent_space(args.latent), dit=dit, lap=lap, refiner=ref, sampling=sampling)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .setup import make_data, make_features, make_validation
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_cfg = TrainConfig(out=str(out), **{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
+                                             if k not in ("out", "betas") and getattr(args, k, None) is not None})
+    encoder, spec = make_features(args)
+    config = model_config(args, spec)
+    mixture, sources = make_data(args, train_cfg.seed)
+    model = build_model(config, args.init_from, tuple(p for p in args.reinit.split(",") if p))
+    n = model.num_parameters()
+    log.info("model: %s parameters (LAP %s, refiner %s, DiT %s)", n["total"], n["lap"], n["refiner"], n["dit"])
+    (out / "run.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, indent=2))
+    trainer = Trainer(train_cfg, model, mixture, sources, encoder, make_validation(args, encoder),
+                      describe={"argv": argv if argv is not None else sys.argv[1:]})
+    if args.resume:
+        if not trainer.resume(None if args.resume == "auto" else Path(args.resume)) and args.resume != "auto":
+            raise SystemExit(f"no training state at {args.resume}")
+    elif any(out.glob("checkpoints/state-*.safetensors")):
+        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    summary = trainer.run()
+    summary["parameters"] = n
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

