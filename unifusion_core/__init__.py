@@ -1,5 +1,6 @@
 """UniFusion core: LAP, refiner, DiT and rectified-flow sampling, independent of ComfyUI."""
 
+from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model, read_config, save_model
 from .config import (
     DiTParams,
@@ -40,6 +41,8 @@ __all__ = [
     "UniFusionDiT",
     "UniFusionModel",
     "VLMEncoder",
+    "bundled_model",
+    "bundled_vlm",
     "every_nth_layer",
     "get_latent_space",
     "get_preset",

@@ -9,7 +9,9 @@ generation, layer capture) is shared.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -41,6 +43,8 @@ END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 # Sampling settings when a seed is given (greedy otherwise).
 TEMPERATURE, TOP_P = 0.7, 0.9
+# KV caches of shared chat-template prefixes kept per encoder (one per system prompt in practice).
+PREFIX_MEMO_SIZE = 4
 
 
 # --- family adapters ----------------------------------------------------------------------------
@@ -248,6 +252,14 @@ class _Prompt:
     inputs: dict  # pixel_values etc.
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """A VERIFI rewrite made once, offline: the generated tokens fed back into the model, and their text."""
+
+    ids: tuple[int, ...]  # what encode(prompt, rewrite=True) feeds back (the stop token is never fed)
+    text: str  # the rewrite's non-special tokens, decoded and stripped (= Features.text)
+
+
 class VLMEncoder:
     """A frozen VLM that turns a prompt and reference images into Features for LAP."""
 
@@ -263,6 +275,8 @@ class VLMEncoder:
         vocab = tokenizer.get_vocab()
         eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
         self.stop_ids = sorted(i for i in eos | {vocab[t] for t in END_OF_TURN if t in vocab} if i is not None)
+        # (system prompt, prefix ids) -> ((device, dtype), the prefix's KV cache); see encode_batch
+        self.prefix_memo: dict[tuple[str, tuple[int, ...]], tuple[tuple, object]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -372,6 +386,237 @@ class VLMEncoder:
             is_image=image_index >= 0,
             image_index=image_index,
         )
+
+    # --- many text prompts at once (training) ---------------------------------------------------
+
+    @torch.no_grad()
+    def encode_batch(
+        self,
+        prompts: list[str],
+        rewrite: bool = False,
+        system_prompt: str | None = None,
+        layers: Sequence[int] | int | None = None,
+        batch_size: int = 32,
+        rewrites: Sequence[Rewrite | Sequence[int]] | None = None,
+        max_new_tokens: int = 256,
+    ) -> list[Features]:
+        """Features of many text-only prompts, in input order, equal to `encode` one prompt at a time.
+
+        rewrite=False: as encode(p, rewrite=False). rewrite=True (teacher-forced VERIFI): one plain
+        forward over [template + prompt + generation prompt + rewrite ids] gives the features that
+        encode(p, rewrite=True) captures while generating those ids. `rewrites` come from
+        rewrite_batch (or are token ids); without them they are made here, greedily, up to
+        max_new_tokens. The chat-template prefix shared by all prompts runs once (memoized across
+        calls in prefix_memo); every batch of suffixes, sorted by length, reuses its KV cache.
+        """
+        texts = self._check_texts(prompts, "encode_batch")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        chosen = self.select_layers(layers)
+        system = VERIFI_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        if not rewrite and rewrites is not None:
+            raise ValueError("rewrites were given with rewrite=False; pass rewrite=True to encode the rewrites")
+        if rewrite and rewrites is None:
+            rewrites = self.rewrite_batch(texts, system, max_new_tokens, batch_size=batch_size)
+        if rewrite and len(rewrites) != len(texts):
+            raise ValueError(f"{len(rewrites)} rewrites for {len(texts)} prompts: give one rewrite per prompt")
+        fed = [_rewrite_ids(r) for r in rewrites] if rewrite else [torch.zeros(0, dtype=torch.long)] * len(texts)
+        keep_fed = [~torch.isin(f, self.special_ids) for f in fed]  # rewrite tokens that condition
+        for i, k in enumerate(keep_fed):
+            if rewrite and not bool(k.any()):
+                raise ValueError(
+                    f"rewrite {i} is empty (no text tokens) for prompt {texts[i]!r}; make it again or use rewrite=False"
+                )
+        prepared = [self._prepare(t, [], system, generation_prompt=rewrite) for t in texts]
+        for i, (p, f) in enumerate(zip(prepared, fed)):
+            what = f"prompt {i} and its {len(f)} rewrite tokens take"
+            self._check_context(len(p.ids) + len(f), what, "fewer rewrite tokens")
+
+        P = self._shared_prefix(prepared)
+        prefix = self._prefix_cache(prepared[0].ids[:P], system)
+        # Per prompt: the tokens after the prefix and which of them condition.
+        suffixes = [torch.cat([p.ids[P:], f]) for p, f in zip(prepared, fed)]
+        keep_prompt = [torch.zeros_like(p.user_text) if rewrite else p.user_text for p in prepared]
+        keeps = [torch.cat([k[P:], kf]) for k, kf in zip(keep_prompt, keep_fed)]
+        hidden: list[Tensor | None] = [None] * len(texts)
+        for batch in _length_batches(suffixes, batch_size):
+            states = self._forward_suffixes(prefix, P, [suffixes[i] for i in batch], [keeps[i] for i in batch], chosen)
+            for i, h in zip(batch, states):
+                hidden[i] = h.cpu()  # (T_i, L, D)
+
+        out = []
+        spec = self.encoder_spec(chosen, system)
+        for i, (t, p, f) in enumerate(zip(texts, prepared, fed)):
+            cond = torch.cat([keep_prompt[i], keep_fed[i]])  # over sequence_ids
+            text = self.tokenizer.decode(f[keep_fed[i]], skip_special_tokens=True).strip() if rewrite else t
+            image_index = torch.full((len(p.ids) + len(f),), -1, dtype=p.image_index.dtype)[cond]
+            out.append(Features(
+                hidden=hidden[i], layers=chosen, encoder=spec, text=text,
+                sequence_ids=torch.cat([p.ids, f]).tolist(), positions=cond.nonzero().flatten(),
+                is_image=image_index >= 0, image_index=image_index,
+            ))
+        return out
+
+    @torch.no_grad()
+    def rewrite_batch(
+        self,
+        prompts: list[str],
+        system_prompt: str | None = None,
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+        batch_size: int = 32,
+    ) -> list[Rewrite]:
+        """VERIFI rewrites of many text-only prompts, made once for teacher-forced encode_batch.
+
+        seed=None: batched greedy decoding over the shared prefix cache, the same tokens as
+        encode(p, rewrite=True) up to floating-point ties. A seed samples one prompt at a time
+        through encode's own generate call, so each rewrite is exactly encode(p, seed=seed)'s.
+        """
+        texts = self._check_texts(prompts, "rewrite_batch")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+        system = VERIFI_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        prepared = [self._prepare(t, [], system, generation_prompt=True) for t in texts]
+        for i, p in enumerate(prepared):
+            self._check_context(len(p.ids) + max_new_tokens + 1, f"prompt {i} (+ {max_new_tokens + 1} for the rewrite) takes",
+                                "fewer max_new_tokens")
+        if seed is not None:
+            fed = [self._generate(p.ids[None].to(self.device), {}, max_new_tokens, seed, None) for p in prepared]
+        else:
+            P = self._shared_prefix(prepared)
+            prefix = self._prefix_cache(prepared[0].ids[:P], system)
+            suffixes = [p.ids[P:] for p in prepared]
+            fed = [None] * len(texts)
+            # Left padding shifts what a sliding window covers (it counts cache slots, pads included):
+            # such models (Gemma 3) batch only prompts of equal length.
+            sliding = any(getattr(layer, "is_sliding", False) for layer in getattr(prefix, "layers", []))
+            for batch in _length_batches(suffixes, batch_size, same_length=sliding):
+                for i, f in zip(batch, self._greedy(prefix, P, [suffixes[i] for i in batch], max_new_tokens)):
+                    fed[i] = f
+        text = lambda f: self.tokenizer.decode(f[~torch.isin(f, self.special_ids)], skip_special_tokens=True)  # noqa: E731
+        return [Rewrite(tuple(f.tolist()), text(f).strip()) for f in fed]
+
+    def clear_prefix_memo(self) -> None:
+        """Forget the memoized KV caches of shared chat-template prefixes."""
+        self.prefix_memo.clear()
+
+    def _check_texts(self, prompts, caller: str) -> list[str]:
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ValueError(f"{caller} takes a list of prompts, got {type(prompts).__name__}; wrap one prompt in a list")
+        for i, t in enumerate(prompts):
+            if not isinstance(t, str):
+                raise ValueError(
+                    f"{caller} takes text-only prompts (str), but item {i} is a {type(t).__name__}; encode a prompt "
+                    "with reference images one at a time with VLMEncoder.encode(prompt, images)"
+                )
+            if not t.strip():
+                raise ValueError(f"{caller}: prompt {i} is empty; give every prompt some text")
+        return list(prompts)
+
+    def _check_context(self, tokens: int, what: str, fix: str) -> None:
+        if self.context_length and tokens > self.context_length:
+            raise ValueError(
+                f"{what} {tokens} tokens, beyond {self.name}'s context window of {self.context_length} tokens; "
+                f"use a shorter prompt or {fix}"
+            )
+
+    def _shared_prefix(self, prepared: list[_Prompt]) -> int:
+        """How many leading tokens every templated prompt shares, ending before any user text.
+
+        Compared as token ids of each whole templated prompt, so a BPE merge across the boundary
+        between template and user text simply ends the shared prefix earlier.
+        """
+        cap = min(min(len(p.ids) - 1, int(p.user_text.nonzero()[0, 0]) if p.user_text.any() else len(p.ids) - 1)
+                  for p in prepared)
+        first = prepared[0].ids[:cap]
+        same = torch.stack([p.ids[:cap] == first for p in prepared]).all(0)  # (cap,)
+        return int(same.long().cumprod(0).sum())
+
+    def _prefix_cache(self, ids: Tensor, system: str):
+        """The KV cache of a shared prefix (batch 1), computed once per (system prompt, prefix ids)."""
+        from transformers import DynamicCache
+
+        key, where = (system, tuple(ids.tolist())), (self.device, self.model.dtype)
+        hit = self.prefix_memo.pop(key, None)
+        if hit is None or hit[0] != where:  # (ComfyUI may have moved the model since)
+            cache = DynamicCache(config=self.model.config)
+            if len(ids):
+                lm = self.model.model
+                lm(input_ids=ids[None].to(self.device), use_cache=True, **{_cache_kwarg(lm): cache})  # (1, P)
+            hit = (where, cache)
+        while len(self.prefix_memo) >= PREFIX_MEMO_SIZE:  # least recently used out
+            self.prefix_memo.pop(next(iter(self.prefix_memo)))
+        self.prefix_memo[key] = hit
+        return hit[1]
+
+    @staticmethod
+    def _batch_cache(prefix, B: int):
+        """A copy of the prefix cache for a batch of B rows (the memoized one is never written)."""
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(B)
+        return cache
+
+    def _forward_suffixes(self, prefix, P: int, seqs: list[Tensor], keeps: list[Tensor], chosen) -> list[Tensor]:
+        """One forward of right-padded suffixes after the cached prefix; the `keeps` positions' states per row."""
+        B, T = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, T), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros(B, P + T, dtype=torch.long)  # over [prefix ; suffix]
+        keep = torch.zeros(B, T, dtype=torch.bool)
+        mask[:, :P] = 1
+        for r, (s, k) in enumerate(zip(seqs, keeps)):
+            ids[r, : len(s)], mask[r, P : P + len(s)], keep[r, : len(s)] = s, 1, k
+        positions = (P + torch.arange(T)).expand(B, T)  # continuing after the prefix
+        dev = self.device
+        with _BatchCapture(self.adapter.decoder_layers(), chosen, keep) as capture:
+            self.model.model(
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=True,
+                **{_cache_kwarg(self.model.model): self._batch_cache(prefix, B)},
+            )
+        return capture.result()
+
+    def _greedy(self, prefix, P: int, seqs: list[Tensor], max_new_tokens: int) -> list[Tensor]:
+        """Greedy decoding of left-padded suffixes after the cached prefix: the tokens fed back, per row.
+
+        As _generate: generation ends at a stop token (never fed) or after max_new_tokens fed tokens.
+        """
+        B, T = len(seqs), max(len(s) for s in seqs)
+        dev, stop = self.device, torch.tensor(self.stop_ids, device=self.device)
+        ids = torch.full((B, T), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros(B, P + T, dtype=torch.long)  # over [prefix ; pads ; suffix]
+        positions = torch.full((B, T), P, dtype=torch.long)  # pads: any position, they are masked
+        mask[:, :P] = 1
+        for r, s in enumerate(seqs):
+            ids[r, T - len(s) :], mask[r, P + T - len(s) :] = s, 1
+            positions[r, T - len(s) :] = P + torch.arange(len(s))
+        cache, kw = self._batch_cache(prefix, B), _cache_kwarg(self.model)
+        last_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        logits_kw = {"logits_to_keep": 1} if last_only else {}
+        step_ids, step_pos, mask = ids.to(dev), positions.to(dev), mask.to(dev)
+        rows = list(range(B))  # the input rows still generating, in cache order
+        fed: list[list[int]] = [[] for _ in range(B)]
+        while True:
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                             **{kw: cache}, **logits_kw)
+            nxt = out.logits[:, -1].float().argmax(-1)  # (b,) as generate: fp32 logits, first maximum
+            stopped = torch.isin(nxt, stop).tolist()
+            for r, s, t in zip(rows, stopped, nxt.tolist()):
+                if not s:
+                    fed[r].append(t)
+            done = [s or len(fed[r]) >= max_new_tokens for r, s in zip(rows, stopped)]
+            if all(done):
+                break
+            if any(done):  # drop finished rows from the batch
+                alive = torch.tensor([j for j, d in enumerate(done) if not d], device=dev)
+                cache.batch_select_indices(alive)
+                rows = [r for r, d in zip(rows, done) if not d]
+                nxt, mask, step_pos = nxt[alive], mask[alive], step_pos[alive]
+            step_ids = nxt[:, None]  # (b, 1)
+            step_pos = step_pos[:, -1:] + 1  # (b, 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (b, P + T + k)
+        return [torch.tensor(f, dtype=torch.long) for f in fed]
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     def tile(self, images, max_tiles: int = 10, thumbnail: bool = True) -> list[TiledImage]:
         """Tile reference images at this model's tile size (TiledImages pass through)."""
@@ -508,6 +753,27 @@ def _as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _cache_kwarg(module: nn.Module) -> str:
+    """The name a model's forward takes its KV cache by ('cache' from transformers 5.2x, else 'past_key_values')."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _rewrite_ids(r: Rewrite | Sequence[int] | Tensor) -> Tensor:
+    ids = torch.as_tensor(r.ids if isinstance(r, Rewrite) else r, dtype=torch.long)
+    if ids.ndim != 1:
+        raise ValueError(f"a rewrite is a Rewrite or a flat list of token ids, got a tensor of shape {tuple(ids.shape)}")
+    return ids
+
+
+def _length_batches(seqs: list[Tensor], batch_size: int, same_length: bool = False) -> list[list[int]]:
+    """Indices of seqs in batches of similar (or, same_length, equal) lengths, longest first, to limit padding."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    groups = [order]
+    if same_length:
+        groups = [[i for i in order if len(seqs[i]) == n] for n in dict.fromkeys(len(seqs[i]) for i in order)]
+    return [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+
+
 class _LayerCapture:
     """Forward hooks that keep the residual stream after the selected blocks (before the final norm).
 
@@ -547,3 +813,16 @@ class _LayerCapture:
 
     def result(self) -> Tensor:
         return torch.stack([torch.cat(self.states[i]) for i in self.chosen], dim=1)  # (T, L, D)
+
+
+class _BatchCapture(_LayerCapture):
+    """One forward over a padded batch: keeps the `keep` positions (B, T) of every row."""
+
+    def _store(self, index: int, h: Tensor) -> None:
+        if self.states[index] or tuple(h.shape[:2]) != tuple(self.keep.shape):
+            raise RuntimeError(f"expected one forward of shape {tuple(self.keep.shape)}, got {tuple(h.shape[:2])}")
+        self.states[index].append(h[self.keep.to(h.device)])  # (N, D), row by row
+
+    def result(self) -> list[Tensor]:
+        flat = torch.stack([self.states[i][0] for i in self.chosen], dim=1)  # (N, L, D)
+        return list(flat.split(self.keep.sum(1).tolist()))  # per row (T_r, L, D)

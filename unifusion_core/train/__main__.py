@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     # data
     a("--data", default="scenes", help="'scenes' (the synthetic benchmark scenes), an image folder with .txt captions, a .jsonl/.parquet manifest, or a tar-shard glob")
     a("--resolution", type=int, default=64, help="training image size (square)")
+    a("--scene-kinds", default="single,pair", help="--data scenes: which prompt kinds to train on")
     a("--mix", default="t2i=0.85,reconstruction=0.05,edit=0.10", help="task ratios (paper Sec. 2.2); tasks without data are dropped")
     # encoder
     a("--vlm", help="the frozen VLM: a Hugging Face folder or .gguf (default: the embedded SmolLM2-135M-Instruct GGUF)")
@@ -69,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             a(flag, type=typ, default=None)
     a("--resume", nargs="?", const="auto", help="continue the run: 'auto' (newest state in --out) or a state file")
-    a("--threads", type=int, help="CPU threads for torch")
+    a("--threads", type=int, help="CPU threads for torch (1 is much faster than 2 when another process shares the cores)")
+    a("--export-only", action="store_true", help="with --resume: write model.safetensors (EMA) from the state and stop")
     a("--val-prompts", type=int, default=32, help="scenes: prompts per split scored at each validation")
     return ap
 
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     encoder, spec = make_features(args)
     config = model_config(args, spec)
     mixture, sources = make_data(args, train_cfg.seed)
+    torch.manual_seed(train_cfg.seed)  # the initial weights are part of the run
     model = build_model(config, args.init_from, tuple(p for p in args.reinit.split(",") if p))
     n = model.num_parameters()
     log.info("model: %s parameters (LAP %s, refiner %s, DiT %s)", n["total"], n["lap"], n["refiner"], n["dit"])
@@ -131,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume:
         if not trainer.resume(None if args.resume == "auto" else Path(args.resume)) and args.resume != "auto":
             raise SystemExit(f"no training state at {args.resume}")
+        if args.export_only:
+            path = trainer.export(out / "model.safetensors")
+            sys.stdout.write(json.dumps({"step": trainer.step, "export": str(path)}) + "\n")
+            return {"step": trainer.step, "export": str(path)}
     elif any(out.glob("checkpoints/state-*.safetensors")):
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
     summary = trainer.run()

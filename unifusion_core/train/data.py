@@ -83,8 +83,11 @@ class SyntheticScenes:
     rendered with a jitter drawn from (seed, i), so every index is one fixed image."""
 
     def __init__(self, split: str = "train", size: int = 64, seed: int = 0, kinds: tuple[str, ...] = ("single", "pair"),
-                 length: int = 1_000_000):
-        self.scenes = [s for s in sc.scenes(split) if s.kind in kinds]
+                 length: int = 1_000_000, prompts: list[str] | None = None):
+        if prompts is not None:  # a fixed list of prompts of the grammar (e.g. to overfit a few)
+            self.scenes = [sc.parse_prompt(p) for p in prompts]
+        else:
+            self.scenes = [s for s in sc.scenes(split) if s.kind in kinds]
         if not self.scenes:
             raise ValueError(f"no synthetic scenes of split {split!r} and kinds {kinds}")
         self.size, self.seed, self.length = size, seed, length

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ from .data import BadSample, Sample
 from .state import list_states, load_state, prune_states, save_state, state_path
 
 log = logging.getLogger(__name__)
+# Test hook: the step at which the process kills itself (after backward, before the update).
+_KILL_AT = int(os.environ["UNIFUSION_TRAIN_SIGKILL_AT"]) if os.environ.get("UNIFUSION_TRAIN_SIGKILL_AT") else None
 
 
 @dataclass
@@ -182,7 +186,7 @@ class Trainer:
                 return False
             path = states[-1][1]
         meta = load_state(path, self.model, self.ema, self.optimizer)
-        if meta["model"] != self.model.config.to_dict():
+        if UniFusionConfig.from_dict(meta["model"]) != self.model.config:
             raise ValueError(f"{path} was made with another model configuration; resume with the same settings")
         self.step, self.bad, self.drawn = meta["step"], meta["bad"], meta["drawn"]
         self.mixture.load_state_dict(meta["mixture"])
@@ -244,6 +248,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if _KILL_AT is not None and self.step == _KILL_AT:  # tests: die mid-step, as a SIGKILL would
+            os.kill(os.getpid(), signal.SIGKILL)
         self.optimizer.step()
         self._update_ema()
         self.step += 1

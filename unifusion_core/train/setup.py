@@ -26,7 +26,8 @@ def parse_mix(text: str) -> dict[str, float]:
 def make_data(args, seed: int):
     """The task mixture and its sources."""
     if args.data == "scenes":
-        sources = {"t2i": SyntheticScenes("train", args.resolution, seed)}
+        kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
+        sources = {"t2i": SyntheticScenes("train", args.resolution, seed, kinds=kinds)}
         return TaskMixture(sources, {"t2i": 1.0}, seed), sources
     from .data import load_sources
 
@@ -149,28 +150,20 @@ def make_validation(args, features: PromptFeatures):
 
     rng = np.random.default_rng(1234)
     chosen = []
+    kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
     for split in ("train", "heldout"):
-        pool = sc.scenes(split)
+        pool = [s for s in sc.scenes(split) if s.kind in kinds]
         chosen += [pool[i] for i in sorted(rng.choice(len(pool), min(args.val_prompts, len(pool)), replace=False))]
 
     def validate(model, step: int, out: Path) -> dict:
         from ..eval import run_benchmark, write_grid
-        from ..generate import sample_features, to_rgb
+        from ..eval.model_gen import model_generate_fn
 
-        samples = [Sample(id=s.prompt, task="t2i", prompt=s.prompt, cond_id=s.prompt) for s in chosen]
-        feats = features(samples)
-        by_prompt = dict(zip([s.prompt for s in chosen], feats))
-
-        def gen(scenes_, seed):
-            imgs = []
-            for i in range(0, len(scenes_), 32):
-                part = scenes_[i : i + 32]
-                imgs += to_rgb(sample_features(model, [by_prompt[s.prompt] for s in part], [seed] * len(part)))
-            return imgs
-
+        feats = features([Sample(id=s.prompt, task="t2i", prompt=s.prompt, cond_id=s.prompt) for s in chosen])
+        gen = model_generate_fn(model, dict(zip([s.prompt for s in chosen], feats)))
         report = run_benchmark(gen, chosen, seeds=(0,))
-        grid = gen(chosen[:16] + chosen[len(chosen) // 2 : len(chosen) // 2 + 16], 0)
-        write_grid(out / f"val-{step:07d}.png", grid)
-        return report
+        shown = chosen[:8] + chosen[len(chosen) // 2 : len(chosen) // 2 + 8]
+        write_grid(out / f"val-{step:07d}.png", gen(shown, 0), labels=[s.prompt for s in shown])
+        return {split: report[split]["avg"] for split in ("train", "heldout")}
 
     return validate
