@@ -83,21 +83,21 @@ class SyntheticScenes:
     rendered with a jitter drawn from (seed, i), so every index is one fixed image."""
 
     def __init__(self, split: str = "train", size: int = 64, seed: int = 0, kinds: tuple[str, ...] = ("single", "pair"),
-                 length: int = 1_000_000, prompts: list[str] | None = None):
+                 length: int = 1_000_000, prompts: list[str] | None = None, jitter: bool = True):
         if prompts is not None:  # a fixed list of prompts of the grammar (e.g. to overfit a few)
             self.scenes = [sc.parse_prompt(p) for p in prompts]
         else:
             self.scenes = [s for s in sc.scenes(split) if s.kind in kinds]
         if not self.scenes:
             raise ValueError(f"no synthetic scenes of split {split!r} and kinds {kinds}")
-        self.size, self.seed, self.length = size, seed, length
+        self.size, self.seed, self.length, self.jitter = size, seed, length, jitter
 
     def __len__(self) -> int:
         return self.length
 
     def get(self, index: int) -> Sample:
         scene = self.scenes[index % len(self.scenes)]
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, index]) if self.jitter else None
         img = sc.render(scene, self.size, rng)
         target = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0  # (3, H, W) in 0..1
         return Sample(id=f"scene-{self.seed}-{index}", task="t2i", prompt=scene.prompt, target=target,
