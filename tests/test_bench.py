@@ -1,0 +1,59 @@
+"""The benchmarks run end to end on tiny configurations and print the JSON they promise."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from unifusion_core import bench, scenes
+from unifusion_core.presets import TINY_ENCODER
+
+TINY_TRAIN = ["train", "--encoder", "tiny", "--lap-heads", "2", "--refiner-heads", "2", "--dit-width", "32",
+              "--dit-depth", "1", "--dit-heads", "2", "--patch", "4", "--resolution", "16", "--prompts-per-step", "2",
+              "--timesteps-per-prompt", "3", "--steps", "1", "--warmup", "0", "--matmul", "64"]
+
+
+def run(argv: list[str], capsys) -> dict:
+    bench.main(argv)
+    return json.loads(capsys.readouterr().out)
+
+
+def features_file(path) -> str:
+    g = torch.Generator().manual_seed(0)
+    prompts = sorted({s.prompt for s in scenes.scenes("train")})
+    tensors = {str(i): torch.randn(5, len(TINY_ENCODER.layers), TINY_ENCODER.hidden_size, generator=g).half()
+               for i in range(len(prompts))}
+    save_file(tensors, str(path), metadata={"prompts": json.dumps(prompts),
+                                            "encoder": json.dumps(dataclasses.asdict(TINY_ENCODER))})
+    return str(path)
+
+
+@pytest.mark.parametrize("features", [False, True], ids=["random-features", "features-file"])
+def test_train_benchmark_prints_both_loops(features, tmp_path, capsys):
+    extra = ["--features", features_file(tmp_path / "f.safetensors")] if features else []
+    r = run(TINY_TRAIN + extra, capsys)
+    assert r["P"] == 2 and r["K"] == 3 and r["samples_per_step"] == 6
+    assert r["mean_prompt_tokens"] == (5 if features else pytest.approx(8.19, abs=0.01))
+    assert r["params"]["total"] == sum(r["params"][k] for k in ("lap", "refiner", "dit"))
+    assert r["matmul_peak"]["gflops"] > 0 and r["matmul_dit_mlp"]["shape"].endswith("32x128 fp32")
+    a, p = r["amortised"], r["plain"]
+    assert (a["prompts_per_step"], a["timesteps_per_prompt"]) == (2, 3)
+    assert (p["prompts_per_step"], p["timesteps_per_prompt"]) == (6, 1)  # LAP + refiner for every sample
+    for loop in (a, p):
+        assert loop["step_s"] > 0 and loop["samples_per_s"] == pytest.approx(6 / loop["step_s"], rel=0.1)
+        assert loop["step_gflop"] > 0 and loop["achieved_gflops"] > 0
+        assert 0 < loop["lap_refiner_flop_share"] < 1 and loop["lap_refiner_time_share"] > 0
+    assert p["lap_refiner_fwd_bwd_s"] > 0 and r["speedup"] > 0
+    assert "samples/s" in r["summary"] and "plain loop" in r["summary"]
+
+
+def test_train_benchmark_refuses_a_features_file_without_the_scene_prompts(tmp_path, capsys):
+    path = tmp_path / "f.safetensors"
+    save_file({"0": torch.zeros(2, 3, 32, dtype=torch.float16)}, str(path),
+              metadata={"prompts": json.dumps(["a cat"]), "encoder": json.dumps(dataclasses.asdict(TINY_ENCODER))})
+    with pytest.raises(SystemExit, match="no features for"):
+        bench.main(TINY_TRAIN + ["--features", str(path)])

@@ -1,0 +1,53 @@
+"""Encode every synthetic-scene prompt with the embedded SmolLM2 once, for training and evaluation.
+
+    python tools/encode_scene_prompts.py --out runs/scene_features.safetensors [--rewrite]
+
+Batched (`VLMEncoder.encode_batch`): the chat template's shared prefix (system prompt) is computed
+once and its KV cache reused. The file holds one fp16 tensor (T, L, D) per prompt, keyed "0", "1",
+... in the order of the metadata's "prompts" list, and the encoder spec ("encoder"); the trainer
+(--features) and the evaluation (--features) read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--vlm", help="default: the embedded SmolLM2-135M-Instruct GGUF")
+    ap.add_argument("--rewrite", action="store_true", help="VERIFI rewrites (greedy, generated once) instead of the prompts' own tokens")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+
+    import torch
+    from safetensors.torch import save_file
+
+    from unifusion_core import load_vlm, scenes
+    from unifusion_core.vlm import smollm2_gguf
+
+    t0 = time.perf_counter()
+    vlm = load_vlm(args.vlm or smollm2_gguf())
+    prompts = [s.prompt for s in scenes.all_scenes()]
+    t1 = time.perf_counter()
+    feats = vlm.encode_batch(prompts, rewrite=args.rewrite, batch_size=args.batch_size, max_new_tokens=64)
+    t2 = time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"prompts": json.dumps(prompts), "encoder": json.dumps(dataclasses.asdict(feats[0].encoder)),
+            "rewrite": json.dumps(args.rewrite), "texts": json.dumps([f.text for f in feats])}
+    save_file({str(i): f.hidden.to(torch.float16).contiguous() for i, f in enumerate(feats)}, str(args.out), metadata=meta)
+    print(json.dumps({"prompts": len(prompts), "load_s": round(t1 - t0, 1), "encode_s": round(t2 - t1, 1),
+                      "prompts_per_s": round(len(prompts) / (t2 - t1), 2), "out": str(args.out)}))
+
+
+if __name__ == "__main__":
+    main()
