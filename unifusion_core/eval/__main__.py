@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--split {args.split!r}: expected a comma-separated list of 'train' and 'heldout'")
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
-    model = load_model(args.model, device=args.device)
+    # weights may ship in fp16; a CPU computes in fp32
+    model = load_model(args.model, dtype=torch.float32 if args.device == "cpu" else None, device=args.device)
     check_pixel_space(model)
     scenes = [s for split in splits for s in pick_scenes(split, args.limit)]
     prompts = [s.prompt for s in scenes]

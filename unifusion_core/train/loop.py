@@ -189,6 +189,7 @@ class Trainer:
         if UniFusionConfig.from_dict(meta["model"]) != self.model.config:
             raise ValueError(f"{path} was made with another model configuration; resume with the same settings")
         self.step, self.bad, self.drawn = meta["step"], meta["bad"], meta["drawn"]
+        self.describe["train_seconds"] = meta.get("describe", {}).get("train_seconds", 0.0)
         self.mixture.load_state_dict(meta["mixture"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
@@ -306,6 +307,7 @@ class Trainer:
                     t_log += time.perf_counter() - t0
         finally:
             bar.close()
+            getattr(self.features, "close", lambda: None)()
         if self.validate is not None:
             last_val = self._validate(metrics, train_seconds)
         metrics.close()

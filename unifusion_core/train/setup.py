@@ -91,6 +91,7 @@ class PromptFeatures:
                 self.memo[cid] = self._one(s)
             return
         if self.cache is not None:
+            # build() writes one shard per call: for data seen prompt by prompt, many small shards
             self.cache.build(self.vlm, [(cid, s.prompt) for cid, s in todo.items()], rewrite=self.rewrite)
             for cid, s in todo.items():
                 f = self.cache.get(cid)
@@ -103,6 +104,11 @@ class PromptFeatures:
             [self.vlm.encode(s.prompt, rewrite=False, layers=self.spec.layers, system_prompt=self.spec.system_prompt) for s in todo.values()]
         for cid, f in zip(todo, feats):
             self.memo[cid] = Features(f.hidden.float(), f.layers, self.spec, f.text)
+
+    def close(self) -> None:
+        """Write what the on-disk cache still buffers."""
+        if self.cache is not None:
+            self.cache.flush()
 
     def _one(self, s: Sample) -> Features:
         if self.vlm is None:
