@@ -10,10 +10,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,8 +22,8 @@ from unifusion_core import flow, scenes
 from unifusion_core.config import EncoderSpec, every_nth_layer
 from unifusion_core.eval import detect, score
 from unifusion_core.eval.model_gen import model_generate_fn
-from unifusion_core.generate import generate, sample_features, to_rgb
-from unifusion_core.train.data import BadSample, ImageFolder, Sample, SyntheticScenes, TaskMixture
+from unifusion_core.generate import generate, sample_features
+from unifusion_core.train.data import ImageFolder, Sample, SyntheticScenes, TaskMixture
 from unifusion_core.train.loop import TrainConfig, Trainer, build_model, lr_at, step_generator
 from unifusion_core.train.setup import PromptFeatures
 
@@ -262,3 +260,31 @@ def test_a_tiny_model_learns_to_draw_scenes(tmp_path):
     # 32x32) for most of them (5 of 6 when this was written)
     assert all(s["color"] == 1 and s["count"] and s["position"] for s in scores), scores
     assert sum(s["all"] for s in scores) >= 4, scores
+
+
+def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -r requirements-train.txt")
+    from unifusion_core.train.vae import LatentCache, load_vae, to_latents
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16,
+    ).save_pretrained(tmp_path / "vae")
+    space = uf.LatentSpace("tiny-vae", channels=4, downscale=2)
+    vae = load_vae(tmp_path / "vae", space)
+    cache = LatentCache(tmp_path / "latents", vae.identity, space, 16)
+    config = tiny_config(size=16).replace(latent=space)
+    model = uf.UniFusionModel(config)
+    trainer = _trainer(tmp_path / "run", model, ["a red circle on the left", "a blue square on the right"], steps=2)
+    seen = []
+    trainer.latents = lambda samples: (seen.extend(s.id for s in samples), to_latents(samples, space, vae, cache))[1]
+    trainer.run()
+    cache.flush()
+    assert seen and all(i in cache for i in seen)  # every latent cached under its sample's id
+    x = trainer.sources["t2i"].get(int(seen[0].rsplit("-", 1)[1]))  # ids: scene-<seed>-<index>
+    assert x.id == seen[0]
+    z = cache.get(x.id)
+    assert z.shape == (4, 8, 8) and torch.isfinite(z).all()
+    assert torch.equal(to_latents([x], space, None, cache)[0], z)  # served from the cache: no VAE needed
+    assert uf.load_model(tmp_path / "run" / "model.safetensors").config.latent == space

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import UniFusionConfig, every_nth_layer
+from ..config import UniFusionConfig
 from ..latents import get_latent_space
 from ..presets import get_preset
 from .loop import TrainConfig, Trainer, build_model
@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     a("--layers", default="3", help="VLM layers for LAP: a stride (3 = every third, Sec. 3.1), 'last', or a comma list")
     a("--features", type=Path, help="precomputed features file (safetensors: '0','1',... with metadata 'prompts')")
     a("--feature-cache", type=Path, help="opt-in on-disk feature cache directory (fp16 safetensors shards, keyed by id)")
-    a("--vae", help="VAE folder/file for flux/sd3/sdxl latent spaces (not needed for 'pixel')")
+    a("--vae", help="VAE folder (diffusers AutoencoderKL) for flux/sd3/sdxl latent spaces (not needed for 'pixel')")
+    a("--latent-cache", type=Path, help="with --vae: keep each sample's latent on disk, keyed by sample id (and resume exactly)")
     # model
     a("--preset", default="tiny", help="base preset (tiny, small, paper-5b); the flags below override it")
     a("--latent", default="pixel")
@@ -123,7 +124,7 @@ def _main(argv: list[str] | None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .setup import make_data, make_features, make_validation
+    from .setup import make_data, make_features, make_latents, make_validation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,7 @@ def _main(argv: list[str] | None) -> dict:
     log.info("model: %s parameters (LAP %s, refiner %s, DiT %s)", n["total"], n["lap"], n["refiner"], n["dit"])
     (out / "run.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, indent=2))
     trainer = Trainer(train_cfg, model, mixture, sources, encoder, make_validation(args, encoder),
+                      latents=make_latents(args, config.latent),
                       describe={"argv": argv if argv is not None else sys.argv[1:]})
     if args.resume:
         if not trainer.resume(None if args.resume == "auto" else Path(args.resume)) and args.resume != "auto":

@@ -23,7 +23,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from ..features import Features
 from ..flow import flow_loss, interpolate, resolution_shift, sample_timesteps
 from ..model import Conditioning, UniFusionModel
 from .data import BadSample, Sample
+from .vae import to_latents
 from .state import list_states, load_state, prune_states, save_state, state_path
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class TrainConfig:
 
 
 FeatureFn = Callable[[list[Sample]], list[Features]]
+LatentFn = Callable[[list[Sample]], Tensor]
 ValidateFn = Callable[[UniFusionModel, int, Path], dict]
 
 
@@ -97,17 +99,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def model_latent(sample: Sample, model: UniFusionModel, encode_latent=None) -> Tensor:
-    """The model-space latent (C, h, w) of a sample's target image."""
-    if sample.latent is not None:
-        return sample.latent
-    if model.config.latent.name == "pixel":
-        return sample.target * 2 - 1  # 0..1 -> -1..1, ComfyUI's pixel space
-    if encode_latent is None:
-        raise ValueError(f"the {model.config.latent.name!r} latent space needs a VAE (--vae) or cached latents")
-    return encode_latent(sample)
 
 
 def conditioning(model: UniFusionModel, features: list[Features], drop: Tensor, device) -> Conditioning:
@@ -132,9 +123,11 @@ class Trainer:
     """Holds the model, EMA, optimizer and data position; `run()` is the loop."""
 
     def __init__(self, cfg: TrainConfig, model: UniFusionModel, mixture, sources: dict, features: FeatureFn,
-                 validate: ValidateFn | None = None, encode_latent=None, describe: dict | None = None):
+                 validate: ValidateFn | None = None, latents: LatentFn | None = None, describe: dict | None = None):
         self.cfg, self.model, self.mixture, self.sources = cfg, model, mixture, sources
-        self.features, self.validate, self.encode_latent = features, validate, encode_latent
+        self.features, self.validate = features, validate
+        # pixel space by default; a VAE (and its latent cache) for flux / sd3 / sdxl: train/vae.py
+        self.latents = latents or (lambda samples: to_latents(samples, model.config.latent))
         self.describe = describe or {}
         self.out = Path(cfg.out)
         self.device = torch.device(cfg.device)
@@ -229,7 +222,7 @@ class Trainer:
         g = step_generator(cfg.seed, self.step)
         samples = self.draw(cfg.prompts_per_step)
         P, K = len(samples), cfg.timesteps_per_prompt
-        x0 = torch.stack([model_latent(s, model, self.encode_latent) for s in samples]).to(dev)  # (P, C, H, W)
+        x0 = self.latents(samples).to(dev)  # (P, C, H, W) model-space latents
         feats = self.features(samples)
         drop = torch.rand(P, generator=g) < cfg.cond_dropout
         _, _, H, W = x0.shape

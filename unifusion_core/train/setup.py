@@ -173,3 +173,16 @@ def make_validation(args, features: PromptFeatures):
         return {split: report[split]["avg"] for split in ("train", "heldout")}
 
     return validate
+
+
+def make_latents(args, space):
+    """Model-space latents of a batch: the pixel space needs nothing; other spaces a VAE."""
+    from .vae import LatentCache, load_vae, to_latents
+
+    if space.name == "pixel":
+        return None
+    if not args.vae:
+        raise SystemExit(f"--latent {space.name} needs --vae (a diffusers AutoencoderKL folder for that latent space)")
+    vae = load_vae(args.vae, space)
+    cache = LatentCache(args.latent_cache, vae.identity, space, args.resolution) if args.latent_cache else None
+    return lambda samples: to_latents(samples, space, vae, cache)
