@@ -28,8 +28,9 @@ $(VENV)/.comfyui: $(VENV)/.installed $(COMFYUI_ROOT)/requirements.txt
 	$(PY) tools/patch_torchvision.py
 	touch $@
 
+# make demo PROMPT="a green triangle above a white square" SEED=3
 demo: $(VENV)/.installed
-	$(PY) -m unifusion_core
+	$(PY) -m unifusion_core $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(SEED),--seed $(SEED))
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
