@@ -731,7 +731,7 @@ class VLMEncoder:
             no_repeat_ngram_size=0,
             min_new_tokens=0,
             eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0],
+            pad_token_id=self._pad_id(),
         )
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         rng = torch.random.fork_rng(devices=cuda) if sample else contextlib.nullcontext()

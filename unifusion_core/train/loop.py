@@ -146,10 +146,6 @@ class Trainer:
         self.step = 0
         self.bad = 0
         self.drawn = 0
-        s = model.config.sampling
-        space, p = model.config.latent, model.config.dit.patch_size
-        self.shift = None if s.shift is None else float(s.shift)
-        self._space, self._p = space, p
 
     # --- state -------------------------------------------------------------------------------
 
@@ -226,7 +222,8 @@ class Trainer:
         feats = self.features(samples)
         drop = torch.rand(P, generator=g) < cfg.cond_dropout
         _, _, H, W = x0.shape
-        shift = self.shift if self.shift is not None else resolution_shift((H // self._p) * (W // self._p), model.config.sampling)
+        p = model.config.dit.patch_size
+        shift = resolution_shift((H // p) * (W // p), model.config.sampling)  # the checkpoint's fixed shift, if it has one
         t = sample_timesteps(P * K, shift, g, cfg.t_mean, cfg.t_std).to(dev)  # (P*K,)
         noise = torch.randn((P * K, *x0.shape[1:]), generator=g).to(dev)
         x0 = x0.repeat_interleave(K, dim=0)  # (P*K, C, H, W)

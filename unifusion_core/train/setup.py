@@ -83,7 +83,10 @@ class PromptFeatures:
 
     def prepare(self, samples: list[Sample]) -> None:
         """Encode what is missing, batched (the shared system prompt is computed once)."""
-        todo = {s.cond_id: s for s in samples if s.cond_id not in self.memo and s.prompt not in self.table}
+        for s in samples:  # precomputed (features file): sliced to the model's layers once
+            if s.cond_id not in self.memo and s.prompt in self.table:
+                self.memo[s.cond_id] = self.features(self.table[s.prompt], s.prompt)
+        todo = {s.cond_id: s for s in samples if s.cond_id not in self.memo}
         if not todo:
             return
         if any(s.images for s in todo.values()) or self.vlm is None:
@@ -121,8 +124,7 @@ class PromptFeatures:
 
     def __call__(self, samples: list[Sample]) -> list[Features]:
         self.prepare(samples)
-        return [self.memo[s.cond_id] if s.cond_id in self.memo else self.features(self.table[s.prompt], s.prompt)
-                for s in samples]
+        return [self.memo[s.cond_id] for s in samples]
 
 
 def make_features(args) -> tuple[PromptFeatures, EncoderSpec]:
@@ -162,14 +164,17 @@ def make_validation(args, features: PromptFeatures):
         chosen += [pool[i] for i in sorted(rng.choice(len(pool), min(args.val_prompts, len(pool)), replace=False))]
 
     def validate(model, step: int, out: Path) -> dict:
-        from ..eval import run_benchmark, write_grid
+        from ..eval import evaluate, write_grid
         from ..eval.model_gen import model_generate_fn
 
         feats = features([Sample(id=s.prompt, task="t2i", prompt=s.prompt, cond_id=s.prompt) for s in chosen])
-        gen = model_generate_fn(model, dict(zip([s.prompt for s in chosen], feats)))
-        report = run_benchmark(gen, chosen, seeds=(0,))
-        shown = chosen[:8] + chosen[len(chosen) // 2 : len(chosen) // 2 + 8]
-        write_grid(out / f"val-{step:07d}.png", gen(shown, 0), labels=[s.prompt for s in shown])
+        run = evaluate(model_generate_fn(model, dict(zip([s.prompt for s in chosen], feats))), chosen, (0,),
+                       keep_images=True)
+        report = run.report()
+        half = len(chosen) // 2  # train prompts, then held-out ones; the grid reuses their images
+        shown = list(range(min(8, half))) + list(range(half, min(half + 8, len(chosen))))
+        write_grid(out / f"val-{step:07d}.png", [run.images[0][i] for i in shown],
+                   labels=[chosen[i].prompt for i in shown])
         return {split: report[split]["avg"] for split in ("train", "heldout")}
 
     return validate

@@ -80,12 +80,12 @@ def load_state(path: Path, model: nn.Module, ema: dict[str, Tensor], optimizer: 
         )
     for k in ema:
         ema[k].copy_(tensors[f"ema.{k}"])
-    names = optimizer_names(model, optimizer)
-    state = {}
-    for i, n in enumerate(names):
-        entry = {key.rsplit(".", 1)[1]: v for key, v in tensors.items() if key.startswith(f"optim.{n}.") and key.count(".") == n.count(".") + 2}
-        if entry:
-            state[i] = entry
+    index = {n: i for i, n in enumerate(optimizer_names(model, optimizer))}
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            name, field = key[len("optim."):].rsplit(".", 1)
+            state.setdefault(index[name], {})[field] = v
     groups = json.loads(metadata["optim_groups"])
     current = optimizer.state_dict()
     for g, saved in zip(current["param_groups"], groups):
