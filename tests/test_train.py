@@ -24,7 +24,7 @@ from unifusion_core.eval import detect, score
 from unifusion_core.eval.model_gen import model_generate_fn
 from unifusion_core.generate import generate, sample_features
 from unifusion_core.train.data import ImageFolder, Sample, SyntheticScenes, TaskMixture
-from unifusion_core.train.loop import TrainConfig, Trainer, build_model, lr_at, step_generator
+from unifusion_core.train.loop import TrainConfig, Trainer, build_model, lr_at, param_groups, step_generator
 from unifusion_core.train.setup import PromptFeatures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +104,30 @@ def test_lr_schedule_and_step_generators():
 # --- one path for generation ----------------------------------------------------------------------
 
 
+def test_adapter_matrices_learn_at_a_fan_in_scaled_lr(tmp_path):
+    """LAP's pooling FC reads L x D inputs; its lr is scaled by DiT width / fan-in (muP-style), the
+    DiT keeps lr, and adapter_lr multiplies every LAP and refiner parameter (0 freezes them)."""
+    wide = EncoderSpec("tiny", "wide", hidden_size=128, num_layers=6, layers=every_nth_layer(6))  # pool fan-in 384
+    torch.manual_seed(0)
+    model = uf.UniFusionModel(tiny_config(wide))
+    scale_of = {id(p): g["lr_scale"] for g in param_groups(model, TrainConfig(out="x")) for p in g["params"]}
+    assert scale_of[id(model.lap.pool.weight)] == pytest.approx(64 / 384)
+    assert scale_of[id(model.lap.blocks[0].attn.qkv.weight)] == pytest.approx(64 / 128)
+    assert scale_of[id(model.refiner.proj.weight)] == pytest.approx(64 / 128)
+    assert scale_of[id(model.lap.layer_embed)] == 1.0 and scale_of[id(model.dit.img_in.weight)] == 1.0
+    assert all(scale_of[id(p)] == 1.0 for p in model.dit.parameters())
+    plain = {g["lr_scale"] for g in param_groups(model, TrainConfig(out="x", adapter_lr_scaling="none"))}
+    assert plain == {1.0}
+    # the optimizer really applies it: with adapter_lr=0 the adapter stays put, the DiT moves
+    lap0 = {k: v.clone() for k, v in model.lap.state_dict().items()}
+    dit0 = model.dit.img_in.weight.detach().clone()
+    _trainer(tmp_path, model, ["a red circle on the left"], steps=2, adapter_lr=0.0).run()
+    assert all(torch.equal(v, model.lap.state_dict()[k]) for k, v in lap0.items())
+    assert not torch.equal(dit0, model.dit.img_in.weight)
+    with pytest.raises(ValueError, match="adapter_lr_scaling"):
+        TrainConfig(out="x", adapter_lr_scaling="mup")
+
+
 def test_generate_equals_the_model_chain():
     torch.manual_seed(0)
     model = uf.UniFusionModel(tiny_config()).eval()
@@ -143,7 +167,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
     assert killed.returncode == -signal.SIGKILL
     states = sorted((tmp_path / "b" / "checkpoints").glob("state-*.safetensors"))
     assert states[-1].name == "state-00000008.safetensors" and not (tmp_path / "b" / "model.safetensors").exists()
-    run_cli(tmp_path / "b", scene_features, *steps, "--resume")
+    # a wrong setting on resume is refused and leaves the run's recorded settings untouched
+    bad = run_cli(tmp_path / "b", scene_features, *steps, "--resume", "--dit-width", "32", check=False)
+    assert bad.returncode != 0 and json.loads((tmp_path / "b" / "run.json").read_text())["dit_width"] == 64
+    # `--resume` alone continues with the settings the run was started with (run.json)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "unifusion_core.train", "--out", str(tmp_path / "b"), "--resume"],
+                   cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=300)
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa = load_file(str(tmp_path / "a" / "checkpoints" / "state-00000016.safetensors"))

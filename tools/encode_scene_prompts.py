@@ -11,7 +11,6 @@ once and its KV cache reused. The file holds one fp16 tensor (T, L, D) per promp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -29,10 +28,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
 
-    import torch
-    from safetensors.torch import save_file
-
     from unifusion_core import load_vlm, scenes
+    from unifusion_core.features import save_features_file
     from unifusion_core.vlm import smollm2_gguf
 
     t0 = time.perf_counter()
@@ -42,9 +39,8 @@ def main() -> None:
     feats = vlm.encode_batch(prompts, rewrite=args.rewrite, batch_size=args.batch_size, max_new_tokens=64)
     t2 = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"prompts": json.dumps(prompts), "encoder": json.dumps(dataclasses.asdict(feats[0].encoder)),
-            "rewrite": json.dumps(args.rewrite), "texts": json.dumps([f.text for f in feats])}
-    save_file({str(i): f.hidden.to(torch.float16).contiguous() for i, f in enumerate(feats)}, str(args.out), metadata=meta)
+    save_features_file(args.out, {p: f.hidden for p, f in zip(prompts, feats)}, feats[0].encoder,
+                       rewrite=args.rewrite, texts=[f.text for f in feats])
     print(json.dumps({"prompts": len(prompts), "load_s": round(t1 - t0, 1), "encode_s": round(t2 - t1, 1),
                       "prompts_per_s": round(len(prompts) / (t2 - t1), 2), "out": str(args.out)}))
 

@@ -57,3 +57,51 @@ class Features:
             self.hidden[keep], self.layers, self.encoder, self.text, self.sequence_ids,
             pick(self.positions), pick(self.is_image), pick(self.image_index),
         )
+
+
+# --- features files -------------------------------------------------------------------------------
+# One format for precomputed prompt features (tools/encode_scene_prompts.py writes it; the trainer,
+# the eval CLI, the benchmarks and the ablation tool read it): tensors "0", "1", ... each (T, L, D)
+# fp16; metadata "prompts" (JSON list, tensor order), "encoder" (JSON EncoderSpec of the stored
+# layers) and optionally "rewrite" (bool) and "texts" (the rewritten prompts).
+
+
+def save_features_file(path, table, encoder: EncoderSpec | None = None, **extra) -> None:
+    """Write {prompt: hidden (T, L, D)} as a features file (fp16); extra metadata is JSON-encoded."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    prompts = list(table)
+    meta = {"prompts": json.dumps(prompts), **{k: json.dumps(v) for k, v in extra.items()}}
+    if encoder is not None:
+        meta["encoder"] = json.dumps(asdict(encoder))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({str(i): table[p].detach().half().contiguous().cpu() for i, p in enumerate(prompts)}, str(path),
+              metadata=meta)
+
+
+def read_features_file(path) -> tuple[dict[str, Tensor], EncoderSpec | None]:
+    """A features file -> ({prompt: hidden (T, L_stored, D) fp16}, the stored layers' EncoderSpec or None)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"features file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            prompts = json.loads(meta["prompts"])
+            table = {p: f.get_tensor(str(i)) for i, p in enumerate(prompts)}
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e} in the features file; expected tensors '0', '1', ... and metadata "
+                         "'prompts' (a JSON list of prompts in tensor order)") from None
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{path}: not a readable features file ({e})") from None
+    described = meta.get("encoder") or meta.get("spec")  # "spec": files written before 0.3
+    return table, (EncoderSpec(**json.loads(described)) if described else None)

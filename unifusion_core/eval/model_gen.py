@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import scenes as sc
 from ..config import EncoderSpec
-from ..features import Features
+from ..features import Features, read_features_file, save_features_file
 from ..generate import sample_features, to_rgb
 from ..model import UniFusionModel
 from .benchmark import GenerateFn
@@ -83,25 +79,9 @@ def load_features(path: str | os.PathLike, encoder: EncoderSpec) -> dict[str, Fe
     stored layers: then the model's layers are picked from them (without it the file must hold
     exactly the model's layers) and a different encoder is refused.
     """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"features file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            prompts = json.loads(meta["prompts"])
-            hidden = [f.get_tensor(str(i)) for i in range(len(prompts))]
-    except KeyError as e:
-        raise ValueError(f"{path}: no {e} in the features file; expected tensors '0', '1', ... and metadata "
-                         "'prompts' (a JSON list of prompts in tensor order)") from None
-    except (SafetensorError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f"{path}: not a readable features file ({e})") from None
-    described = meta.get("encoder") or meta.get("spec")  # the training CLI writes either
+    table, spec = read_features_file(path)
     stored = encoder.layers
-    if described:
-        spec = EncoderSpec(**json.loads(described))
+    if spec is not None:
         identity = lambda e: (e.family, e.hidden_size, e.num_layers)  # noqa: E731
         if identity(spec) != identity(encoder):
             raise ValueError(f"{path}: features of {spec.name!r} ({spec.family}, hidden {spec.hidden_size}, "
@@ -114,7 +94,7 @@ def load_features(path: str | os.PathLike, encoder: EncoderSpec) -> dict[str, Fe
                          f"(it holds {list(stored)})")
     pick = [stored.index(i) for i in encoder.layers]
     out = {}
-    for p, h in zip(prompts, hidden):
+    for p, h in table.items():
         if h.ndim != 3 or h.shape[1:] != (len(stored), encoder.hidden_size):
             raise ValueError(f"{path}: features of {p!r} are {tuple(h.shape)}, expected (T, {len(stored)}, "
                              f"{encoder.hidden_size}) for layers {list(stored)} of {encoder.name!r}")
@@ -122,14 +102,4 @@ def load_features(path: str | os.PathLike, encoder: EncoderSpec) -> dict[str, Fe
     return out
 
 
-def save_features(path: str | os.PathLike, features: Mapping[str, torch.Tensor],
-                  encoder: EncoderSpec | None = None) -> None:
-    """Write {prompt: hidden (T, L, D)} in the format `load_features` reads (fp16)."""
-    from safetensors.torch import save_file
-
-    prompts = list(features)
-    meta = {"prompts": json.dumps(prompts)}
-    if encoder is not None:
-        meta["encoder"] = json.dumps(asdict(encoder))
-    tensors = {str(i): features[p].detach().half().contiguous().cpu() for i, p in enumerate(prompts)}  # (T, L, D)
-    save_file(tensors, str(path), metadata=meta)
+save_features = save_features_file  # the eval CLI's name for it

@@ -80,17 +80,24 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = parser()
     args = ap.parse_args(argv)
+    given = {a.dest for a in ap._actions if any(s in (argv if argv is not None else sys.argv[1:]) for s in a.option_strings)}
     if args.config:
         try:
             file = json.loads(args.config.read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"--config {args.config}: cannot read it as JSON ({e})")
-        given = {a.dest for a in ap._actions if any(s in (argv or sys.argv[1:]) for s in a.option_strings)}
         unknown = sorted(set(file) - set(vars(args)))
         if unknown:
             raise SystemExit(f"--config {args.config}: unknown settings {unknown}")
         for k, v in file.items():
             if k not in given:
+                setattr(args, k, v)
+    saved = Path(args.out) / "run.json" if args.out else None
+    if args.resume and saved is not None and saved.is_file():
+        # A resumed run keeps the settings it was started with; flags given now override them
+        # (e.g. --steps to train on, --threads).
+        for k, v in json.loads(saved.read_text()).items():
+            if k in vars(args) and k not in given and k not in ("resume", "export_only", "out"):
                 setattr(args, k, v)
     if not args.out:
         raise SystemExit("--out RUN_DIR is required")
@@ -137,7 +144,6 @@ def _main(argv: list[str] | None) -> dict:
     model = build_model(config, args.init_from, tuple(p for p in args.reinit.split(",") if p))
     n = model.num_parameters()
     log.info("model: %s parameters (LAP %s, refiner %s, DiT %s)", n["total"], n["lap"], n["refiner"], n["dit"])
-    (out / "run.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, indent=2))
     trainer = Trainer(train_cfg, model, mixture, sources, encoder, make_validation(args, encoder),
                       latents=make_latents(args, config.latent),
                       describe={"argv": argv if argv is not None else sys.argv[1:]})
@@ -150,6 +156,8 @@ def _main(argv: list[str] | None) -> dict:
             return {"step": trainer.step, "export": str(path)}
     elif any(out.glob("checkpoints/state-*.safetensors")):
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    # written once the state has loaded: a resume that fails leaves the run's settings as they were
+    (out / "run.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, indent=2))
     summary = trainer.run()
     summary["parameters"] = n
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")

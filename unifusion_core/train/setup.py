@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config import EncoderSpec, every_nth_layer
-from ..features import Features
+from ..features import Features, read_features_file
 from .data import Sample, SyntheticScenes, TaskMixture
 
 log = logging.getLogger(__name__)
@@ -50,15 +49,12 @@ def select_layers(text: str, num_layers: int) -> tuple[int, ...]:
 
 
 def load_features_file(path: Path) -> tuple[dict[str, torch.Tensor], EncoderSpec]:
-    """A features file: tensors '0', '1', ... (T, L, D) fp16; metadata 'prompts' (JSON list) and 'encoder'."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        prompts = json.loads(meta["prompts"])
-        hidden = {p: f.get_tensor(str(i)) for i, p in enumerate(prompts)}
-    spec = json.loads(meta.get("encoder") or meta["spec"])
-    return hidden, EncoderSpec(**spec)
+    """A features file (see unifusion_core.features) that names its encoder: training needs it."""
+    table, spec = read_features_file(path)
+    if spec is None:
+        raise ValueError(f"{path}: the features file does not name its encoder (metadata 'encoder'); "
+                         "write it with tools/encode_scene_prompts.py or features.save_features_file(..., encoder=)")
+    return table, spec
 
 
 class PromptFeatures:

@@ -85,12 +85,12 @@ def load_state(path: Path, model: nn.Module, ema: dict[str, Tensor], optimizer: 
     for key, v in tensors.items():
         if key.startswith("optim."):
             name, field = key[len("optim."):].rsplit(".", 1)
-            state.setdefault(index[name], {})[field] = v
-    groups = json.loads(metadata["optim_groups"])
-    current = optimizer.state_dict()
-    for g, saved in zip(current["param_groups"], groups):
-        g.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
-    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+            if name in index:  # else: a part frozen now (e.g. --adapter-lr 0)
+                state.setdefault(index[name], {})[field] = v
+    # The groups' settings (lr scale, weight decay, betas) follow from the run's config, and the lr
+    # is set every step, so the current groups are kept: a resume may change e.g. --adapter-lr.
+    # Parameters the state holds no moments for (an adapter that was frozen) start fresh.
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return json.loads(metadata["meta"])
 
 
