@@ -28,7 +28,7 @@ SETTINGS = {
 }
 COMMON = ["--data", "scenes", "--scene-kinds", "single", "--resolution", "32", "--preset", "tiny",
           "--lap-heads", "8", "--refiner-heads", "8", "--dit-width", "128", "--dit-depth", "4", "--dit-heads", "4",
-          "--patch", "4", "--shift", "1.0", "--lr", "2e-3", "--warmup", "30", "--ema-decay", "0.99",
+          "--patch", "4", "--shift", "1.0", "--t-mean", "1.0", "--lr", "2e-3", "--warmup", "30", "--ema-decay", "0.99",
           "--prompts-per-step", "8", "--timesteps-per-prompt", "8", "--checkpoint-every", "100000",
           "--threads", "1", "--sample-steps", "12", "--sample-cfg", "3.0", "--log-every", "50"]
 

@@ -29,6 +29,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = [json.loads(x) for x in (args.run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    kept: list[dict] = []
+    for r in rows:  # a resume recomputes the steps after its state: the later rows replace the earlier
+        while kept and (kept[-1]["step"] > r["step"] or (kept[-1]["step"] == r["step"] and "validation" not in r)):
+            kept.pop()
+        kept.append(r)
+    rows = kept
     offset, last = 0.0, 0.0
     for r in rows:  # runs resumed by versions before 2026-11-25 restarted the clock at the resume
         if r["train_seconds"] + offset < last - 1:
