@@ -407,12 +407,12 @@ def bench_train(argv: list[str]) -> None:
         return {
             "prompts_per_step": P if name == "amortised" else P * K,
             "timesteps_per_prompt": K if name == "amortised" else 1,
-            "step_s": round(s, 3),
-            "step_s_all": [round(t, 3) for t in times[name]],
+            "step_s": round(s, 5),
+            "step_s_all": [round(t, 5) for t in times[name]],
             "samples_per_s": round(P * K / s, 2),
             "step_gflop": round(f / 1e9, 2),
-            "achieved_gflops": round(f / s / 1e9, 1),
-            "fraction_of_matmul_peak": round(f / s / 1e9 / peak, 3),
+            "achieved_gflops": float(f"{f / s / 1e9:.3g}"),  # 3 significant digits: tiny runs are not 0.0
+            "fraction_of_matmul_peak": float(f"{f / s / 1e9 / peak:.3g}"),
             "lap_refiner_flop_share": round(lap_ref / f, 3),
             "lap_refiner_fwd_bwd_s": round(cond_s[name], 3),
             "lap_refiner_time_share": round(cond_s[name] / s, 3),
