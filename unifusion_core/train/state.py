@@ -48,9 +48,7 @@ def save_state(path: Path, model: nn.Module, ema: dict[str, Tensor], optimizer: 
         for key, value in st.items():
             t = value if isinstance(value, Tensor) else torch.tensor(value)
             tensors[f"optim.{names[i]}.{key}"] = t.detach().contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
-    metadata = {"format": FORMAT, "format_version": str(VERSION), "meta": json.dumps(meta),
-                "optim_groups": json.dumps(groups)}
+    metadata = {"format": FORMAT, "format_version": str(VERSION), "meta": json.dumps(meta)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
