@@ -227,6 +227,39 @@ def test_handoff_keeps_the_dit_and_starts_lap_and_refiner_fresh(tmp_path):
         build_model(tiny_config(depth=3), str(tmp_path / "src.safetensors"))
 
 
+def test_time_limit_saves_exports_and_resume_finishes_the_schedule(tmp_path):
+    prompts = ["a red circle on the left"]
+    torch.manual_seed(0)
+    full = _trainer(tmp_path / "full", uf.UniFusionModel(tiny_config()), prompts, steps=3)
+    torch.manual_seed(0)
+    cut = _trainer(tmp_path / "cut", uf.UniFusionModel(tiny_config()), prompts, steps=3, time_limit=1e-9)
+    a = full.run()
+    b = cut.run()  # the limit is passed after the first step: state saved, EMA exported
+    assert (a["step"], b["step"], b["steps"]) == (3, 1, 3)
+    assert (tmp_path / "cut" / "checkpoints" / "state-00000001.safetensors").is_file()
+    assert (tmp_path / "cut" / "model.safetensors").is_file()
+    torch.manual_seed(0)
+    again = _trainer(tmp_path / "cut", uf.UniFusionModel(tiny_config()), prompts, steps=3)
+    assert again.resume() and again.step == 1
+    assert again.run()["step"] == 3
+    ea, eb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)  # the same run as without the stop
+    with pytest.raises(ValueError, match="time_limit"):
+        TrainConfig(out=str(tmp_path), time_limit=-1)
+
+
+def test_a_bf16_autocast_step_trains(tmp_path):
+    """precision='bf16' (what GPUs run): null tokens and bf16 LAP outputs share one batch."""
+    torch.manual_seed(0)
+    t = _trainer(tmp_path, uf.UniFusionModel(tiny_config()), ["a red circle on the left", "a blue square on the right"], steps=2,
+                 precision="bf16", cond_dropout=0.5)
+    before = t.model.dit.final.linear.weight.detach().clone()
+    out = [t.train_step() for _ in range(2)]
+    assert all(math.isfinite(o["loss"]) for o in out)
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # fp32 master weights
+    assert not torch.equal(before, t.model.dit.final.linear.weight)
+
+
 def test_bad_data_is_skipped_counted_and_named(tmp_path, caplog):
     root = tmp_path / "imgs"
     root.mkdir()

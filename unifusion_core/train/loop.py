@@ -74,6 +74,9 @@ class TrainConfig:
     validate_every: int = 0  # 0: only at the end
     log_every: int = 10
     max_bad_fraction: float = 0.5  # stop when more than this fraction of drawn samples is bad
+    # minutes this invocation may train (0: no limit); at the limit it saves the state and exports,
+    # and --resume continues the same run (the schedule still ends at `steps`)
+    time_limit: float = 0.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -84,6 +87,8 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "timesteps_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.time_limit >= 0 and math.isfinite(self.time_limit)):
+            raise ValueError(f"time_limit must be >= 0 minutes (0 = none), got {self.time_limit}")
         if not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"cond_dropout and ema_decay must be in [0, 1), got {self.cond_dropout}, {self.ema_decay}")
 
@@ -144,7 +149,7 @@ def conditioning(model: UniFusionModel, features: list[Features], drop: Tensor, 
     mask = torch.zeros(B, T, dtype=torch.bool, device=device)
     mask[:, 0] = True
     idx = torch.tensor(keep, device=device)
-    tokens = tokens.index_put((idx,), enc.tokens)
+    tokens = tokens.index_put((idx,), enc.tokens.to(tokens.dtype))  # bf16 under autocast
     mask[idx] = enc.mask
     return Conditioning(tokens, mask)
 
@@ -317,10 +322,15 @@ class Trainer:
                     t0 = time.perf_counter()
                     last_val = self._validate(metrics, train_seconds)
                     t_log += time.perf_counter() - t0  # validation time is not training time
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                timed_out = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or timed_out:
                     t0 = time.perf_counter()
                     self.save()
                     t_log += time.perf_counter() - t0
+                if timed_out and self.step < cfg.steps:
+                    log.warning("time limit of %g minutes reached at step %d of %d: state saved; --resume continues",
+                                cfg.time_limit, self.step, cfg.steps)
+                    break
         finally:
             bar.close()
             getattr(self.features, "close", lambda: None)()
@@ -328,7 +338,7 @@ class Trainer:
             last_val = self._validate(metrics, train_seconds)
         metrics.close()
         export = self.export(self.out / "model.safetensors")
-        return {"step": self.step, "bad_samples": self.bad, "export": str(export), "validation": last_val,
+        return {"step": self.step, "steps": cfg.steps, "bad_samples": self.bad, "export": str(export), "validation": last_val,
                 "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t_start, 1)}
 
     def _validate(self, metrics, train_seconds: float) -> dict:
