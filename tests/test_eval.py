@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +304,21 @@ def test_cli_encodes_prompts_with_the_vlm_as_the_model_was_trained(tmp_path, mon
     main(argv + ["--no-rewrite"])
     expected = {"layers": enc.layers, "system_prompt": enc.system_prompt}
     assert calls == [{"rewrite": model.config.sampling.rewrite, **expected}, {"rewrite": False, **expected}]
+
+
+def test_verifi_fidelity_check_names_what_a_rewrite_lost():
+    """tools/verifi_fidelity.py: a rewrite keeps a scene only if every colour, shape (bound to its
+    colour) and the position / relation are still named."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from verifi_fidelity import check
+
+    pair = sc.parse_prompt("a red circle to the left of a blue square")
+    assert check(pair, "A bright red circle sits to the left of a blue square on white.")["all"]
+    swapped = check(pair, "A red square to the left of a blue circle.")
+    assert swapped["color"] and swapped["shape"] and not swapped["binding"] and not swapped["all"]
+    assert not check(pair, "Two circles, one red and one blue.")["shape"]
+    single = sc.parse_prompt("a green triangle at the top")
+    assert check(single, "A green triangle near the top edge.")["all"]
+    assert not check(single, "Green triangles in the middle.")["position"]

@@ -1,11 +1,13 @@
 """The paper's adapter ablations in miniature (Fig. 6: LAP vs last-layer features; Fig. 21: with
 vs without the refiner), at equal training budget and several seeds, scored by the exact benchmark.
 
-    python tools/ablations.py --out runs/ablations [--seeds 0,1,2] [--steps 300]
+    python tools/ablations.py --out runs/ablations --features runs/scene_features.safetensors \
+        [--seeds 0,1,2] [--steps 300] [--device cuda --precision bf16] [--jobs 9]
 
-Each setting trains the same small model with the trainer's CLI on the single-object synthetic
-scenes (32x32, SmolLM2 features from --features), then scores every single-object prompt (train
-and held-out splits) with 2 sampling seeds. Prints a JSON table (mean and spread over seeds) and
+Each setting trains the same model from scratch with the trainer's CLI (the embedded model's
+shape at patch 8: 64 x 64 single objects and pairs, SmolLM2 features from --features), then the
+eval CLI scores 40 training and 40 held-out prompts with 2 sampling seeds. --jobs runs that many
+trainings at once (on a GPU they share it). Prints a JSON table (mean and spread over seeds) and
 writes it to OUT/ablations.json.
 """
 
@@ -16,21 +18,42 @@ import json
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SETTINGS = {
     "lap+refiner": [],  # UniFusion's adapter: every third layer, LAP, 2-block refiner
     "last-layer+refiner": ["--layers", "last"],  # Fig. 6 baseline: the last layer's state only
     "lap, no refiner": ["--refiner-depth", "0"],  # Fig. 21: LAP straight into the DiT
 }
-COMMON = ["--data", "scenes", "--scene-kinds", "single", "--resolution", "32", "--preset", "tiny",
-          "--lap-heads", "8", "--refiner-heads", "8", "--dit-width", "128", "--dit-depth", "4", "--dit-heads", "4",
-          "--patch", "4", "--shift", "1.0", "--t-mean", "1.0", "--lr", "2e-3", "--warmup", "30", "--ema-decay", "0.99",
-          "--prompts-per-step", "8", "--timesteps-per-prompt", "8", "--checkpoint-every", "100000",
-          "--threads", "1", "--sample-steps", "12", "--sample-cfg", "3.0", "--log-every", "50"]
+COMMON = ["--data", "scenes", "--scene-kinds", "single,pair", "--resolution", "64", "--preset", "tiny",
+          "--lap-heads", "8", "--refiner-heads", "8", "--dit-width", "256", "--dit-depth", "6", "--dit-heads", "4",
+          "--patch", "8", "--shift", "1.0", "--sample-steps", "20", "--sample-cfg", "3.0",
+          "--prompts-per-step", "32", "--timesteps-per-prompt", "8", "--lr", "1e-3", "--warmup", "50",
+          "--adapter-lr", "0.3", "--t-mean", "1.0", "--ema-decay", "0.995", "--checkpoint-every", "100000",
+          "--log-every", "50", "--val-prompts", "8", "--threads", "1"]
+METRICS = ("color", "shape", "count", "position", "relation", "micro")
+
+
+def run_one(args, name: str, extra: list[str], seed: int) -> dict:
+    run = args.out / f"{name.replace(' ', '').replace(',', '-').replace('+', '-')}-seed{seed}"
+    if not (run / "model.safetensors").exists():
+        cmd = [sys.executable, "-m", "unifusion_core.train", "--out", str(run), "--features", str(args.features),
+               "--steps", str(args.steps), "--seed", str(seed), "--device", args.device, "--precision", args.precision,
+               *COMMON, *extra]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ev = run / "eval"
+    if not (ev / "report.json").exists():
+        subprocess.run([sys.executable, "-m", "unifusion_core.eval", "--model", str(run / "model.safetensors"),
+                        "--features", str(args.features), "--seeds", str(args.eval_seeds), "--limit", "40",
+                        "--device", args.device, "--out", str(ev)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    report = json.loads((ev / "report.json").read_text())
+    row = {"setting": name, "seed": seed, **{f"{split}_{k}": report[split]["avg"][k]
+                                             for split in ("train", "heldout") for k in METRICS}}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main() -> None:
@@ -39,47 +62,28 @@ def main() -> None:
     ap.add_argument("--features", type=Path, required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at once")
+    ap.add_argument("--eval-seeds", type=int, default=2)
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
 
-    import torch
-
-    torch.set_num_threads(1)
-    from unifusion_core import load_model, scenes
-    from unifusion_core.eval import run_benchmark
-    from unifusion_core.eval.model_gen import model_generate_fn
-    from unifusion_core.train.setup import load_features_file
-
-    table, stored = load_features_file(args.features)
-    chosen = scenes.scenes(kind="single")
-    results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for name, extra in SETTINGS.items():
-            run = args.out / f"{name.replace(' ', '').replace(',', '-').replace('+', '-')}-seed{seed}"
-            if not (run / "model.safetensors").exists():
-                cmd = [sys.executable, "-m", "unifusion_core.train", "--out", str(run), "--features", str(args.features),
-                       "--steps", str(args.steps), "--seed", str(seed), *COMMON, *extra]
-                subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-            model = load_model(run / "model.safetensors")
-            from unifusion_core.features import Features
-
-            pick = [stored.layers.index(i) for i in model.config.encoder.layers]
-            feats = {s.prompt: Features(table[s.prompt][:, pick].float(), model.config.encoder.layers, model.config.encoder)
-                     for s in chosen}
-            report = run_benchmark(model_generate_fn(model, feats), chosen, seeds=(0, 1))
-            row = {"seed": seed, **{k: report["overall"]["avg"][k] for k in ("color", "shape", "position", "micro")},
-                   "heldout_micro": report["heldout"]["avg"]["micro"]}
-            results[name].append(row)
-            print(json.dumps({"setting": name, **row}), flush=True)
+    jobs = [(name, extra, int(s)) for s in args.seeds.split(",") for name, extra in SETTINGS.items()]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        rows = list(pool.map(lambda j: run_one(args, *j), jobs))
     summary = {}
-    for name, rows in results.items():
-        summary[name] = {k: {"mean": round(statistics.mean(r[k] for r in rows), 4),
-                             "stdev": round(statistics.pstdev(r[k] for r in rows), 4)}
-                         for k in ("color", "shape", "position", "micro", "heldout_micro")}
-        summary[name]["runs"] = rows
-    out = {"steps": args.steps, "seeds": args.seeds, "prompts": len(chosen), "settings": summary,
+    for name in SETTINGS:
+        mine = [r for r in rows if r["setting"] == name]
+        summary[name] = {k: {"mean": round(statistics.mean(r[k] for r in mine), 4),
+                             "stdev": round(statistics.pstdev(r[k] for r in mine), 4)}
+                         for k in mine[0] if k not in ("setting", "seed")}
+        summary[name]["runs"] = mine
+    out = {"steps": args.steps, "seeds": args.seeds, "settings": summary,
            "command": " ".join(["python", "tools/ablations.py", *sys.argv[1:]])}
     (args.out / "ablations.json").write_text(json.dumps(out, indent=2))
-    print(json.dumps({k: {m: v[m]["mean"] for m in ("color", "shape", "position", "micro")} for k, v in summary.items()}, indent=2))
+    print(json.dumps({k: {m: v[m]["mean"] for m in ("train_color", "heldout_color", "heldout_micro")}
+                      for k, v in summary.items()}, indent=2))
 
 
 if __name__ == "__main__":
