@@ -189,6 +189,11 @@ class Progress:
             self.bar.update_absolute(value, total, preview)
 
 
+def interrupt_check():
+    """What the core calls between DiT blocks to honour Cancel inside a step (None: no host)."""
+    return mm.throw_exception_if_processing_interrupted if IN_COMFYUI else None
+
+
 _LATENT_FORMATS = {"flux": "Flux", "sd3": "SD3", "sdxl": "SDXL"}  # ComfyUI's classes, same scale/shift
 
 

@@ -54,9 +54,10 @@ class UniFusionSample:
         def callback(step, total, x, x0):
             progress.update(step + 1, total, previewer(x0) if previewer else None)
 
-        latent = net.sample(
-            conditioning, width, height, steps=steps, cfg=cfg, seed=seed, shift=shift or None,
-            sampler=sampler, negative=negative, batch_size=batch_size, callback=callback,
-            next_cond=second_conditioning, switch_at=switch_at, device=model.device,
-        )
+        with uf.guard.interruptible(host.interrupt_check()):  # Cancel between DiT blocks too, not only between steps
+            latent = net.sample(
+                conditioning, width, height, steps=steps, cfg=cfg, seed=seed, shift=shift or None,
+                sampler=sampler, negative=negative, batch_size=batch_size, callback=callback,
+                next_cond=second_conditioning, switch_at=switch_at, device=model.device,
+            )
         return ({"samples": latent.to(host.intermediate_device())},)

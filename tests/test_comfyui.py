@@ -384,6 +384,44 @@ def test_cancel_stops_sampling_within_a_step(server):
     assert not any(out.get("images") for out in entry["outputs"].values())
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [({"cfg": float("nan")}, "cfg must be a finite number"),
+     ({"shift": float("nan")}, "shift must be a finite number"),
+     ({"width": 16384, "height": 16384}, "GiB is free; lower width/height or batch_size")],
+    ids=["nan-cfg", "nan-shift", "too-large"],
+)
+def test_non_finite_or_oversized_requests_fail_with_a_message(server, change, message):
+    """Values that pass ComfyUI's min/max checks (NaN does) or fit its widgets but not the machine:
+    a clear error before anything is allocated, never a black PNG, and the server goes on."""
+    entry = server.run(tiny_prompt("unifusion_text_to_image", seed=5, **change))
+    assert entry["status"]["status_str"] == "error"
+    err = messages(entry)["execution_error"]
+    assert err["node_type"] == "UniFusionSample" and message in err["exception_message"], err
+    assert not any(out.get("images") for out in entry["outputs"].values())
+    assert_success(server, server.run(tiny_prompt("unifusion_text_to_image", seed=5)))
+
+
+def test_cancel_lands_inside_one_long_step(server):
+    """At 1024 x 1024 one step of the tiny pixel model takes minutes (262 k tokens): Cancel must
+    stop it from inside the step, between DiT blocks and attention chunks."""
+    assert_success(server, server.run(tiny_prompt("unifusion_text_to_image", seed=6)))
+    prompt = tiny_prompt("unifusion_text_to_image", steps=2, width=1024, height=1024, seed=6)
+    prompt_id = server.queue(prompt)
+    end = time.monotonic() + RUN_TIMEOUT
+    while not any(item[1] == prompt_id for item in server.get("/queue")["queue_running"]):
+        assert time.monotonic() < end, "the prompt never started"
+        time.sleep(0.05)
+    time.sleep(2.0)  # well inside the first step
+    t0 = time.monotonic()
+    status, _ = server.post("/interrupt", {"prompt_id": prompt_id})
+    assert status == 200
+    entry = server.wait(prompt_id, timeout=30)
+    assert time.monotonic() - t0 < 3, "Cancel took longer than 3 s inside a step"
+    interrupted = messages(entry).get("execution_interrupted")
+    assert interrupted and interrupted["node_type"] == "UniFusionSample", entry["status"]
+
+
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "bfloat16"])
 def test_weight_dtypes_and_a_plain_encoding(server, weight_dtype):
     """fp8 storage through comfy.ops.manual_cast, bf16 weights; VERIFI off (the prompt's own tokens)."""

@@ -1,5 +1,6 @@
 """UniFusion core: LAP, refiner, DiT and rectified-flow sampling, independent of ComfyUI."""
 
+from . import guard
 from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model, read_config, save_model
 from .config import (

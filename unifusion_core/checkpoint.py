@@ -91,6 +91,9 @@ def load_model(
                 tensor = f.get_tensor(key)
             except SafetensorError as e:
                 raise ValueError(f"{path}: tensor {key!r} cannot be read ({e}); the file is corrupted") from None
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values; the checkpoint is broken "
+                                 "(re-export it from a training state, or use another file)")
             stored_as = dtype
             if weight_dtype is not None and key.endswith(".weight"):
                 owner = model.get_submodule(key.rsplit(".", 1)[0])

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DiTParams
+from .guard import check_cancel
 from .layers import FeedForward, Rope, SelfAttention, init_linears, rope_angles, timestep_embedding
 
 
@@ -147,6 +148,7 @@ class UniFusionDiT(nn.Module):
             mask = torch.cat([cond_mask, cond_mask.new_ones(B, h * w)], dim=1)  # (B, T + h*w)
         rope = rope_angles(token_positions(B, T, h, w, x.device), self.params.axes_dim, self.params.rope_theta)
         for block in self.blocks:
+            check_cancel()  # Cancel inside a step: a large image's step can take minutes
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 seq = checkpoint(block, seq, mod, mask, rope, use_reentrant=False)
             else:

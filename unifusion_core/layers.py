@@ -10,12 +10,27 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import guard
+
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each (B, 1, S, head_dim / 2)
+
+
+# Attention scores per chunk when a host wants Cancel honoured inside one layer (see guard.py):
+# at very large sizes a single attention call takes minutes. Query-key pairs per chunk (per head).
+CANCEL_SCORES = 1 << 24
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Multi-head SDPA. q, k, v: (B, H, S, Dh); mask: (B, S) bool, True = a real key token."""
     attn_mask = None if mask is None else mask[:, None, None, :]
+    Sq, Sk = q.shape[2], k.shape[2]
+    if Sq * Sk > 4 * CANCEL_SCORES and guard.cancel_check_active() and not torch.is_grad_enabled():
+        # each query row attends independently: chunks of queries give the same result
+        step, out = max(64, CANCEL_SCORES // Sk), []
+        for i in range(0, Sq, step):
+            guard.check_cancel()
+            out.append(F.scaled_dot_product_attention(q[:, :, i : i + step], k, v, attn_mask=attn_mask))
+        return torch.cat(out, dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 

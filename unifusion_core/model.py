@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .config import EncoderSpec, UniFusionConfig
 from .dit import UniFusionDiT
 from .features import Features
+from .guard import ensure_memory, require_finite, require_finite_number
 from .lap import LayerwiseAttentionPooling
 from .presets import get_preset
 from .refiner import Refiner
@@ -141,6 +142,7 @@ class UniFusionModel(nn.Module):
         """
         device = device or self.device
         hidden, mask = self._collate(features, mask)
+        require_finite("the VLM features", hidden, "the encoder produced NaN/inf (in fp16? load the VLM in bf16 or fp32)")
         mask = mask.to(device)
         layers = self.config.encoder.layers
         bad = [i for i in layer_drop if i not in layers]
@@ -236,10 +238,17 @@ class UniFusionModel(nn.Module):
         """
         device = device or self.device
         steps = self.config.sampling.steps if steps is None else int(steps)
-        cfg = self.config.sampling.cfg if cfg is None else float(cfg)
+        cfg = require_finite_number("cfg", self.config.sampling.cfg if cfg is None else cfg)
+        if shift is not None:
+            shift = require_finite_number("shift", shift)
+        switch_at = require_finite_number("switch_at", switch_at)
         batch_size = cond.batch_size if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        tokens = max(c.tokens.shape[1] for c in (cond, negative, next_cond) if c is not None)
+        ensure_memory(self.memory_required(batch_size, tokens, width, height, cfg != 1), device or self.device,
+                      f"sampling {batch_size} image(s) of {width}x{height}",
+                      "lower width/height or batch_size (or set cfg to 1, which halves it)")
         space, p = self.config.latent, self.config.dit.patch_size
         lh, lw = space.latent_size(height, width)
         if (lh * space.downscale, lw * space.downscale) != (height, width):
@@ -263,4 +272,6 @@ class UniFusionModel(nn.Module):
 
         x = denoise(model_fn, cond, noise.to(device, torch.float32), steps, cfg, shift, sampler, uncond, callback,
                     next_cond, switch_at)
+        require_finite("the sampled latents", x, "the checkpoint's weights or the conditioning produce NaN/inf "
+                       "(try weight_dtype fp32 or bf16 instead of fp16, or check the VLM's features)")
         return space.to_raw(x[:, :, :lh, :lw]).float()
