@@ -124,3 +124,41 @@ def test_cancel_reaches_inside_one_attention_call_at_large_sizes(monkeypatch):
 
     with pytest.raises(KeyboardInterrupt), torch.no_grad(), guard.interruptible(stop):
         layers.attention(q, k, v, mask)
+
+
+def test_wrong_kinds_of_inputs_get_messages_that_say_what_to_pass(net, tmp_path):
+    c = cond(net)
+    with pytest.raises(ValueError, match="conditioning must be a Conditioning .* got Tensor"):
+        net.sample(c.tokens, 16, 16, steps=1)
+    with pytest.raises(ValueError, match="negative must be a Conditioning"):
+        net.sample(c, 16, 16, steps=1, negative=torch.zeros(1, 3, 64))
+    other = uf.Conditioning(torch.zeros(1, 3, 32), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="second conditioning has 32-wide tokens but this model's DiT takes 64"):
+        net.sample(c, 16, 16, steps=1, next_cond=other)
+    f = uf.Features(torch.randn(3, len(ENC.layers), ENC.hidden_size), ENC.layers, ENC, "x")
+    with pytest.raises(ValueError, match=r"features\[1\] is a Tensor; a list holds Features only"):
+        net.encode([f, f.hidden])
+    uf.save_model(net, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        uf.load_model(tmp_path / "m.safetensors", dtype=torch.int8)
+
+
+def test_prompts_no_tokenizer_should_see_are_refused_first(monkeypatch, tmp_path):
+    import tiny_vlms
+
+    from unifusion_core import vlm as vlm_mod
+
+    enc = uf.load_vlm(tiny_vlms.make_tiny_causal_lm(tmp_path / "q"))
+    with pytest.raises(ValueError, match="not valid Unicode .* lone surrogate"):
+        enc.encode("a red \ud800 circle", rewrite=False)
+    called = []
+    monkeypatch.setattr(enc, "_render", lambda *a, **k: called.append(1))  # the chat template, then the tokenizer
+    huge = "a" * (vlm_mod.MAX_CHARS_PER_TOKEN * enc.context_length + 1)
+    with pytest.raises(ValueError, match="characters: far beyond"):
+        enc.encode(huge, rewrite=False)
+    with pytest.raises(ValueError, match="system prompt must be text"):
+        enc.encode("a cat", rewrite=False, system_prompt=b"bytes")
+    assert not called
+    with pytest.raises(AttributeError):  # the patched template returns None
+        enc.encode("a cat", rewrite=False)  # a good prompt does reach the template step
+    assert called

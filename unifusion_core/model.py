@@ -165,7 +165,10 @@ class UniFusionModel(nn.Module):
         if isinstance(features, (list, tuple)):
             if mask is not None:
                 raise ValueError("pass a mask only with a tensor; Features carry their own length")
-            for f in features:
+            for i, f in enumerate(features):
+                if not isinstance(f, Features):
+                    raise ValueError(f"features[{i}] is a {type(f).__name__}; a list holds Features only "
+                                     "(pass tensors as one (B, T, L, D) tensor)")
                 self._check_encoder(f)
             hs = [f.hidden for f in features]
             T = max(h.shape[0] for h in hs)
@@ -237,6 +240,16 @@ class UniFusionModel(nn.Module):
         from `seed`). device: where to compute (default: where the parameters are).
         """
         device = device or self.device
+        for name, c in (("conditioning", cond), ("negative", negative), ("second conditioning", next_cond)):
+            if c is None and name != "conditioning":
+                continue
+            if not isinstance(c, Conditioning):
+                raise ValueError(f"{name} must be a Conditioning (from LAP Encode / UniFusionModel.encode), "
+                                 f"got {type(c).__name__}")
+            if c.tokens.shape[-1] != self.config.dit.hidden_size:
+                raise ValueError(f"{name} has {c.tokens.shape[-1]}-wide tokens but this model's DiT takes "
+                                 f"{self.config.dit.hidden_size}: it was encoded by another UniFusion model; "
+                                 "encode it with this one")
         steps = self.config.sampling.steps if steps is None else int(steps)
         cfg = require_finite_number("cfg", self.config.sampling.cfg if cfg is None else cfg)
         if shift is not None:

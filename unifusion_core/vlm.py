@@ -260,6 +260,27 @@ class Rewrite:
     text: str  # the rewrite's non-special tokens, decoded and stripped (= Features.text)
 
 
+# No tokenizer packs text this densely (whitespace runs and long words stay under ~16 characters
+# a token): text longer than this many characters per context token cannot fit, and is refused
+# before tokenizing it (a 20 MB prompt took 51 s and 4 GB to tokenize).
+MAX_CHARS_PER_TOKEN = 32
+
+
+def _check_text(text, what: str, name: str, context_length: int | None) -> None:
+    """ValueError for what no tokenizer should see: a non-string, invalid Unicode, absurd length."""
+    if not isinstance(text, str):
+        raise ValueError(f"the {what} must be text (str), got {type(text).__name__}")
+    limit = MAX_CHARS_PER_TOKEN * (context_length or 131072)
+    if len(text) > limit:
+        raise ValueError(f"the {what} is {len(text):,} characters: far beyond what {name}'s context window of "
+                         f"{context_length or 'at most 131072'} tokens can hold; shorten it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the {what} is not valid Unicode (character {e.start} is {text[e.start]!r}, a lone "
+                         "surrogate); send it as UTF-8 text") from None
+
+
 class VLMEncoder:
     """A frozen VLM that turns a prompt and reference images into Features for LAP."""
 
@@ -651,6 +672,8 @@ class VLMEncoder:
     def _prepare(self, prompt: str, tiled: list[TiledImage], system: str, generation_prompt: bool) -> _Prompt:
         """Chat-template the turn, expand image placeholders, tokenize, and mark the user's text."""
         a, tok = self.adapter, self.tokenizer
+        for what, t in (("prompt", prompt), ("system prompt", system)):
+            _check_text(t, what, self.name, self.context_length)
         if not self.chat_template:
             raise ValueError(f"{self.name} has no chat template; VERIFI needs an instruction-tuned chat model")
         if a.takes_images and a.placeholder() in prompt:
