@@ -417,7 +417,9 @@ def test_cancel_lands_inside_one_long_step(server):
     status, _ = server.post("/interrupt", {"prompt_id": prompt_id})
     assert status == 200
     entry = server.wait(prompt_id, timeout=30)
-    assert time.monotonic() - t0 < 3, "Cancel took longer than 3 s inside a step"
+    elapsed = time.monotonic() - t0
+    print(f"Cancel inside a 1024x1024 step: {elapsed:.2f} s from /interrupt to the finished entry")
+    assert elapsed < 3, f"Cancel took {elapsed:.1f} s inside a step"
     interrupted = messages(entry).get("execution_interrupted")
     assert interrupted and interrupted["node_type"] == "UniFusionSample", entry["status"]
 
