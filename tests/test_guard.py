@@ -162,3 +162,21 @@ def test_prompts_no_tokenizer_should_see_are_refused_first(monkeypatch, tmp_path
     with pytest.raises(AttributeError):  # the patched template returns None
         enc.encode("a cat", rewrite=False)  # a good prompt does reach the template step
     assert called
+
+
+def test_broken_vlm_files_are_named_with_what_to_do(tmp_path):
+    import tiny_vlms
+
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.gguf: the file is empty \(0 bytes\).*fetch it again"):
+        uf.load_vlm(empty)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(ValueError, match=r"corrupt.gguf: not a readable GGUF file .* truncated or corrupt"):
+        uf.load_vlm(corrupt)
+    folder = tiny_vlms.make_tiny_causal_lm(tmp_path / "q")
+    (weights,) = folder.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"q: a weights file cannot be read .* truncated or corrupt"):
+        uf.load_vlm(folder)

@@ -15,12 +15,14 @@ import inspect
 import json
 import logging
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from .config import EncoderSpec, every_nth_layer
@@ -180,7 +182,13 @@ def load_vlm(
             if importlib.util.find_spec(module) is None:
                 raise ImportError(f"loading {path.name} needs the '{module}' package: pip install gguf accelerate")
         folder, kw["gguf_file"] = path.parent, path.name
-        model_type = AutoConfig.from_pretrained(folder, **kw).model_type
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: the file is empty (0 bytes): the download or copy did not finish; fetch it again")
+        try:
+            model_type = AutoConfig.from_pretrained(folder, **kw).model_type
+        except (struct.error, ValueError, KeyError, IndexError, OSError) as e:
+            raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or "
+                             "corrupt: fetch it again") from None
     else:
         try:  # read the type before transformers does: remote-code folders would only ask for trust
             model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
@@ -210,6 +218,9 @@ def load_vlm(
         model = cls.from_pretrained(folder, dtype=dtype, **kw, **weights, **placement)
     except OSError as e:
         raise ValueError(f"{path}: cannot load the model files ({e}); safetensors weights are required") from None
+    except (SafetensorError, struct.error) as e:
+        raise ValueError(f"{path}: a weights file cannot be read ({type(e).__name__}: {e}); it is truncated or "
+                         "corrupt: copy or download it again") from None
     model = model.to(device).eval().requires_grad_(False)
     template = _processor_template(folder) if adapter.takes_images else None
     return VLMEncoder(model, tokenizer, adapter(model, tokenizer), name=path.stem if path.is_file() else path.name,
