@@ -6,6 +6,7 @@ ending as a black image."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -52,8 +53,6 @@ def available_memory(device: torch.device | str) -> int | None:
         except OSError:
             pass
         try:
-            import os
-
             return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return None

@@ -259,7 +259,7 @@ class UniFusionModel(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tokens = max(c.tokens.shape[1] for c in (cond, negative, next_cond) if c is not None)
-        ensure_memory(self.memory_required(batch_size, tokens, width, height, cfg != 1), device or self.device,
+        ensure_memory(self.memory_required(batch_size, tokens, width, height, cfg != 1), device,
                       f"sampling {batch_size} image(s) of {width}x{height}",
                       "lower width/height or batch_size (or set cfg to 1, which halves it)")
         space, p = self.config.latent, self.config.dit.patch_size
