@@ -412,7 +412,8 @@ def test_cancel_lands_inside_one_long_step(server):
     stop it from inside the step, between DiT blocks and attention chunks."""
     _, elapsed = interrupt_while_sampling(server, 6, 2.0, steps=2, width=1024, height=1024)
     print(f"Cancel inside a 1024x1024 step: {elapsed:.2f} s from /interrupt to the finished entry")
-    assert elapsed < 3, f"Cancel took {elapsed:.1f} s inside a step"
+    # a step takes minutes; on an idle 2-core machine Cancel lands in 0.6 s, under a loaded one in ~4.4 s
+    assert elapsed < 10, f"Cancel took {elapsed:.1f} s inside a step"
 
 
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "bfloat16"])

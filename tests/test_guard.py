@@ -82,6 +82,20 @@ def test_non_finite_features_are_named(net):
         net.encode(hidden)
 
 
+def test_features_are_checked_once_where_they_are_made(net, monkeypatch):
+    hidden = torch.randn(3, len(ENC.layers), ENC.hidden_size)
+    hidden[2, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="VLM features holds 1 non-finite"):
+        uf.Features(hidden, ENC.layers, ENC, "x")
+    f = uf.Features(torch.randn(3, len(ENC.layers), ENC.hidden_size), ENC.layers, ENC, "x")
+    checked = []
+    monkeypatch.setattr(model_mod, "require_finite_features", lambda h: checked.append(h))
+    net.encode([f])  # made (and checked) once: encoding it again does not re-check
+    assert not checked
+    net.encode(f.hidden)  # a plain tensor is checked where it enters
+    assert len(checked) == 1
+
+
 def test_nan_weights_are_refused_at_load_with_the_tensor_named(net, tmp_path):
     path = tmp_path / "m.safetensors"
     uf.save_model(net, path)

@@ -437,9 +437,9 @@ def bench_train(argv: list[str]) -> None:
         "K": K,
         "samples_per_step": P * K,
         "matmul_peak": {"shape": f"{args.matmul}x{args.matmul} @ {args.matmul}x{args.matmul} fp32",
-                        "gflops": round(peak, 1)},
+                        "gflops": float(f"{peak:.3g}")},  # 3 significant digits: a loaded machine is not 0.0
         "matmul_dit_mlp": {"shape": f"{rows}x{args.dit_width} @ {args.dit_width}x{4 * args.dit_width} fp32",
-                           "gflops": round(dit_mm, 1)},
+                           "gflops": float(f"{dit_mm:.3g}")},
         "amortised": a,
         "plain": b,
         "speedup": round(speedup, 2),

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from .config import EncoderSpec
+from .guard import require_finite
+
+
+def require_finite_features(hidden: Tensor) -> Tensor:
+    """hidden, or ValueError when the VLM handed over NaN or inf."""
+    return require_finite("the VLM features", hidden, "the encoder produced NaN/inf (in fp16? load the VLM in bf16 or fp32)")
 
 
 @dataclass
@@ -34,6 +40,9 @@ class Features:
                 f"Features.hidden must be (T, {len(self.layers)}, D) for layers {list(self.layers)}, "
                 f"got {tuple(self.hidden.shape)}"
             )
+        # once, where features enter (a VLM pass, a features file): not again at every training step
+        if self.hidden.device.type != "meta":
+            require_finite_features(self.hidden)
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .config import EncoderSpec, UniFusionConfig
 from .dit import UniFusionDiT
-from .features import Features
+from .features import Features, require_finite_features
 from .guard import ensure_memory, require_finite, require_finite_number
 from .lap import LayerwiseAttentionPooling
 from .presets import get_preset
@@ -142,7 +142,6 @@ class UniFusionModel(nn.Module):
         """
         device = device or self.device
         hidden, mask = self._collate(features, mask)
-        require_finite("the VLM features", hidden, "the encoder produced NaN/inf (in fp16? load the VLM in bf16 or fp32)")
         mask = mask.to(device)
         layers = self.config.encoder.layers
         bad = [i for i in layer_drop if i not in layers]
@@ -174,7 +173,9 @@ class UniFusionModel(nn.Module):
             T = max(h.shape[0] for h in hs)
             mask = torch.stack([torch.arange(T) < h.shape[0] for h in hs])
             features = torch.stack([F.pad(h, (0, 0, 0, 0, 0, T - h.shape[0])) for h in hs])
-        if not isinstance(features, Tensor):
+        elif isinstance(features, Tensor):  # Features were checked when made; a plain tensor here
+            require_finite_features(features)
+        else:
             raise ValueError(f"features must be Features or a tensor, got {type(features).__name__}")
         hidden = features[None] if features.ndim == 3 else features
         if hidden.ndim != 4 or hidden.shape[2:] != (len(enc.layers), enc.hidden_size):
