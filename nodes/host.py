@@ -1,8 +1,9 @@
 """ComfyUI as the host: model folders, memory management, progress and Cancel.
 
 The only module of the pack that imports ComfyUI. Without ComfyUI (tests, scripts) it falls back
-to plain folders under $UNIFUSION_MODELS_DIR (default ./models), the CPU, no progress bar. In both,
-the files that ship with the pack (unifusion_core.assets) are listed beside the user's folders.
+to plain folders under `MODELS_DIR` (default ./models; scripts and tests set it), the CPU, no
+progress bar. In both, the files that ship with the pack (unifusion_core.assets) are listed beside
+the user's folders.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ IN_COMFYUI = folder_paths is not None
 VLM_FOLDERS = ("text_encoders", "LLM")
 MODEL_FOLDERS = ("unifusion", "diffusion_models")
 _EXTENSIONS = {"LLM": {".gguf", ".safetensors"}, "unifusion": {".safetensors"}}
+# Without ComfyUI: the root of the model folders (MODELS_DIR / "unifusion", ...). A plain setting,
+# not an environment variable: the pack reads no environment inside ComfyUI (the registry's scanner
+# flags it). Scripts and tests assign it: `nodes.host.MODELS_DIR = Path("/data/models")`.
+MODELS_DIR = Path("models")
 
 
 def bundled_folders() -> dict[str, Path]:
@@ -62,7 +67,7 @@ def folder_paths_for(name: str) -> list[Path]:
     if IN_COMFYUI:
         return [Path(p) for p in folder_paths.get_folder_paths(name)]
     bundled = bundled_folders().get(name)
-    return [Path(os.environ.get("UNIFUSION_MODELS_DIR", "models")) / name] + ([bundled] if bundled else [])
+    return [Path(MODELS_DIR) / name] + ([bundled] if bundled else [])
 
 
 def list_vlms() -> list[str]:

@@ -31,7 +31,7 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def use_models_dir(models_dir, monkeypatch):
-    monkeypatch.setenv("UNIFUSION_MODELS_DIR", str(models_dir))
+    monkeypatch.setattr(nodes.host, "MODELS_DIR", models_dir)
 
 
 def image(w=64, h=48, seed=0):
