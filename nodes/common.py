@@ -39,3 +39,37 @@ def parse_layers(text: str) -> list[int]:
         return [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
         raise ValueError(f"layer_drop must be VLM layer indices separated by commas, e.g. '0, 27'; got {text!r}") from None
+
+
+# --- inputs as they arrive ------------------------------------------------------------------------
+# ComfyUI refuses a link of the wrong socket type, but an API graph may put a plain value (a number,
+# a string) where a socket belongs, and other packs' IMAGE tensors vary: check once, at node entry.
+
+
+def expect(value, kind: type, name: str, source: str, holds: type | None = None):
+    """`value` as its socket carries it (`holds`: the object inside a loaded model), or TypeError."""
+    inner = getattr(value, "obj", None) if holds is not None else value
+    if not isinstance(value, kind) or (holds is not None and not isinstance(inner, holds)):
+        got = type(inner if holds is not None and isinstance(value, kind) else value).__name__
+        raise TypeError(f"{name} must be the output of {source}, got a {got}; connect {name} to a {source} node")
+    return value
+
+
+def expect_references(images):
+    """The optional `images` input: reference images from UniFusion Tile Images (a tuple), or None."""
+    if images is not None and not (isinstance(images, tuple) and all(isinstance(r, ReferenceImage) for r in images)):
+        raise TypeError(f"images must be the output of UniFusion Tile Images, got a {type(images).__name__}; "
+                        "connect images to a UniFusion Tile Images node")
+    return images
+
+
+def expect_image(image, name: str = "image") -> torch.Tensor:
+    """A ComfyUI IMAGE: float [B, H, W, 3] in 0..1, at least 1x1, finite."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name} must be a ComfyUI IMAGE [batch, height, width, 3 (RGB)], got {shape}; "
+                         "convert it to RGB first (e.g. drop the alpha channel)")
+    if not image.is_floating_point() or min(image.shape[:3]) == 0:
+        raise ValueError(f"{name} must hold float pixels and at least one 1x1 image, got {image.dtype} {tuple(image.shape)}")
+    uf.guard.require_finite(name, image, "fix the node that made it")
+    return image

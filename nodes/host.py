@@ -83,12 +83,28 @@ def list_vlms() -> list[str]:
 
 
 def list_models() -> list[str]:
-    """UniFusion checkpoints: .safetensors whose metadata says format 'unifusion'."""
+    """UniFusion checkpoints: .safetensors whose metadata says format 'unifusion'. Each other file is
+    named in the log once, with the reason it is not listed."""
     names = set()
     for folder in (p for f in MODEL_FOLDERS for p in folder_paths_for(f)):
-        if folder.is_dir():
-            names.update(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors") if is_unifusion_file(p))
+        if not folder.is_dir():
+            continue
+        for path in folder.rglob("*.safetensors"):
+            problem = unifusion_file_problem(path)
+            if problem is None:
+                names.add(path.relative_to(folder).as_posix())
+            else:
+                _report_once(path, problem)
     return sorted(names)
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _report_once(path: Path, problem: str) -> None:
+    if (str(path), problem) not in _reported:
+        _reported.add((str(path), problem))
+        log.info("UniFusion Model Load does not list %s: %s", path, problem)
 
 
 def resolve(kind: str, name: str) -> Path:
@@ -100,17 +116,29 @@ def resolve(kind: str, name: str) -> Path:
     raise FileNotFoundError(f"{name!r} is not in any of the model folders {[str(f) for f in folders]}")
 
 
-def is_unifusion_file(path: Path) -> bool:
-    """Read only the safetensors header (8-byte length + JSON) to check the format tag."""
+def unifusion_file_problem(path: Path) -> str | None:
+    """Why `path` is not a UniFusion checkpoint, or None when it is. Reads only the safetensors
+    header (8-byte length + JSON) for the format tag."""
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                return False
+            head = f.read(8)
+            if len(head) < 8:
+                return f"not a safetensors file ({len(head)} bytes): the download or copy did not finish"
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000 or n > path.stat().st_size - 8:
+                return "not a safetensors file (its header length is impossible): truncated or corrupt"
             meta = json.loads(f.read(n)).get("__metadata__") or {}
-        return meta.get("format") == "unifusion"
-    except (OSError, ValueError, struct.error):
-        return False
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    except (ValueError, AttributeError):
+        return "not a safetensors file (its header is not JSON): truncated or corrupt"
+    if meta.get("format") != "unifusion":
+        return "no UniFusion metadata (format 'unifusion'): the weights of another kind of model"
+    return None
+
+
+def is_unifusion_file(path: Path) -> bool:
+    return unifusion_file_problem(path) is None
 
 
 # --- devices and memory -------------------------------------------------------------------------

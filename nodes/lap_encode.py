@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import host
-from .common import CATEGORY, COND, FEATURES, MODEL, parse_layers
+from .common import CATEGORY, COND, FEATURES, MODEL, expect, parse_layers, uf
 
 TOKENS = ("all", "image", "text")
 
@@ -34,6 +34,10 @@ class UniFusionLAPEncode:
         }
 
     def encode(self, model, features, tokens: str = "all", layer_drop: str = ""):
+        expect(model, host.Managed, "model", "UniFusion Model Load", uf.UniFusionModel)
+        expect(features, uf.Features, "features", "UniFusion VERIFI Rewrite")
+        if tokens not in TOKENS:
+            raise ValueError(f"tokens must be one of {list(TOKENS)}, got {tokens!r}")
         if tokens == "image":
             features = features.image_tokens()
         elif tokens == "text":

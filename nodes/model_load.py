@@ -40,6 +40,8 @@ class UniFusionModelLoad:
         }
 
     def load(self, model_name: str, weight_dtype: str = "default"):
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
         device = host.load_device()
         storage = WEIGHT_DTYPES[weight_dtype]
         fp8 = storage in (torch.float8_e4m3fn, torch.float8_e5m2)

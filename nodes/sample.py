@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import host
-from .common import CATEGORY, COND, MODEL, uf
+from .common import CATEGORY, COND, MODEL, expect, uf
 
 MAX_RESOLUTION = 16384
 
@@ -46,6 +46,10 @@ class UniFusionSample:
     def sample(self, model, conditioning, width: int, height: int, steps: int, cfg: float, shift: float,
                sampler: str, seed: int, batch_size: int = 1, negative=None, second_conditioning=None,
                switch_at: float = 0.2):
+        expect(model, host.Managed, "model", "UniFusion Model Load", uf.UniFusionModel)
+        for name, c in (("conditioning", conditioning), ("negative", negative), ("second_conditioning", second_conditioning)):
+            if c is not None or name == "conditioning":
+                expect(c, uf.Conditioning, name, "UniFusion LAP Encode")
         tokens = max(c.tokens.shape[1] for c in (conditioning, negative, second_conditioning) if c is not None)
         net = model.load(memory_required=model.obj.memory_required(batch_size, tokens, width, height, cfg != 1))
         progress = host.Progress(steps)

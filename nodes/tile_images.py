@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import CATEGORY, IMAGES, ReferenceImage
+from .common import CATEGORY, IMAGES, ReferenceImage, expect_image, expect_references
 
 
 class UniFusionTileImages:
@@ -31,5 +31,7 @@ class UniFusionTileImages:
         }
 
     def add(self, image, max_tiles: int = 10, thumbnail: bool = True, images=None):
+        expect_image(image)
+        expect_references(images)
         new = [ReferenceImage(image[i : i + 1], max_tiles, thumbnail) for i in range(image.shape[0])]
         return (tuple(images or ()) + tuple(new),)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 
 from . import host
-from .common import CATEGORY, FEATURES, IMAGES, VLM, uf
+from .common import CATEGORY, FEATURES, IMAGES, VLM, expect, expect_references, uf
 
 
 class UniFusionVERIFIRewrite:
@@ -43,6 +43,8 @@ class UniFusionVERIFIRewrite:
 
     def encode(self, vlm, prompt: str, rewrite: bool = True, system_prompt: str = "", max_new_tokens: int = 256,
                sample: bool = False, seed: int = 0, images=None):
+        expect(vlm, host.Managed, "vlm", "UniFusion VLM Load", uf.VLMEncoder)
+        expect_references(images)
         # The seed widget's control re-queues the node with a new seed, but a greedy rewrite (or
         # none) does not depend on it: reuse the last result instead of running the VLM again.
         key = (prompt, rewrite, system_prompt, max_new_tokens, sample, seed if sample and rewrite else None)
@@ -66,4 +68,8 @@ class UniFusionVERIFIRewrite:
             seed=seed if sample else None, callback=lambda i, n: progress.update(i, n),
         )
         progress.update(max_new_tokens, max_new_tokens)  # the rewrite may end before max_new_tokens
+        if rewrite and not features.text:  # the VLM wrote only whitespace: the prompt would not reach the image
+            where = "only the reference images would condition the image" if tiled else "nothing would condition the image"
+            raise ValueError(f"{encoder.name} wrote an empty rewrite (only whitespace): {where}; "
+                             f"{uf.vlm.EMPTY_REWRITE_ADVICE}")
         return (features, features.text)

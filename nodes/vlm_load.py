@@ -35,6 +35,8 @@ class UniFusionVLMLoad:
         }
 
     def load(self, vlm_name: str, dtype: str = "auto", device: str = "default"):
+        if dtype not in DTYPES or device not in ("default", "cpu"):
+            raise ValueError(f"dtype must be one of {list(DTYPES)} and device 'default' or 'cpu'; got {dtype!r}, {device!r}")
         run_on = torch.device("cpu") if device == "cpu" else host.load_device(text_encoder=True)
         chosen = DTYPES[dtype] or host.compute_dtype(run_on, text_encoder=True)
         offload = host.offload_device(text_encoder=True)

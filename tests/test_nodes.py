@@ -1,5 +1,7 @@
 """The ComfyUI nodes, called directly (no ComfyUI): schemas, model folders, the whole chain."""
 
+import dataclasses
+
 import pytest
 import tiny_vlms
 import torch
@@ -40,7 +42,8 @@ def image(w=64, h=48, seed=0):
 
 def run_chain(prompt="a fox", refs=None, rewrite=True, **sample):
     (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
-    feats, text = N["UniFusionVERIFIRewrite"]().encode(vlm, prompt, rewrite, uf.prompts.VERIFI_SYSTEM_PROMPT, 6, False, 0, refs)
+    # Seeded sampling: greedy, the random tiny VLM writes only whitespace (an empty rewrite, refused).
+    feats, text = N["UniFusionVERIFIRewrite"]().encode(vlm, prompt, rewrite, uf.prompts.VERIFI_SYSTEM_PROMPT, 6, True, 0, refs)
     (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
     (cond,) = N["UniFusionLAPEncode"]().encode(model, feats)
     args = dict(width=16, height=8, steps=3, cfg=3.0, shift=0.0, sampler="euler", seed=1) | sample
@@ -127,7 +130,7 @@ def test_the_node_chain_equals_the_core():
     enc = vlm.obj
     tiled = enc.tile(refs[0].image, 3, True) + enc.tile(refs[1].image, 1, False)
     assert [t.num_tiles for t in tiled] == [3, 1]
-    direct = enc.encode("make it snow", tiled, max_new_tokens=6)
+    direct = enc.encode("make it snow", tiled, max_new_tokens=6, seed=0)
     assert direct.sequence_ids == feats.sequence_ids and torch.equal(direct.hidden, feats.hidden)
     net = model.obj
     expected = net.sample(net.encode(direct), 16, 8, steps=3, cfg=3.0, seed=1)
@@ -177,7 +180,11 @@ def test_verifi_reuses_a_greedy_rewrite_when_only_the_seed_changes(monkeypatch):
     (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
     node = N["UniFusionVERIFIRewrite"]()
     calls = []
-    real = vlm.obj.encode
+    encode = vlm.obj.encode
+
+    def real(*a, **k):  # the random tiny VLM's greedy rewrite is only whitespace (refused): give it words
+        return dataclasses.replace(encode(*a, **k), text="a fox in the snow")
+
     monkeypatch.setattr(vlm.obj, "encode", lambda *a, **k: calls.append(k.get("seed")) or real(*a, **k))
     args = (vlm, "a fox", True, "Describe.", 4)
     first = node.encode(*args, False, 1)
@@ -189,3 +196,67 @@ def test_verifi_reuses_a_greedy_rewrite_when_only_the_seed_changes(monkeypatch):
     monkeypatch.setattr(other.obj, "encode", lambda *a, **k: calls.append("other") or real(*a, **k))
     node.encode(other, "a fox", True, "Describe.", 4, False, 1)
     assert calls[-1] == "other"  # another VLM object: runs again
+
+
+def test_files_that_are_not_checkpoints_are_logged_with_the_reason(models_dir, caplog):
+    bad = models_dir / "unifusion"
+    (bad / "empty.safetensors").write_bytes(b"")
+    (bad / "cut.safetensors").write_bytes((models_dir / "unifusion" / "tiny.safetensors").read_bytes()[:6])
+    (bad / "garbage.safetensors").write_bytes((40).to_bytes(8, "little") + b"{not json" + b" " * 40)
+    try:
+        with caplog.at_level("INFO", logger="nodes.host"):
+            assert listed()[1] == sorted(["tiny.safetensors", uf.assets.BUNDLED_MODEL.name] if uf.bundled_model() else ["tiny.safetensors"])
+            listed()  # each file is named once, not at every listing
+        reasons = {r.args[0].name: r.args[1] for r in caplog.records if "does not list" in r.getMessage()}
+        assert len([r for r in caplog.records if "does not list" in r.getMessage()]) == len(reasons) == 4
+        assert "did not finish" in reasons["empty.safetensors"] and "did not finish" in reasons["cut.safetensors"]
+        assert "not JSON" in reasons["garbage.safetensors"]
+        assert "another kind of model" in reasons["flux-dev.safetensors"]
+    finally:
+        for name in ("empty", "cut", "garbage"):
+            (bad / f"{name}.safetensors").unlink()
+
+
+def test_inputs_of_the_wrong_kind_get_errors_that_name_the_socket():
+    """An API graph can put any value where a socket belongs; each node says which input and what to connect."""
+    vlm, feats, _, model, cond, _ = run_chain("a fox", rewrite=False)
+    cases = [
+        (lambda: N["UniFusionSample"]().sample(model, feats, 16, 8, 2, 3.0, 0.0, "euler", 0), TypeError,
+         "conditioning must be the output of UniFusion LAP Encode, got a Features"),
+        (lambda: N["UniFusionSample"]().sample(model, cond, 16, 8, 2, 3.0, 0.0, "euler", 0, negative=5), TypeError,
+         "negative must be the output of UniFusion LAP Encode, got a int"),
+        (lambda: N["UniFusionSample"]().sample(vlm, cond, 16, 8, 2, 3.0, 0.0, "euler", 0), TypeError,
+         "model must be the output of UniFusion Model Load, got a VLMEncoder"),
+        (lambda: N["UniFusionLAPEncode"]().encode(model, "a fox"), TypeError,
+         "features must be the output of UniFusion VERIFI Rewrite, got a str"),
+        (lambda: N["UniFusionLAPEncode"]().encode(model, feats, "image"), ValueError,
+         r"no image tokens \(no reference images were encoded"),
+        (lambda: N["UniFusionLAPEncode"]().encode(model, feats, "some"), ValueError, "tokens must be one of"),
+        (lambda: N["UniFusionVERIFIRewrite"]().encode(model, "a fox", False), TypeError,
+         "vlm must be the output of UniFusion VLM Load, got a UniFusionModel"),
+        (lambda: N["UniFusionVERIFIRewrite"]().encode(vlm, "a fox", False, images=[image()]), TypeError,
+         "images must be the output of UniFusion Tile Images, got a list"),
+        (lambda: N["UniFusionTileImages"]().add(torch.rand(1, 8, 8, 4)), ValueError, r"\[batch, height, width, 3 \(RGB\)\]"),
+        (lambda: N["UniFusionTileImages"]().add(torch.rand(0, 8, 8, 3)), ValueError, "at least one 1x1 image"),
+        (lambda: N["UniFusionTileImages"]().add(torch.full((1, 8, 8, 3), float("nan"))), ValueError,
+         "image holds 192 non-finite values"),
+        (lambda: N["UniFusionTileImages"]().add(image(), images="x"), TypeError, "images must be the output of"),
+        (lambda: N["UniFusionVLMLoad"]().load("tiny-internvl", "int8"), ValueError, "dtype must be one of"),
+        (lambda: N["UniFusionModelLoad"]().load("tiny.safetensors", "int4"), ValueError, "weight_dtype must be one of"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
+
+
+def test_an_empty_rewrite_is_refused(caplog):
+    """Greedy, the random tiny VLM writes only whitespace: the prompt would not reach the image."""
+    (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
+    node = N["UniFusionVERIFIRewrite"]()
+    with pytest.raises(ValueError, match=r"wrote an empty rewrite \(only whitespace\): nothing would condition"):
+        node.encode(vlm, "a fox", True, "Describe.", 6, False, 0)
+    refs = (ReferenceImage(image(), 1, False),)
+    with pytest.raises(ValueError, match="only the reference images would condition the image; turn sample on"):
+        node.encode(vlm, "make it snow", True, "Describe.", 6, False, 0, refs)
+    feats, text = node.encode(vlm, "a fox", True, "Describe.", 6, True, 0)  # seeded sampling writes words
+    assert text.strip() and feats.text == text

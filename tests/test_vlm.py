@@ -399,3 +399,18 @@ def test_the_embedded_model_draws_compositions_it_never_saw():
     right = evaluate(model_generate_fn(model, dict(zip([s.prompt for s in chosen], feats))), chosen, (0,)).correct(0)
     # 0.98 of held-out prompts are drawn all-correct on average (README); allow one miss across machines
     assert sum(right) >= 5, [(s.prompt, ok) for s, ok in zip(chosen, right)]
+
+
+@pytest.mark.parametrize("keep", [set(), {"chat_template.jinja"}, {"tokenizer_config.json", "chat_template.jinja"}],
+                         ids=["no-tokenizer-files", "only-the-template", "config-and-template"])
+def test_a_folder_without_tokenizer_files_is_refused_by_name(tmp_path, keep):
+    """Not 'no chat template' (misleading) nor a tensor IndexError: say which files are missing."""
+    import shutil
+
+    full = tiny_vlms.make_tiny_causal_lm(tmp_path / "full")
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    for name in {"config.json", "generation_config.json", "model.safetensors"} | keep:
+        shutil.copy(full / name, folder / name)
+    with pytest.raises(ValueError, match=r"partial has no tokenizer files \(none of tokenizer.json, .*copy the tokenizer"):
+        load_vlm(folder)

@@ -50,17 +50,18 @@ class Features:
 
     def image_tokens(self) -> Features:
         """Only the image tokens (e.g. to condition the first steps on the images, Sec. 5.2)."""
-        return self._select(self.is_image)
+        return self._select(self.is_image, "image", "no reference images were encoded: connect images to VERIFI Rewrite, or use all tokens")
 
     def text_tokens(self) -> Features:
         """Only the text tokens."""
-        return self._select(~self.is_image)
+        return self._select(None if self.is_image is None else ~self.is_image, "text",
+                            "the prompt is empty: give a prompt, or use all tokens")
 
-    def _select(self, keep: Tensor | None) -> Features:
+    def _select(self, keep: Tensor | None, kind: str, hint: str) -> Features:
         if keep is None:
             raise ValueError("these Features do not record which tokens are image tokens")
         if not bool(keep.any()):
-            raise ValueError("no tokens of that kind in these Features")
+            raise ValueError(f"these features have no {kind} tokens ({hint})")
         pick = lambda t: None if t is None else t[keep]  # noqa: E731
         return Features(
             self.hidden[keep], self.layers, self.encoder, self.text, self.sequence_ids,

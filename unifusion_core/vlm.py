@@ -152,6 +152,14 @@ def _first(x):
 # --- loading ------------------------------------------------------------------------------------
 
 
+EMPTY_REWRITE_ADVICE = ("turn sample on and try another seed, change the system prompt, or turn rewrite off to "
+                        "condition on the prompt itself")
+
+# A folder needs one of these for AutoTokenizer (fast tokenizer, SentencePiece, or BPE vocab +
+# merges.txt); without them transformers fails later with an unrelated error.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_vlm(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
@@ -211,6 +219,11 @@ def load_vlm(
         hint = " (the original remote-code InternVL format: use the '-hf' conversion)" if "internvl" in model_type else ""
         raise ValueError(f"{path}: architecture {model_type!r} is not supported{hint}. Supported: {SUPPORTED}")
 
+    if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files "
+            "of the model's original repository into the folder beside config.json"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
         weights = {} if path.is_file() else {"use_safetensors": True}
@@ -402,9 +415,10 @@ class VLMEncoder:
         if rewrite:
             text = self.tokenizer.decode(fed[rewrite_keep], skip_special_tokens=True).strip()
             if not bool(rewrite_keep.any()) and not tiled:
-                raise ValueError(
-                    f"{self.name} wrote an empty rewrite; try another seed or system prompt, or rewrite=False"
-                )
+                raise ValueError(f"{self.name} wrote an empty rewrite; {EMPTY_REWRITE_ADVICE}")
+            if not text:  # only whitespace: the request's words do not reach the image (UniFusion VERIFI Rewrite refuses it)
+                log.warning("%s wrote an empty rewrite (%d whitespace tokens); %s", self.name, int(rewrite_keep.sum()),
+                            EMPTY_REWRITE_ADVICE)
         else:
             text = prompt
         image_index = torch.cat([p.image_index, torch.full((len(fed),), -1)])[cond]
