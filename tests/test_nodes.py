@@ -256,7 +256,7 @@ def test_an_empty_rewrite_is_refused(caplog):
     with pytest.raises(ValueError, match=r"wrote an empty rewrite \(only whitespace\): nothing would condition"):
         node.encode(vlm, "a fox", True, "Describe.", 6, False, 0)
     refs = (ReferenceImage(image(), 1, False),)
-    with pytest.raises(ValueError, match="only the reference images would condition the image; turn sample on"):
+    with pytest.raises(ValueError, match="only the reference images would condition the image; try another seed with sample on"):
         node.encode(vlm, "make it snow", True, "Describe.", 6, False, 0, refs)
     feats, text = node.encode(vlm, "a fox", True, "Describe.", 6, True, 0)  # seeded sampling writes words
     assert text.strip() and feats.text == text

@@ -37,8 +37,9 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def one(server: Server, i: int) -> bool:
-    """Run prompt i; True when it ran as expected (success, or the error a bad input must give)."""
+def one(server: Server, i: int) -> str | None:
+    """Run prompt i; None when it ran as expected (success, or the error a bad input must give),
+    else what happened."""
     prompt = tiny_prompt(PROMPTS[i % 2], seed=1000 + i)
     prompt[node_id(prompt, "UniFusionVERIFIRewrite")]["inputs"]["seed"] = 1000 + i
     bad = BAD[(i // 10) % len(BAD)] if i % 10 == 9 else None
@@ -46,9 +47,10 @@ def one(server: Server, i: int) -> bool:
         prompt[node_id(prompt, bad[0])]["inputs"][bad[1]] = bad[2]
     entry = server.run(prompt)
     status = entry["status"]["status_str"]
-    if bad:
-        return status == "error" and messages(entry)["execution_error"]["node_type"] == bad[0]
-    return status == "success"
+    err = messages(entry).get("execution_error") or {}
+    if (status == "error" and err.get("node_type") == bad[0]) if bad else status == "success":
+        return None
+    return f"run {i} ({PROMPTS[i % 2]}{', bad ' + bad[1] if bad else ''}): {status}: {err.get('exception_message', '')[:160]}"
 
 
 def main() -> None:
@@ -68,9 +70,10 @@ def main() -> None:
             idle = rss_mib(server.proc.pid)
             for i in range(args.warmup):
                 one(server, -1 - i)
-            samples, unexpected, t0 = [], 0, time.perf_counter()
+            samples, unexpected, t0 = [], [], time.perf_counter()
             for i in range(args.runs):
-                unexpected += not one(server, i)
+                if (what := one(server, i)) is not None:
+                    unexpected.append(what)
                 samples.append(rss_mib(server.proc.pid))
                 if (i + 1) % 50 == 0:
                     print(f"run {i + 1}: {samples[-1]:.0f} MiB", file=sys.stderr)

@@ -152,7 +152,7 @@ def _first(x):
 # --- loading ------------------------------------------------------------------------------------
 
 
-EMPTY_REWRITE_ADVICE = ("turn sample on and try another seed, change the system prompt, or turn rewrite off to "
+EMPTY_REWRITE_ADVICE = ("try another seed with sample on, change the system prompt, or turn rewrite off to "
                         "condition on the prompt itself")
 
 # A folder needs one of these for AutoTokenizer (fast tokenizer, SentencePiece, or BPE vocab +
