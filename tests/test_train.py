@@ -26,6 +26,7 @@ from unifusion_core.generate import generate, sample_features
 from unifusion_core.train.data import ImageFolder, Sample, SyntheticScenes, TaskMixture
 from unifusion_core.train.loop import TrainConfig, Trainer, build_model, lr_at, param_groups, step_generator
 from unifusion_core.train.setup import PromptFeatures
+from unifusion_core.train.state import list_states, read_tensors, state_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENC = EncoderSpec("tiny", "tiny-random", hidden_size=32, num_layers=6, layers=every_nth_layer(6))
@@ -165,8 +166,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
     # the same run killed with SIGKILL in the middle of step 10 (last state: step 8), then resumed
     killed = run_cli(tmp_path / "b", scene_features, *steps, check=False, env={"UNIFUSION_TRAIN_SIGKILL_AT": "9"})
     assert killed.returncode == -signal.SIGKILL
-    states = sorted((tmp_path / "b" / "checkpoints").glob("state-*.safetensors"))
-    assert states[-1].name == "state-00000008.safetensors" and not (tmp_path / "b" / "model.safetensors").exists()
+    states = list_states(tmp_path / "b")
+    assert states[-1][1].name == "step-00000008" and not (tmp_path / "b" / "model.safetensors").exists()
     # a wrong setting on resume is refused and leaves the run's recorded settings untouched
     bad = run_cli(tmp_path / "b", scene_features, *steps, "--resume", "--dit-width", "32", check=False)
     assert bad.returncode != 0 and json.loads((tmp_path / "b" / "run.json").read_text())["dit_width"] == 64
@@ -176,9 +177,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
                    cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=300)
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = load_file(str(tmp_path / "a" / "checkpoints" / "state-00000016.safetensors"))
-    sb = load_file(str(tmp_path / "b" / "checkpoints" / "state-00000016.safetensors"))
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # optimizer moments and EMA too
+    sa = read_tensors(state_path(tmp_path / "a", 16))
+    sb = read_tensors(state_path(tmp_path / "b", 16))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # optimizer moments and EMA too
+    assert any(k.startswith("optim.") and k.endswith(".exp_avg_sq") for k in sa) and any(k.startswith("ema.") for k in sa)
     # the loss curve continues exactly
     la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -236,7 +238,7 @@ def test_time_limit_saves_exports_and_resume_finishes_the_schedule(tmp_path):
     a = full.run()
     b = cut.run()  # the limit is passed after the first step: state saved, EMA exported
     assert (a["step"], b["step"], b["steps"]) == (3, 1, 3)
-    assert (tmp_path / "cut" / "checkpoints" / "state-00000001.safetensors").is_file()
+    assert [s for s, _ in list_states(tmp_path / "cut")] == [1]
     assert (tmp_path / "cut" / "model.safetensors").is_file()
     torch.manual_seed(0)
     again = _trainer(tmp_path / "cut", uf.UniFusionModel(tiny_config()), prompts, steps=3)

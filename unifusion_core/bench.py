@@ -374,9 +374,8 @@ def bench_train(argv: list[str]) -> None:
             tr.train_step()
         flops[name] = counter.get_total_flops()
         by_module = counter.get_flop_counts()
-        # the trainer calls model.encode and model.dit directly: FLOPs are keyed by their class names
-        parts[name] = {part: sum(by_module.get(type(getattr(model, part)).__name__, {}).values())
-                       for part in ("lap", "refiner", "dit")}
+        # the step runs as TrainStep(model): FLOPs are keyed by module path (TrainStep.model.lap, ...)
+        parts[name] = {part: sum(by_module.get(f"TrainStep.model.{part}", {}).values()) for part in ("lap", "refiner", "dit")}
     for _ in range(args.warmup):
         for tr in loops.values():
             tr.train_step()

