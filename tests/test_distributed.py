@@ -9,6 +9,7 @@ for bit.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -117,6 +118,10 @@ def test_sharded_run_killed_resumes_on_one_process_then_on_two(tmp_path, feature
     killed = train(out, features, procs=2, env={"UNIFUSION_TRAIN_SIGKILL_AT": "2"})  # dies in step 3 (state: step 2)
     assert killed.returncode != 0 and [s for s, _ in list_states(out)] == [2]
     assert not (out / "model.safetensors").exists()
+    # the consolidated export of the sharded state, by one process, loads in the nodes' path
+    ok(train(out, features, "--resume", "--export-only"))
+    assert uf.load_model(out / "model.safetensors").config.dit.depth == 2
+    (out / "model.safetensors").unlink()
     # one process continues the 2-process state, and is killed in its turn after saving step 4
     again = train(out, features, "--resume", env={"UNIFUSION_TRAIN_SIGKILL_AT": "4"})
     assert again.returncode == -signal.SIGKILL, again.stderr[-3000:]
@@ -139,3 +144,22 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, features):
     result = train(tmp_path / "odd", features, "--prompts-per-step", "3", procs=2)
     assert result.returncode != 0
     assert "prompts_per_step (3) must be a multiple of the number of processes (2)" in result.stdout + result.stderr
+
+
+def test_hsdp_mesh_and_checkpointed_blocks_train_what_one_process_does(tmp_path, features, single):
+    """2 processes as 2 replicas of 1 shard each (the replicate x shard mesh), every block's
+    activations recomputed in the backward: still the single process's run."""
+    out = tmp_path / "hsdp"
+    ok(train(out, features, "--hsdp-replicas", "2", "--gradient-checkpointing", procs=2))
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(single)), **TOL)
+    assert_same_weights(single / "model.safetensors", out / "model.safetensors")
+
+
+def test_bf16_parameters_with_fp32_reduction_train(tmp_path, features):
+    """FSDP2's MixedPrecisionPolicy (bf16 compute copies, fp32 gradient reduction and master
+    weights): finite losses, fp32 weights in the state and the export."""
+    out = tmp_path / "bf16"
+    ok(train(out, features, "--precision", "bf16", "--steps", "2", procs=2))
+    assert all(math.isfinite(x) for x in losses(out)) and len(losses(out)) == 2
+    state = read_tensors(list_states(out)[-1][1])
+    assert {v.dtype for k, v in state.items() if k.startswith(("model.", "ema."))} == {torch.float32}
