@@ -157,9 +157,11 @@ def test_hsdp_mesh_and_checkpointed_blocks_train_what_one_process_does(tmp_path,
 
 def test_bf16_parameters_with_fp32_reduction_train(tmp_path, features):
     """FSDP2's MixedPrecisionPolicy (bf16 compute copies, fp32 gradient reduction and master
-    weights): finite losses, fp32 weights in the state and the export."""
+    weights): finite losses, fp32 weights in the state and the export. With 90 % caption dropout
+    most steps drop both prompts of a rank: it must still run LAP and the refiner in step with the
+    other rank (else FSDP's collectives hang)."""
     out = tmp_path / "bf16"
-    ok(train(out, features, "--precision", "bf16", "--steps", "2", procs=2))
+    ok(train(out, features, "--precision", "bf16", "--steps", "2", "--cond-dropout", "0.9", procs=2))
     assert all(math.isfinite(x) for x in losses(out)) and len(losses(out)) == 2
     state = read_tensors(list_states(out)[-1][1])
     assert {v.dtype for k, v in state.items() if k.startswith(("model.", "ema."))} == {torch.float32}

@@ -353,3 +353,20 @@ def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
     assert z.shape == (4, 8, 8) and torch.isfinite(z).all()
     assert torch.equal(to_latents([x], space, None, cache)[0], z)  # served from the cache: no VAE needed
     assert uf.load_model(tmp_path / "run" / "model.safetensors").config.latent == space
+
+
+def test_a_frozen_adapter_can_be_unfrozen_on_resume(tmp_path):
+    """--adapter-lr 0 for a while, then on: the state has no AdamW moments for LAP and the
+    refiner; resuming starts them fresh instead of failing."""
+    prompts = ["a red circle on the left"]
+    torch.manual_seed(0)
+    frozen = _trainer(tmp_path / "run", uf.UniFusionModel(tiny_config()), prompts, steps=2, adapter_lr=0.0)
+    frozen.run()
+    torch.manual_seed(0)
+    thawed = _trainer(tmp_path / "run", uf.UniFusionModel(tiny_config()), prompts, steps=3)
+    assert thawed.resume() and thawed.step == 2
+    lap = next(thawed.model.lap.parameters())
+    assert lap not in thawed.optimizer.state or not thawed.optimizer.state[lap]  # no moments saved for it
+    before = lap.detach().clone()
+    thawed.run()
+    assert not torch.equal(before, lap.detach())  # and it trains now

@@ -71,6 +71,14 @@ class Dist:
         dist.all_gather(out, x)
         return out
 
+    def broadcast(self, value):
+        """Rank 0's value (a small picklable object: a path, None) on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -89,7 +97,9 @@ def setup(device: str, replicas: int = 1, timeout_minutes: float = 30) -> tuple[
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+        # NCCL for CUDA tensors, gloo for the few CPU tensors the loop reduces (bad-sample slots,
+        # loss bins, the time-limit flag)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=dev if dev.type == "cuda" else None)
     if replicas < 1 or world % replicas:
@@ -112,7 +122,9 @@ def shard(root: nn.Module, d: Dist, bf16: bool) -> nn.Module:
     backward needs at once (Cosmos' reshard_after_forward=i<last)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # Inputs are not cast: t and the features stay fp32 (the step runs under autocast, as in one process)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
+                              cast_forward_inputs=False)
     model = root.model
     blocks = [b for part in (model.lap, model.refiner, model.dit) for b in part.blocks]
     for i, block in enumerate(blocks):

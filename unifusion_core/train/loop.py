@@ -139,20 +139,18 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def conditioning(model: UniFusionModel, features: list[Features], drop: Tensor, device) -> Conditioning:
-    """LAP + refiner for the kept prompts; the learned null token for the dropped ones."""
+    """LAP + refiner for every prompt; the learned null token (alone, at position 0) in place of
+    the dropped ones. Why every prompt, dropped ones too: under FSDP every rank must run the same
+    blocks (a rank whose prompts were all dropped would skip LAP's and the refiner's all-gathers
+    and hang the others); the dropped rows' outputs are simply not used."""
     B = len(features)
-    keep = (~drop).nonzero().flatten().tolist()
-    null = model.dit.null_cond.to(device)  # (1, D)
-    if not keep:
-        return Conditioning(null[None].expand(B, -1, -1), torch.ones(B, 1, dtype=torch.bool, device=device))
-    enc = model.encode([features[i] for i in keep], device=device)
+    enc = model.encode(features, device=device)
     T, D = enc.tokens.shape[1], enc.tokens.shape[2]
-    tokens = null[None].expand(B, T, D) * (torch.arange(T, device=device) == 0)[None, :, None]  # null at position 0
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-    mask[:, 0] = True
-    idx = torch.tensor(keep, device=device)
-    tokens = tokens.index_put((idx,), enc.tokens.to(tokens.dtype))  # bf16 under autocast
-    mask[idx] = enc.mask
+    first = (torch.arange(T, device=device) == 0)[None, :]
+    null = model.dit.null_cond.to(device=device, dtype=enc.tokens.dtype)[None].expand(B, T, D) * first[..., None]
+    dropped = drop.to(device)
+    tokens = torch.where(dropped[:, None, None], null, enc.tokens)
+    mask = torch.where(dropped[:, None], first.expand(B, T), enc.mask)
     return Conditioning(tokens, mask)
 
 
@@ -226,11 +224,12 @@ class Trainer:
 
     def resume(self, path: Path | None = None) -> bool:
         """Continue from `path` or the run's newest state; False when there is none."""
-        if path is None:
-            states = list_states(self.out)
-            if not states:
+        if path is None:  # rank 0 chooses, so that every rank loads the same state
+            states = list_states(self.out) if self.dist.main else []
+            path = self.dist.broadcast(str(states[-1][1]) if states else None)
+            if path is None:
                 return False
-            path = states[-1][1]
+            path = Path(path)
         record = read_meta(path)
         meta = record["meta"]
         if UniFusionConfig.from_dict(meta["model"]) != self.model.config:
@@ -243,11 +242,20 @@ class Trainer:
                  record.get("world_size", 1), self.dist.world)
         return True
 
-    def ema_model(self) -> UniFusionModel:
+    def ema_model(self) -> UniFusionModel | None:
         """A plain (unsharded) copy of the model carrying the EMA weights: what gets exported and
-        validated. Under torchrun every process must call it (it gathers the shards)."""
+        validated. Under torchrun every process must call it (it gathers the shards, one tensor at
+        a time); rank 0 keeps the copy, the others get None."""
+        sd = {}
+        for k, v in self.ema.items():
+            whole = full(v)
+            if self.dist.main:
+                sd[k] = whole.detach().clone()
+            del whole
+        if not self.dist.main:
+            return None
         m = UniFusionModel(self.model.config, device="meta")
-        m.load_state_dict({k: full(v).detach().clone() for k, v in self.ema.items()}, assign=True)
+        m.load_state_dict(sd, assign=True)
         return m.eval()
 
     def export(self, path: Path) -> Path:
@@ -309,8 +317,9 @@ class Trainer:
         x0 = x0.repeat_interleave(K, dim=0)  # (P*K, C, H, W)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step) * group["lr_scale"]
-        # bf16: autocast in one process; under FSDP its MixedPrecisionPolicy casts the parameters
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and not self.dist.sharded)
+        # bf16: autocast (under FSDP too, whose MixedPrecisionPolicy keeps bf16 copies of the
+        # parameters but leaves the inputs alone: t and the features stay fp32, as in sampling)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         with autocast:
             v, cond_tokens = self.forward(interpolate(x0, noise, t), t, feats, drop, K)
         self.image_tokens = x0.shape[-2] * x0.shape[-1] // p**2
@@ -398,8 +407,14 @@ class Trainer:
 
     def _validate(self, metrics, train_seconds: float) -> dict:
         model = self.ema_model()  # every rank gathers; rank 0 validates while the others wait
-        result = self.validate(model, self.step, self.out) if self.dist.main else {}
-        self.dist.barrier()
+        result, failed = {}, None
+        if self.dist.main:
+            try:
+                result = self.validate(model, self.step, self.out)
+            except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+                failed = e
+        if self.dist.sum_(torch.tensor([float(failed is not None)])).item():  # every rank stops, none waits
+            raise RuntimeError(f"validation at step {self.step} failed on rank 0") from failed
         metrics.write(json.dumps({"step": self.step, "train_seconds": round(train_seconds, 1), "validation": result}) + "\n")
         metrics.flush()
         log.info("validation at step %d: %s", self.step, json.dumps(result))

@@ -109,7 +109,7 @@ def load_state(path: Path, model: nn.Module, ema: dict[str, Tensor], optimizer: 
     """Restore what save_state wrote into model, ema and optimizer (in place, into whatever
     sharding they have now); returns the meta dict. A collective under torchrun."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
     record = read_meta(path)
@@ -132,7 +132,7 @@ def load_state(path: Path, model: nn.Module, ema: dict[str, Tensor], optimizer: 
     with _one_process_is_fine():
         dcp.load(state, storage_reader=reader)
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, optim)
+    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(strict=False))
     return record["meta"]
 
 
