@@ -63,6 +63,13 @@ def register_folders() -> None:
         folder_paths.add_model_folder_path(name, str(folder), is_default=False)
 
 
+def gguf_cache() -> Path | None:
+    """Where VLM Load keeps the converted weights of .gguf files: ComfyUI's temp folder (emptied
+    when ComfyUI starts, so nothing piles up; a reload within a session takes a second instead of
+    half a minute). Without ComfyUI: the core's own setting (None: no cache)."""
+    return Path(folder_paths.get_temp_directory()) / "unifusion-gguf" if IN_COMFYUI else uf.vlm.GGUF_CACHE
+
+
 def folder_paths_for(name: str) -> list[Path]:
     if IN_COMFYUI:
         return [Path(p) for p in folder_paths.get_folder_paths(name)]

@@ -41,6 +41,6 @@ class UniFusionVLMLoad:
         chosen = DTYPES[dtype] or host.compute_dtype(run_on, text_encoder=True)
         offload = host.offload_device(text_encoder=True)
         # Loaded on the offload device; ComfyUI's memory manager moves it when it runs.
-        encoder = uf.load_vlm(host.resolve("vlm", vlm_name), dtype=chosen, device=offload)
+        encoder = uf.load_vlm(host.resolve("vlm", vlm_name), dtype=chosen, device=offload, cache_dir=host.gguf_cache())
         # transformers' layers are plain torch.nn: always loaded whole.
         return (host.Managed(encoder, encoder.model, run_on, offload, partial=False),)

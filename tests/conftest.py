@@ -11,6 +11,14 @@ import unifusion_core as uf
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory):
+    """One conversion of the SmolLM2 GGUF for the whole session (about 30 s), not one per test."""
+    uf.vlm.GGUF_CACHE = tmp_path_factory.mktemp("gguf-cache")
+    yield uf.vlm.GGUF_CACHE
+    uf.vlm.GGUF_CACHE = None
+
+
 def randomize(model: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
     """Give every parameter random values (norm scales near 1) so zero-initialised parts
     (adaLN-Zero gates, the final layer) cannot hide bugs."""

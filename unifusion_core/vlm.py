@@ -12,9 +12,11 @@ import contextlib
 import copy
 import importlib.util
 import inspect
+import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -160,16 +162,31 @@ EMPTY_REWRITE_ADVICE = ("try another seed with sample on, change the system prom
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
+# Where load_vlm keeps the converted weights of .gguf files (None: no cache). A setting, not an
+# environment variable: the CLI points it at ~/.cache/unifusion/gguf, the nodes at ComfyUI's temp
+# folder, the tests at a temporary folder; `load_vlm(..., cache_dir=)` overrides it per call.
+GGUF_CACHE: Path | None = None
+_GGUF_CACHE_FORMAT = 1
+
+
 def load_vlm(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> VLMEncoder:
     """Load a VLM / LLM from a local Hugging Face folder (safetensors) or a .gguf file; never downloads.
 
     dtype defaults to float32 on the CPU and bfloat16 elsewhere. The model is frozen: eval mode,
     no gradients, never modified.
+
+    A .gguf file is dequantised and its tokenizer converted by transformers, which takes about
+    30 s for SmolLM2-135M on 2 CPU cores. With a cache folder (`cache_dir`, else `GGUF_CACHE`) the
+    result is kept there once as a plain Hugging Face folder (safetensors at `dtype`, the tokenizer
+    and chat template), keyed by the file's path, size and modification time, the dtype and the
+    transformers version, and later loads read that (under a second). A changed GGUF gets a new
+    entry and the old one is removed.
     """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -180,6 +197,7 @@ def load_vlm(
     if not path.exists():
         raise FileNotFoundError(f"VLM not found: {path}")
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    converted = None  # the converted-weights cache entry of a .gguf file
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(
@@ -192,6 +210,15 @@ def load_vlm(
         folder, kw["gguf_file"] = path.parent, path.name
         if path.stat().st_size == 0:
             raise ValueError(f"{path}: the file is empty (0 bytes): the download or copy did not finish; fetch it again")
+        cache = cache_dir if cache_dir is not None else GGUF_CACHE
+        converted = _gguf_cache_entry(path, dtype, Path(cache)) if cache is not None else None
+        if converted is not None and (converted / "complete.json").is_file():
+            try:
+                encoder = load_vlm(converted, dtype=dtype, device=device)
+                encoder.name = path.stem  # the GGUF's name: what checkpoints record as their encoder
+                return encoder
+            except (ValueError, OSError) as e:
+                log.warning("the converted weights of %s at %s cannot be read (%s); converting again", path.name, converted, e)
         try:
             model_type = AutoConfig.from_pretrained(folder, **kw).model_type
         except (struct.error, ValueError, KeyError, IndexError, OSError) as e:
@@ -235,9 +262,50 @@ def load_vlm(
         raise ValueError(f"{path}: a weights file cannot be read ({type(e).__name__}: {e}); it is truncated or "
                          "corrupt: copy or download it again") from None
     model = model.to(device).eval().requires_grad_(False)
+    if path.is_file() and converted is not None:
+        _write_gguf_cache(converted, model, tokenizer, path)
     template = _processor_template(folder) if adapter.takes_images else None
     return VLMEncoder(model, tokenizer, adapter(model, tokenizer), name=path.stem if path.is_file() else path.name,
                       chat_template=template)
+
+
+def _gguf_cache_entry(path: Path, dtype: torch.dtype, cache: Path) -> Path:
+    import transformers
+
+    st = path.stat()
+    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, str(dtype), transformers.__version__,
+                      _GGUF_CACHE_FORMAT])
+    return cache / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _write_gguf_cache(entry: Path, model, tokenizer, gguf: Path) -> None:
+    """Save a converted GGUF model as a Hugging Face folder, atomically (a temporary folder renamed
+    into place, `complete.json` last); older entries of the same file are removed. A failure (disk
+    full, no permission) only costs the next load its speed: it is logged, never raised."""
+    from safetensors.torch import save_model as save_safetensors
+
+    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_safetensors(model, str(tmp / "model.safetensors"))  # tied embeddings are stored once
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the weights are plain now
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "complete.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}))
+        if entry.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # another process was first
+        else:
+            os.replace(tmp, entry)
+        for old in entry.parent.glob(f"{gguf.stem}-*/complete.json"):  # this file's earlier versions
+            if old.parent != entry and json.loads(old.read_text()).get("gguf") == str(gguf.resolve()):
+                shutil.rmtree(old.parent, ignore_errors=True)
+        log.info("kept the converted weights of %s in %s", gguf.name, entry)
+    except (OSError, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("could not keep the converted weights of %s in %s (%s); the next load converts again", gguf.name,
+                    entry.parent, e)
 
 
 def _processor_template(folder: Path) -> str | None:
