@@ -165,3 +165,15 @@ def test_bf16_parameters_with_fp32_reduction_train(tmp_path, features):
     assert all(math.isfinite(x) for x in losses(out)) and len(losses(out)) == 2
     state = read_tensors(list_states(out)[-1][1])
     assert {v.dtype for k, v in state.items() if k.startswith(("model.", "ema."))} == {torch.float32}
+
+
+def test_nodes_that_do_not_share_the_run_folder_are_refused(tmp_path, features):
+    """Two launches on 127.0.0.1 with different --out folders stand for two nodes with their own
+    disks: a clear error on both, before any training (not a hang at the first save)."""
+    port = free_port()
+    launches = [train(tmp_path / f"disk{r}", features, "--steps", "2", procs=1, node=(r, 2, port), background=True)
+                for r in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in launches]
+    assert all(p.returncode != 0 for p in launches)
+    assert any("must be on a filesystem all nodes share" in log for log in logs), logs[0][-2000:]
+    assert not list(tmp_path.glob("disk*/checkpoints/*"))

@@ -142,10 +142,12 @@ def _main(argv: list[str] | None) -> dict:
 
 
 def _train(args, argv, d, device) -> dict:
+    from .dist import check_shared
     from .setup import make_data, make_features, make_latents, make_validation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_shared(out, d)  # across nodes: one filesystem, or a clear error now instead of a hang later
     train_cfg = TrainConfig(out=str(out), **{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
                                              if k not in ("out", "betas") and getattr(args, k, None) is not None})
     encoder, spec = make_features(args, device)

@@ -115,6 +115,28 @@ def setup(device: str, replicas: int = 1, timeout_minutes: float = 30) -> tuple[
     return Dist(rank, world, local, mesh), dev
 
 
+def check_shared(folder, d: Dist) -> None:
+    """Every rank must see the run folder rank 0 writes (states are written shard by shard into
+    it and read back by any rank): a node on its own disk would hang or resume something else."""
+    from pathlib import Path
+
+    if d.world == 1:
+        return
+    probe = Path(folder) / f".shared-{os.getpid()}" if d.main else None
+    name = d.broadcast(probe.name if probe else None)
+    if d.main:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(name)
+    d.barrier()
+    seen = torch.tensor([float((Path(folder) / name).is_file())])
+    d.barrier()
+    if d.main:
+        probe.unlink(missing_ok=True)
+    if d.sum_(seen).item() < d.world:
+        raise ValueError(f"not every process sees {folder}: under torchrun across nodes --out must be on a filesystem "
+                         "all nodes share (the training states are written shard by shard into it)")
+
+
 def shard(root: nn.Module, d: Dist, bf16: bool) -> nn.Module:
     """FSDP2: every LAP, refiner and DiT block of `root.model`, then `root` (the training step's
     module, so the remaining parameters, the embedders, norms and final layers, form one group

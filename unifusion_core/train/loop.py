@@ -376,7 +376,11 @@ class Trainer:
                     rec |= self._throughput(rate)
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rate:.1f}")
+                    shown = {"loss": f"{rec['loss']:.4f}", "sps": f"{rate:.1f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
+                             "GiB": "/".join(f"{m:.1f}" for m in rec["memory_gib_per_rank"])}
+                    if "mfu" in rec:
+                        shown["mfu"] = f"{100 * rec['mfu']:.1f}%"
+                    bar.set_postfix(shown)
                     seen, t_log, losses = 0, time.perf_counter(), []
                     bins[0].zero_(), bins[1].zero_()
                     self.describe["train_seconds"] = train_seconds
@@ -485,7 +489,7 @@ def _progress(total: int, initial: int, enabled: bool = True):
     except ImportError:  # tqdm comes with transformers; without it, log lines are the progress
         class _Null:
             def update(self, n): ...
-            def set_postfix(self, **kw): log.info("%s", kw)
+            def set_postfix(self, shown): log.info("%s", shown)
             def close(self): ...
 
         return _Null()
