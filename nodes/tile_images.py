@@ -22,7 +22,7 @@ class UniFusionTileImages:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "One or more images (each image of a batch is a reference of its own)."}),
-                "max_tiles": ("INT", {"default": 10, "min": 1, "max": 40, "tooltip": "At most this many tiles per image (the paper trains with up to 10)."}),
+                "max_tiles": ("INT", {"default": 10, "min": 1, "max": 40, "tooltip": "At most this many tiles per image (the paper trains with up to 10). Qwen2.5-VL takes each image whole at its own resolution, up to this many 448x448 tiles' worth of pixels."}),
                 "thumbnail": ("BOOLEAN", {"default": True, "tooltip": "Also give the VLM the whole image as one tile when it has several."}),
             },
             "optional": {

