@@ -1,9 +1,10 @@
 """The frozen VLM encoder: offline loading, chat formatting, VERIFI rewriting with features
 captured in the same pass (Sec. 2, 3.1, 3.3).
 
-Hugging Face models are used as frozen black boxes behind a small per-family adapter: the adapter
-knows the family's image preprocessing and image-token expansion; everything else (templates,
-generation, layer capture) is shared.
+Hugging Face models are used as frozen black boxes behind a small per-family adapter
+(`unifusion_core/encoders/`, one file per family, found by model_type): the adapter knows the
+family's image preprocessing and image-token expansion; everything else (templates and the
+prompt's span, generation, layer capture) is shared, here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import inspect
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import struct
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from . import encoders
 from .config import EncoderSpec, every_nth_layer
 from .features import Features
 from .prompts import VERIFI_SYSTEM_PROMPT
@@ -35,14 +35,6 @@ from .tiling import TiledImage, _to_pils, tile_images
 
 log = logging.getLogger(__name__)
 
-# Text-only decoders loaded through AutoModelForCausalLM (the paper's Llama ablation, SmolLM2).
-CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
-VLM_TYPES = ("internvl", "gemma3")
-SUPPORTED = (
-    "InternVL3 in transformers' native format (model_type 'internvl', the '-hf' checkpoints), "
-    "Gemma-3 ('gemma3'), Qwen2.5-VL ('qwen2_5_vl'), text-only decoders (" + ", ".join(map(repr, CAUSAL_LM_TYPES)) + "), "
-    "and .gguf files of those decoders"
-)
 # End-of-turn tokens of common chat templates (ChatML, Gemma, Llama 3, Phi).
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
@@ -50,182 +42,6 @@ END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 TEMPERATURE, TOP_P = 0.7, 0.9
 # KV caches of shared chat-template prefixes kept per encoder (one per system prompt in practice).
 PREFIX_MEMO_SIZE = 4
-
-
-# --- family adapters ----------------------------------------------------------------------------
-
-
-class TextOnly:
-    """A text-only decoder: no image support."""
-
-    takes_images = False  # and so its chat messages carry plain-string content
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def image_token_id(self) -> int | None:
-        return None
-
-
-class VisionLanguage(TextOnly):
-    """A VLM whose decoder sits at model.model.language_model and whose config names its image token."""
-
-    takes_images = True  # chat content is a list of {"type": "image"} / {"type": "text"} items
-    mean = std = (0.5, 0.5, 0.5)
-    resample = Image.Resampling.BILINEAR
-    tile_size = tokens_per_tile = 0
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
-
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
-    def placeholder(self) -> str:
-        """What the chat template writes for one image."""
-        raise NotImplementedError
-
-    def expand(self, tiled: TiledImage) -> str:
-        """The image tokens that replace one placeholder."""
-        raise NotImplementedError
-
-    def tokens(self, tiled: TiledImage) -> int:
-        """How many image tokens one prepared image becomes."""
-        return tiled.num_tiles * self.tokens_per_tile
-
-    def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
-        x = torch.cat([t.tiles for t in tiled])  # (N, 3, S, S) in 0..1
-        x = (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
-        return {"pixel_values": x.to(device=device, dtype=dtype)}
-
-    def extra_inputs(self, ids: Tensor) -> dict:
-        return {}
-
-
-class InternVL(VisionLanguage):
-    """InternVL3 '-hf': 448-pixel tiles, ImageNet normalisation, <img><IMG_CONTEXT>*n</img>."""
-
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    resample = Image.Resampling.BICUBIC  # as InternVL's preprocessing
-
-    def __init__(self, model, tokenizer):
-        super().__init__(model, tokenizer)
-        cfg = model.config
-        self.tile_size = _first(cfg.vision_config.image_size)
-        patches = self.tile_size // _first(cfg.vision_config.patch_size)
-        self.tokens_per_tile = getattr(cfg, "image_seq_length", None) or int(patches**2 * cfg.downsample_ratio**2)
-        self.context = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
-        self.start = getattr(tokenizer, "start_image_token", None) or "<img>"
-        self.end = getattr(tokenizer, "end_image_token", None) or "</img>"
-
-    def placeholder(self) -> str:
-        return self.context
-
-    def expand(self, tiled: TiledImage) -> str:
-        return self.start + self.context * (self.tokens_per_tile * tiled.num_tiles) + self.end
-
-
-class Gemma3(VisionLanguage):
-    """Gemma-3: each tile is one 896-pixel SigLIP image of 256 soft tokens, normalised to -1..1."""
-
-    def __init__(self, model, tokenizer):
-        super().__init__(model, tokenizer)
-        cfg = model.config
-        self.tile_size = _first(cfg.vision_config.image_size)
-        self.tokens_per_tile = cfg.mm_tokens_per_image
-        ids = tokenizer.convert_ids_to_tokens
-        self.boi, self.eoi, self.soft = ids(cfg.boi_token_id), ids(cfg.eoi_token_id), ids(cfg.image_token_id)
-
-    def placeholder(self) -> str:
-        return self.boi
-
-    def expand(self, tiled: TiledImage) -> str:
-        # As Gemma 3's processor writes one image, once per tile.
-        one = f"\n\n{self.boi}{self.soft * self.tokens_per_tile}{self.eoi}\n\n"
-        return one * tiled.num_tiles
-
-    def extra_inputs(self, ids: Tensor) -> dict:
-        # Gemma 3 lets the tokens of one image attend to each other bidirectionally.
-        return {"token_type_ids": (ids == self.image_token_id()).long()}
-
-
-class Qwen25VL(VisionLanguage):
-    """Qwen2.5-VL: each image at its own resolution instead of tiles. Resized (aspect kept) to
-    multiples of 28 pixels with between `min_pixels` and max_tiles x 448^2 pixels (the pixel budget
-    of that many InternVL tiles: the Tile Images node's max_tiles means the same for every family),
-    cut into 14-pixel patches, each patch given twice along time (a still image as a two-frame
-    clip, as Qwen's processor does), one token per 2x2 merged patches; CLIP normalisation. The
-    model computes its 3-axis RoPE positions from `image_grid_thw`."""
-
-    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    resample = Image.Resampling.BICUBIC  # as Qwen's processor
-    native = True  # images keep their resolution: not tiled
-    min_pixels = 56 * 56
-    budget_tile = 448
-
-    def __init__(self, model, tokenizer):
-        super().__init__(model, tokenizer)
-        v = model.config.vision_config
-        self.patch, self.merge, self.frames = _first(v.patch_size), v.spatial_merge_size, _first(v.temporal_patch_size)
-        self.pad = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-
-    def placeholder(self) -> str:
-        return self.pad  # the template writes <|vision_start|><|image_pad|><|vision_end|>
-
-    def expand(self, tiled: TiledImage) -> str:
-        return self.pad * self.tokens(tiled)
-
-    def tokens(self, tiled: TiledImage) -> int:
-        h, w = tiled.tiles.shape[-2:]
-        return (h // (self.patch * self.merge)) * (w // (self.patch * self.merge))
-
-    def size(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
-        """(width, height) for an image: the nearest multiples of 28 keeping the aspect ratio,
-        scaled down or up into [min_pixels, max_tiles * 448^2]."""
-        f, most = self.patch * self.merge, max_tiles * self.budget_tile**2
-        if max(width, height) > 200 * min(width, height):
-            raise ValueError(f"an image of {width}x{height} is too elongated for Qwen2.5-VL (aspect ratio over 200)")
-        w, h = round(width / f) * f, round(height / f) * f
-        if w * h > most:
-            scale = math.sqrt(width * height / most)
-            w, h = max(f, math.floor(width / scale / f) * f), max(f, math.floor(height / scale / f) * f)
-        elif w * h < self.min_pixels:
-            scale = math.sqrt(self.min_pixels / (width * height))
-            w, h = math.ceil(width * scale / f) * f, math.ceil(height * scale / f) * f
-        return w, h
-
-    def prepare(self, image: Image.Image, max_tiles: int) -> TiledImage:
-        w, h = self.size(image.width, image.height, max_tiles)
-        x = _pil_to_tensor(image.convert("RGB").resize((w, h), self.resample))
-        return TiledImage(x[None], (1, 1), False, (image.width, image.height))
-
-    def pixel_inputs(self, tiled: list[TiledImage], dtype, device) -> dict:
-        p, m, flat, grids = self.patch, self.merge, [], []
-        for t in tiled:
-            x = (t.tiles[0] - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
-            c, h, w = x.shape
-            gh, gw = h // p, w // p
-            # patches in merge-group order (2x2 neighbours adjacent), each (C, frames, p, p) flattened
-            x = x.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
-            x = x[:, :, :, :, :, None].expand(-1, -1, -1, -1, -1, self.frames, -1, -1)
-            flat.append(x.reshape(gh * gw, c * self.frames * p * p))
-            grids.append([1, gh, gw])
-        return {"pixel_values": torch.cat(flat).to(device=device, dtype=dtype),
-                "image_grid_thw": torch.tensor(grids, device=device)}
-
-
-def _pil_to_tensor(im: Image.Image) -> Tensor:
-    """(3, H, W) float32 in 0..1."""
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-
-
-def _first(x):
-    return x[0] if isinstance(x, (list, tuple)) else x
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -237,7 +53,6 @@ EMPTY_REWRITE_ADVICE = ("try another seed with sample on, change the system prom
 # A folder needs one of these for AutoTokenizer (fast tokenizer, SentencePiece, or BPE vocab +
 # merges.txt); without them transformers fails later with an unrelated error.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-
 
 # Where load_vlm keeps the converted weights of .gguf files (None: no cache). A setting, not an
 # environment variable: the CLI points it at ~/.cache/unifusion/gguf, the nodes at ComfyUI's temp
@@ -265,8 +80,7 @@ def load_vlm(
     transformers version, and later loads read that (under a second). A changed GGUF gets a new
     entry and the old one is removed.
     """
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
     device = torch.device(device or "cpu")
@@ -313,17 +127,12 @@ def load_vlm(
             raise ValueError(f"{path}/config.json cannot be read ({e})") from None
         folder = path
 
-    if model_type == "internvl":
-        cls, adapter = transformers.InternVLForConditionalGeneration, InternVL
-    elif model_type == "gemma3":
-        cls, adapter = transformers.Gemma3ForConditionalGeneration, Gemma3
-    elif model_type == "qwen2_5_vl":
-        cls, adapter = transformers.Qwen2_5_VLForConditionalGeneration, Qwen25VL
-    elif model_type in CAUSAL_LM_TYPES:
-        cls, adapter = AutoModelForCausalLM, TextOnly
+    found = encoders.family(model_type)
+    if found is not None:
+        cls, adapter = found
     else:
         hint = " (the original remote-code InternVL format: use the '-hf' conversion)" if "internvl" in model_type else ""
-        raise ValueError(f"{path}: architecture {model_type!r} is not supported{hint}. Supported: {SUPPORTED}")
+        raise ValueError(f"{path}: architecture {model_type!r} is not supported{hint}. Supported: {encoders.SUPPORTED}")
 
     if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
         raise ValueError(
