@@ -48,10 +48,10 @@ def parse_layers(text: str) -> list[int]:
 
 def expect(value, kind: type, name: str, source: str, holds: type | None = None):
     """`value` as its socket carries it (`holds`: the object inside a loaded model), or TypeError."""
-    inner = getattr(value, "obj", None) if holds is not None else value
-    if not isinstance(value, kind) or (holds is not None and not isinstance(inner, holds)):
-        got = type(inner if holds is not None and isinstance(value, kind) else value).__name__
-        raise TypeError(f"{name} must be the output of {source}, got a {got}; connect {name} to a {source} node")
+    inner = value.obj if holds is not None and isinstance(value, kind) else value
+    if not isinstance(value, kind) or not isinstance(inner, holds or kind):
+        raise TypeError(f"{name} must be the output of {source}, got a {type(inner).__name__}; "
+                        f"connect {name} to a {source} node")
     return value
 
 

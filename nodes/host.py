@@ -144,10 +144,6 @@ def unifusion_file_problem(path: Path) -> str | None:
     return None
 
 
-def is_unifusion_file(path: Path) -> bool:
-    return unifusion_file_problem(path) is None
-
-
 # --- devices and memory -------------------------------------------------------------------------
 
 

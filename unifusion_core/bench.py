@@ -119,12 +119,12 @@ def bench_load(argv: list[str]) -> None:
         size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    print(json.dumps({
+    sys.stdout.write(json.dumps({
         "benchmark": "load", "model": path.name, "gguf_mib": round(path.stat().st_size / 2**20, 1),
         "cold_s": round(cold_s, 2), "warm_s": round(warm_s, 2), "speedup": round(cold_s / warm_s, 1),
         "cache_mib": round(size / 2**20, 1), "features_equal": bool(torch.equal(a.hidden, b.hidden)),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-    }, indent=1))
+    }, indent=2) + "\n")
 
 
 def bench_vlm(argv: list[str]) -> None:

@@ -64,12 +64,12 @@ def _open(path: Path) -> Image.Image:
         raise ValueError(f"cannot decode {str(path)!r} as an image ({e}); pass a PNG/JPEG/WebP file") from e
 
 
-def _to_pils(images: Any) -> list[Image.Image]:
+def to_pils(images: Any) -> list[Image.Image]:
     """Any accepted input -> flat list of RGB PIL images, in order."""
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError("got an empty list of images; pass at least one image")
-        return [im for item in images for im in _to_pils(item)]
+        return [im for item in images for im in to_pils(item)]
     if isinstance(images, torch.Tensor):
         return _tensor_to_pils(images)
     if isinstance(images, Image.Image):
@@ -117,7 +117,7 @@ def tile_images(
     if not isinstance(tile_size, int) or tile_size < 1:
         raise ValueError(f"tile_size must be an integer >= 1 (448 for InternVL), got {tile_size!r}")
     out = []
-    for im in _to_pils(images):
+    for im in to_pils(images):
         cols, rows = closest_grid(im.width, im.height, max_tiles, tile_size)
         big = _to_tensor(im.resize((cols * tile_size, rows * tile_size), resample))  # (3, rows*T, cols*T)
         tiles = big.unflatten(1, (rows, tile_size)).unflatten(3, (cols, tile_size))  # (3, rows, T, cols, T)

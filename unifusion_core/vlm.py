@@ -31,7 +31,7 @@ from . import encoders
 from .config import EncoderSpec, every_nth_layer
 from .features import Features
 from .prompts import VERIFI_SYSTEM_PROMPT
-from .tiling import TiledImage, _to_pils, tile_images
+from .tiling import TiledImage, to_pils, tile_images
 
 log = logging.getLogger(__name__)
 
@@ -635,7 +635,7 @@ class VLMEncoder:
             if not isinstance(max_tiles, int) or max_tiles < 1:
                 raise ValueError(f"max_tiles must be an integer >= 1, got {max_tiles!r}")
             for item in items:
-                out += [item] if isinstance(item, TiledImage) else [self.adapter.prepare(im, max_tiles) for im in _to_pils(item)]
+                out += [item] if isinstance(item, TiledImage) else [self.adapter.prepare(im, max_tiles) for im in to_pils(item)]
             return out
         for item in items:
             if isinstance(item, TiledImage) and item.tiles.shape[-1] == self.adapter.tile_size:

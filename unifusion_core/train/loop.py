@@ -328,7 +328,7 @@ class Trainer:
         loss = losses.mean()  # FSDP averages the ranks' gradients: the gradient of the global mean
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = full(torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.grad is not None], cfg.grad_clip))
+        gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if _KILL_AT is not None and self.step == _KILL_AT:  # tests: die mid-step, as a SIGKILL would
             os.kill(os.getpid(), signal.SIGKILL)
         self.optimizer.step()
@@ -349,7 +349,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, main = self.cfg, self.dist.main
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = (self.out / "metrics.jsonl").open("a") if main else _Discard()
+        metrics = (self.out / "metrics.jsonl").open("a") if main else open(os.devnull, "w")  # one log: rank 0's
         bins = torch.zeros(4), torch.zeros(4)
         seen, t_start, t_log, losses = 0, time.perf_counter(), time.perf_counter(), []
         train_seconds = self.describe.get("train_seconds", 0.0)
@@ -390,7 +390,8 @@ class Trainer:
                     t_log += time.perf_counter() - t0  # validation time is not training time
                 # rank 0's clock decides for all: ranks that disagreed would wait for each other's save
                 timed_out = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
-                timed_out = bool(self.dist.sum_(torch.tensor([float(timed_out and main)])).item())
+                if cfg.time_limit > 0:
+                    timed_out = bool(self.dist.sum_(torch.tensor([float(timed_out and main)])).item())
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or timed_out:
                     t0 = time.perf_counter()
                     self.save()
@@ -450,19 +451,6 @@ class Trainer:
             mem = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
         out["memory_gib_per_rank"] = [round(float(m), 2) for m in self.dist.gather(mem)]
         return out
-
-
-class _Discard:
-    """metrics.jsonl on ranks other than 0: nothing is written."""
-
-    def write(self, _: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # Dense bf16 / fp32 peak of the GPUs users train on (vendor datasheets, without sparsity).
