@@ -24,7 +24,8 @@ from unifusion_core.eval import detect, score
 from unifusion_core.eval.model_gen import model_generate_fn
 from unifusion_core.generate import generate, sample_features
 from unifusion_core.train.data import ImageFolder, Sample, SyntheticScenes, TaskMixture
-from unifusion_core.train.loop import TrainConfig, Trainer, build_model, lr_at, param_groups, step_generator
+from unifusion_core.train.loop import (POSTERIOR, TrainConfig, Trainer, build_model, lr_at, param_groups, row_generators,
+                                      row_noise, step_generator)
 from unifusion_core.train.setup import PromptFeatures
 from unifusion_core.train.state import list_states, read_tensors, state_path
 
@@ -100,6 +101,19 @@ def test_lr_schedule_and_step_generators():
     a, b = step_generator(0, 5), step_generator(0, 5)
     assert torch.equal(torch.randn(4, generator=a), torch.randn(4, generator=b))
     assert not torch.equal(torch.randn(4, generator=step_generator(0, 6)), torch.randn(4, generator=step_generator(1, 5)))
+
+
+def test_row_noise_is_a_function_of_the_row_alone():
+    """A rank draws only its rows' noise: rows 2..3 drawn alone equal rows 2..3 of the whole
+    batch's noise; every row, step, seed and purpose has its own stream."""
+    whole = row_noise(row_generators(7, 3, range(4)), (2, 5, 5))
+    assert whole.shape == (4, 2, 5, 5)
+    assert torch.equal(row_noise(row_generators(7, 3, range(2, 4)), (2, 5, 5)), whole[2:])
+    flat = whole.flatten(1)
+    assert torch.corrcoef(flat).sub(torch.eye(4)).abs().max() < 0.3  # distinct rows (50 values each)
+    for other in (row_generators(7, 4, range(4)), row_generators(8, 3, range(4)), row_generators(7, 3, range(4), POSTERIOR)):
+        assert not torch.equal(row_noise(other, (2, 5, 5)), whole)
+    assert abs(float(row_noise(row_generators(0, 0, range(64)), (32, 32)).std()) - 1) < 0.02
 
 
 # --- one path for generation ----------------------------------------------------------------------
@@ -343,7 +357,7 @@ def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
     model = uf.UniFusionModel(config)
     trainer = _trainer(tmp_path / "run", model, ["a red circle on the left", "a blue square on the right"], steps=2)
     seen = []
-    trainer.latents = lambda samples: (seen.extend(s.id for s in samples), to_latents(samples, space, vae, cache))[1]
+    trainer.latents = lambda samples, gens: (seen.extend(s.id for s in samples), to_latents(samples, space, vae, cache, gens))[1]
     trainer.run()
     cache.flush()
     assert seen and all(i in cache for i in seen)  # every latent cached under its sample's id

@@ -367,6 +367,25 @@ def test_vae_encodes_to_the_latent_space(tiny_vae_dir, tmp_path):
     assert z2.equal(z1.flip(0))
 
 
+def test_vae_posterior_sample_per_row_is_independent_of_the_batch(tiny_vae_dir):
+    """With one generator an image (what the trainer passes), an image's posterior sample is the
+    same whether it is encoded alone or beside others (so it does not depend on how many
+    processes share the batch), and it is a real sample: mean + std * noise, not the mean."""
+    vae = load_vae(tiny_vae_dir, SPACE)
+    x = torch.rand(3, 3, 16, 16)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    together = vae.encode(x, generator=gens([1, 2, 3]))
+    alone = torch.cat([vae.encode(x[i : i + 1], generator=gens([s])) for i, s in enumerate([1, 2, 3])])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(together, vae.encode(x, sample=False), atol=1e-6)
+    assert torch.equal(vae.encode(x, generator=gens([1, 2, 3])), together)
+    with pytest.raises(ValueError, match="2 generators for 3 images"):
+        vae.encode(x, generator=gens([1, 2]))
+    samples = [Sample(id=f"s{i}", task="t2i", prompt="x", target=x[i]) for i in range(3)]
+    torch.testing.assert_close(to_latents(samples[1:], SPACE, vae=vae, generators=gens([2, 3])), together[1:],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_vae_mismatch_and_single_file(tiny_vae_dir, tmp_path):
     with pytest.raises(ValueError, match=r"4-channel latents at 1/2 scale.*channels=16, downscale=8"):

@@ -96,13 +96,33 @@ class TrainConfig:
 
 
 FeatureFn = Callable[[list[Sample]], list[Features]]
-LatentFn = Callable[[list[Sample]], Tensor]
+# latents(samples, generators): model-space latents of this rank's samples; the generators (one a
+# sample) draw a VAE's posterior sample, so that it too is independent of the number of processes.
+LatentFn = Callable[[list[Sample], list[torch.Generator]], Tensor]
 ValidateFn = Callable[[UniFusionModel, int, Path], dict]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of one step's noise, timesteps and dropout: a function of (seed, step) only."""
+    """The generator of one step's timesteps and dropout: a function of (seed, step) only."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]))
+
+
+# What a row's generator draws: one independent stream per purpose.
+NOISE, POSTERIOR = 0, 1
+
+
+def row_generators(seed: int, step: int, rows: range, purpose: int = NOISE) -> list[torch.Generator]:
+    """One generator per row of the step's global batch, each a function of (seed, step, row,
+    purpose) only (numpy's spawn keys: independent streams). Why per row: a rank draws only the
+    rows it trains (at 64 GPUs x 1024^2, the whole step's noise on every rank would be gigabytes
+    of randn per step), and a row's noise is the same whatever the number of processes."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step], spawn_key=(purpose, j))
+                                              .generate_state(1, np.uint64)[0])) for j in rows]
+
+
+def row_noise(gens: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
+    """(len(gens), *shape) standard normal noise, row j from gens[j]."""
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
 def param_groups(model: UniFusionModel, cfg: TrainConfig) -> list[dict]:
@@ -180,7 +200,7 @@ class Trainer:
         dist.part(cfg.prompts_per_step)  # a clear error now if the batch does not split evenly
         self.features, self.validate = features, validate
         # pixel space by default; a VAE (and its latent cache) for flux / sd3 / sdxl: train/vae.py
-        self.latents = latents or (lambda samples: to_latents(samples, model.config.latent))
+        self.latents = latents or (lambda samples, generators: to_latents(samples, model.config.latent))
         self.describe = describe or {}
         self.out = Path(cfg.out)
         self.device = device or torch.device(cfg.device)
@@ -195,7 +215,11 @@ class Trainer:
         self.forward = TrainStep(model)
         if dist.sharded:
             shard(self.forward, dist, bf16=cfg.precision == "bf16")
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, fused=False, foreach=True)
+        # Why fused on GPUs: one kernel for the whole update, no full-size temporaries (foreach's
+        # sqrt of the second moments is another 4 bytes a parameter at the peak); torchtitan's default.
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, fused=fused,
+                                           foreach=not fused)
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}  # sharded like the model
         self.step = 0
         self.bad = 0
@@ -305,15 +329,17 @@ class Trainer:
         P, K = cfg.prompts_per_step, cfg.timesteps_per_prompt
         mine = self.dist.part(P)
         rows = slice(mine.start * K, mine.stop * K)  # this rank's (prompt, timestep) rows of the global batch
-        x0 = self.latents(samples).to(dev)  # (P_rank, C, H, W) model-space latents
+        posterior = row_generators(cfg.seed, self.step, range(mine.start, mine.stop), POSTERIOR)
+        x0 = self.latents(samples, posterior).to(dev)  # (P_rank, C, H, W) model-space latents
         feats = self.features(samples)
-        # The whole step's dropout, timesteps and noise, and this rank's slice of them.
+        # The whole step's dropout and timesteps (a few numbers) and this rank's slice of them; the
+        # noise of this rank's rows only.
         drop = (torch.rand(P, generator=g) < cfg.cond_dropout)[mine]
         _, _, H, W = x0.shape
         p = model.config.dit.patch_size
         shift = resolution_shift((H // p) * (W // p), model.config.sampling)  # the checkpoint's fixed shift, if it has one
         t = sample_timesteps(P * K, shift, g, cfg.t_mean, cfg.t_std)[rows].to(dev)  # (P_rank*K,)
-        noise = torch.randn((P * K, *x0.shape[1:]), generator=g)[rows].to(dev)
+        noise = row_noise(row_generators(cfg.seed, self.step, range(rows.start, rows.stop)), x0.shape[1:]).to(dev)
         x0 = x0.repeat_interleave(K, dim=0)  # (P*K, C, H, W)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step) * group["lr_scale"]

@@ -187,4 +187,4 @@ def make_latents(args, space):
         raise SystemExit(f"--latent {space.name} needs --vae (a diffusers AutoencoderKL folder for that latent space)")
     vae = load_vae(args.vae, space)
     cache = LatentCache(args.latent_cache, vae.identity, space, args.resolution) if args.latent_cache else None
-    return lambda samples: to_latents(samples, space, vae, cache)
+    return lambda samples, generators: to_latents(samples, space, vae, cache, generators)

@@ -78,8 +78,12 @@ class VAE:
         self.identity = f"{type(model).__name__}/{_encoder_fingerprint(model)}/{str(self.dtype).removeprefix('torch.')}"
 
     @torch.no_grad()
-    def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """Images (B, 3, H, W) in 0..1 -> model-space latents (B, C, H/d, W/d), float32."""
+    def encode(self, images: Tensor, sample: bool = True,
+               generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """Images (B, 3, H, W) in 0..1 -> model-space latents (B, C, H/d, W/d), float32.
+
+        generator: of the posterior sample; a list (one a row, CPU generators) makes each row's
+        sample independent of what else is in the batch."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"VAE.encode: expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         H, W = images.shape[-2:]
@@ -92,7 +96,15 @@ class VAE:
         # scripts, kohya's sd-scripts, the Flux AE's own `reg` in torchtitan): the decoder was
         # trained on samples, and the posterior std of these VAEs is small, so the extra noise is
         # a mild augmentation. A cached latent is one such sample, drawn once.
-        raw = dist.sample(generator=generator) if sample else dist.mean  # (B, C, h, w)
+        if not sample:
+            raw = dist.mean
+        elif isinstance(generator, (list, tuple)):
+            if len(generator) != x.shape[0]:
+                raise ValueError(f"VAE.encode: {len(generator)} generators for {x.shape[0]} images; give one an image")
+            eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generator])
+            raw = dist.mean + dist.std * eps.to(dist.mean)
+        else:
+            raw = dist.sample(generator=generator)  # (B, C, h, w)
         return self.space.to_model(raw.float())
 
 
@@ -244,11 +256,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def to_latents(samples: list[Sample], space: LatentSpace | str, vae: VAE | None = None,
-               cache: LatentCache | None = None) -> Tensor:
+               cache: LatentCache | None = None, generators: list[torch.Generator] | None = None) -> Tensor:
     """Model-space latents of samples, (B, C, h, w) float32: from `Sample.latent`, the cache, or encoded.
 
     pixel space: target * 2 - 1, no VAE. Otherwise the samples the cache lacks are encoded in one
-    batch by `vae` and put in the cache.
+    batch by `vae` and put in the cache; generators (one a sample) draw their posterior samples.
     """
     space = get_latent_space(space)
     if vae is not None and vae.space != space:
@@ -273,7 +285,8 @@ def to_latents(samples: list[Sample], space: LatentSpace | str, vae: VAE | None 
             raise ValueError(f"to_latents: latent space {space.name!r} needs a VAE for samples "
                              f"{[samples[i].id for i in missing[:3]]}...: pass vae=load_vae(...) or a cache "
                              f"that holds them")
-        z = vae.encode(torch.stack([samples[i].target for i in missing])).cpu()  # (M, C, h, w)
+        gens = None if generators is None else [generators[i] for i in missing]
+        z = vae.encode(torch.stack([samples[i].target for i in missing]), generator=gens).cpu()  # (M, C, h, w)
         for j, i in enumerate(missing):
             out[i] = z[j]
             if cache is not None:
