@@ -3,6 +3,7 @@ model that really learns to draw scenes (scored by the exact detector)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -384,3 +385,36 @@ def test_a_frozen_adapter_can_be_unfrozen_on_resume(tmp_path):
     before = lap.detach().clone()
     thawed.run()
     assert not torch.equal(before, lap.detach())  # and it trains now
+
+
+def test_compiled_blocks_and_selective_checkpointing_train_as_the_plain_step(tmp_path):
+    """--compile (every LAP, refiner and DiT block through torch.compile) with every other block
+    checkpointed trains the same weights as the plain step (fp32, CPU)."""
+    prompts = ["a red circle on the left", "a blue square on the right"]
+    runs = []
+    for i, cfg in enumerate(({}, {"compile": True, "gradient_checkpointing": True, "gradient_checkpointing_every": 2})):
+        torch.manual_seed(0)
+        model = uf.UniFusionModel(tiny_config(depth=3))
+        trainer = _trainer(tmp_path / str(i), model, prompts, **cfg)
+        runs.append(([trainer.train_step()["loss"] for _ in range(2)], copy.deepcopy(model.state_dict())))
+    blocks = [b for part in (model.lap, model.refiner, model.dit) for b in part.blocks]
+    assert all(b._compiled_call_impl is not None for b in blocks) and model.dit.gradient_checkpointing == 2
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_train_flops_match_a_flop_counter(tmp_path):
+    """The FLOPs behind tokens/s and MFU: the trainer's count of one step equals what torch's
+    FLOP counter sees in the step's matmuls and attention (forward and backward)."""
+    from unifusion_core.bench import flop_counter
+
+    torch.manual_seed(0)
+    wide = EncoderSpec("tiny", "wide", hidden_size=96, num_layers=6, layers=every_nth_layer(6))
+    model = uf.UniFusionModel(tiny_config(wide, size=32, patch=2, hidden_size=192, depth=2, heads=4))
+    trainer = _trainer(tmp_path, model, ["a red circle on the left", "a blue square above a red circle"], cond_dropout=0.0)
+    counter = flop_counter()
+    with counter:
+        out = trainer.train_step()
+    counted = counter.get_total_flops()
+    assert trainer.flops_per_sample * out["samples"] == pytest.approx(counted, rel=0.03)

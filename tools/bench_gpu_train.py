@@ -13,11 +13,13 @@ Each configuration runs in a fresh process (an out-of-memory probe leaves nothin
 this order, until the deadline (seconds) passes:
   1. a bf16 matmul of 8192^3: the ceiling this GPU reaches;
   2. throughput of a DiT of the paper's width (4096, 32 heads, MLP ratio 4) of `--depth` blocks,
-     with and without activation checkpointing;
-  3. the deepest such DiT that trains within `--gpu-gib` of GPU memory (an 80 GB card by
-     default, emulated on a larger one with torch's per-process memory fraction), batch 1;
-  4. the paper-5b preset with the whole card;
-  5. (--compile) the first throughput configuration with every block compiled by torch.compile.
+     one configuration per `--variants` entry, `ac<N>[-padded][-compiled]`: activation
+     checkpointing of every N-th block (0: none), every other prompt half as long (so the batch
+     needs an attention mask), the DiT's blocks compiled (`--compile` of the trainer);
+  3. `--fits DEPTH:PROMPTS`: chosen depths and batches within `--gpu-gib` of GPU memory (an 80 GB
+     card by default, emulated on a larger one with torch's per-process memory fraction);
+  4. the deepest such DiT that trains within `--gpu-gib` at batch 1 (`--depth-search FROM TO`);
+  5. the paper-5b preset with the whole card.
 MFU counts the model's FLOPs (3 x forward, the PaLM appendix's count; recomputation under
 checkpointing is not counted) against the datasheet's dense bf16 peak (989 TFLOP/s for H100 and
 H200 SXM). One JSON object a line, to stdout and `--out`.
@@ -29,6 +31,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -100,14 +103,15 @@ def measure(c: dict) -> dict:
         model = UniFusionModel(config, device=device)
         out["parameters_b"] = {k: round(v / 1e9, 3) for k, v in model.num_parameters().items()}
         mixture, sources, features, latents = stand_ins(config, c["cond_tokens"], c["resolution"], device, c["padded"])
-        if c.get("compile"):
-            for part in (model.lap, model.refiner, model.dit):
-                for block in part.blocks:
-                    block.compile()
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig(out=tmp, steps=10**6, prompts_per_step=c["prompts"], timesteps_per_prompt=c["k"],
-                              precision=c["precision"], gradient_checkpointing=c["checkpointing"], device=device.type,
-                              warmup=1, cond_dropout=0.1)
+                              precision=c["precision"], gradient_checkpointing=c["checkpointing"] > 0,
+                              gradient_checkpointing_every=max(1, c["checkpointing"]), compile=c["compile"],
+                              device=device.type, warmup=1,
+                              # none: a dropped prompt brings an attention mask, so another kernel
+                              # and (compiled) another graph mid-measurement; the padded variant
+                              # measures masks
+                              cond_dropout=0.0)
             trainer = Trainer(cfg, model, mixture, sources, features, latents=latents, dist=d, device=device)
             out["setup_s"] = round(time.perf_counter() - t0, 1)
 
@@ -115,7 +119,7 @@ def measure(c: dict) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
 
-            for _ in range(c["warmup"]):
+            for _ in range(max(c["warmup"], 3 if c["compile"] else 0)):  # compiling takes the first steps
                 loss = trainer.train_step()["loss"]
             sync()
             t0 = time.perf_counter()
@@ -178,19 +182,26 @@ def matmul_ceiling(device: str) -> dict:
 def plan(args) -> list[dict]:
     base = dict(what="throughput", device=args.device, preset=args.preset, width=args.width, heads=args.heads,
                 mlp_ratio=args.mlp_ratio, depth=args.depth, resolution=args.resolution, cond_tokens=args.cond_tokens,
-                padded=False, prompts=args.prompts, k=1, precision="bf16", checkpointing=True, warmup=2,
+                padded=False, prompts=args.prompts, k=1, precision="bf16", checkpointing=1, compile=False, warmup=2,
                 steps=args.steps, gpu_gib=0)
-    out = [{"what": "matmul", "device": args.device}, base, {**base, "checkpointing": False},
-           {**base, "what": "throughput, padded prompts", "padded": True}]
+    out = [{"what": "matmul", "device": args.device}]
+    for v in args.variants:  # ac<N>[-padded][-compiled]
+        m = re.fullmatch(r"ac(\d+)(-padded)?(-compiled)?", v)
+        if not m:
+            raise SystemExit(f"--variants: {v!r} is not ac<N>[-padded][-compiled] (N: checkpoint every N-th block, 0: none)")
+        out.append({**base, "what": f"throughput {v}", "checkpointing": int(m[1]), "padded": bool(m[2]),
+                    "compile": bool(m[3])})
+    small = dict(steps=2, warmup=1, gpu_gib=args.gpu_gib, compile=args.fit_compiled)
+    for fit in args.fits:  # DEPTH:PROMPTS in gpu_gib, all measured
+        depth, prompts = map(int, fit.split(":"))
+        out.append({**base, **small, "what": f"in {args.gpu_gib:g} GiB", "depth": depth, "prompts": prompts,
+                    "steps": args.steps})
     if args.depth_search:
         lo, hi = args.depth_search
-        out += [{**base, "what": "fits_in_gpu_gib", "depth": n, "prompts": 1, "steps": 2, "warmup": 1,
-                 "gpu_gib": args.gpu_gib} for n in range(lo, hi + 1)]
+        out += [{**base, **small, "what": "fits_in_gpu_gib", "depth": n, "prompts": 1} for n in range(lo, hi + 1)]
     if args.paper_5b:
-        five = {**base, "what": "paper-5b", "preset": "paper-5b", "width": 0, "prompts": 1, "steps": 2, "warmup": 1}
-        out.append(five)
-    if args.compile:
-        out.append({**base, "what": "throughput, compiled", "compile": True})
+        out.append({**base, "what": "paper-5b", "preset": "paper-5b", "width": 0, "prompts": 1, "steps": 2, "warmup": 1,
+                    "compile": args.fit_compiled})
     return out
 
 
@@ -212,7 +223,11 @@ def main() -> None:
                     help="depths tried in order; stops at the first that does not fit")
     ap.add_argument("--no-depth-search", dest="depth_search", action="store_const", const=None)
     ap.add_argument("--no-paper-5b", dest="paper_5b", action="store_false")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=["ac1", "ac0", "ac1-padded", "ac1-compiled"],
+                    help="throughput configurations: ac<N>[-padded][-compiled], N: checkpoint every N-th block (0: none)")
+    ap.add_argument("--fits", nargs="*", default=[], metavar="DEPTH:PROMPTS",
+                    help="configurations measured within --gpu-gib (e.g. 14:4)")
+    ap.add_argument("--fit-compiled", action="store_true", help="compile the DiT in --fits, the depth search and paper-5b")
     ap.add_argument("--deadline", type=float, default=420, help="seconds; later configurations are skipped")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

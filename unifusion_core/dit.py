@@ -147,9 +147,10 @@ class UniFusionDiT(nn.Module):
         if cond_mask is not None and not bool(cond_mask.all()):
             mask = torch.cat([cond_mask, cond_mask.new_ones(B, h * w)], dim=1)  # (B, T + h*w)
         rope = rope_angles(token_positions(B, T, h, w, x.device), self.params.axes_dim, self.params.rope_theta)
-        for block in self.blocks:
+        ac = int(self.gradient_checkpointing)  # 0: none; N: every N-th block (True: every block)
+        for i, block in enumerate(self.blocks):
             check_cancel()  # Cancel inside a step: a large image's step can take minutes
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if ac and i % ac == 0 and torch.is_grad_enabled():
                 seq = checkpoint(block, seq, mod, mask, rope, use_reentrant=False)
             else:
                 seq = block(seq, mod, mask, rope)

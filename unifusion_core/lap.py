@@ -65,8 +65,9 @@ class LayerwiseAttentionPooling(nn.Module):
         x = rearrange(hidden, "b t l d -> (b t) l d").float()
         x = F.rms_norm(x, (D,), self.input_norm.to(dev, torch.float32), eps=1e-6)
         x = x.to(dtype) + self.layer_embed.to(dev)  # (B*T, L, D)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing and torch.is_grad_enabled() else block(x)
+        ac = int(self.gradient_checkpointing)  # 0: none; N: every N-th block (True: every block)
+        for i, block in enumerate(self.blocks):
+            x = checkpoint(block, x, use_reentrant=False) if ac and i % ac == 0 and torch.is_grad_enabled() else block(x)
         if layer_drop:
             # Fig. 12: drop layers by zeroing their contribution to the pooling FC.
             keep = torch.ones(L, 1, device=x.device, dtype=x.dtype)

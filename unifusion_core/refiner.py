@@ -47,8 +47,9 @@ class Refiner(nn.Module):
         # Lumina-Image 2.0's context refiner does the same. Right padding keeps positions fixed.
         pos = torch.arange(T, device=x.device)[None, :, None].expand(B, T, 1)
         rope = rope_angles(pos, [self.head_dim], self.rope_theta)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        ac = int(self.gradient_checkpointing)  # 0: none; N: every N-th block (True: every block)
+        for i, block in enumerate(self.blocks):
+            if ac and i % ac == 0 and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, rope, use_reentrant=False)
             else:
                 x = block(x, mask, rope)
