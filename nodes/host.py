@@ -77,8 +77,19 @@ def folder_paths_for(name: str) -> list[Path]:
     return [Path(MODELS_DIR) / name] + ([bundled] if bundled else [])
 
 
+def comfy_tokenizers() -> dict[str, Path]:
+    """The tokenizer folders ComfyUI ships, by family (one-file Qwen encoders use them)."""
+    if not IN_COMFYUI:
+        return {}
+    qwen = Path(comfy.utils.__file__).parent / "text_encoders" / "qwen25_tokenizer"
+    return {"qwen": qwen} if (qwen / "vocab.json").is_file() else {}
+
+
 def list_vlms() -> list[str]:
-    """Hugging Face model folders (with config.json) and .gguf files, one level deep or two."""
+    """Hugging Face model folders (with config.json), .gguf files, and one-file LLM encoders
+    (.safetensors that encoders.single_file recognises: ComfyUI's CLIP and T5 files are skipped),
+    one level deep or two."""
+    single_file = uf.encoders.single_file
     names = set()
     for folder in (p for f in VLM_FOLDERS for p in folder_paths_for(f)):
         if not folder.is_dir():
@@ -86,6 +97,27 @@ def list_vlms() -> list[str]:
         for config in list(folder.glob("*/config.json")) + list(folder.glob("*/*/config.json")):
             names.add(config.parent.relative_to(folder).as_posix())
         names.update(p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf"))
+        for path in folder.rglob("*.safetensors"):
+            if (path.parent / "config.json").is_file():  # a weights shard of a model folder
+                continue
+            try:
+                single_file.read_layout(path)
+            except Exception:  # noqa: BLE001  (not an LLM we load, or unreadable: not listed)
+                continue
+            names.add(path.relative_to(folder).as_posix())
+    return sorted(names)
+
+
+def list_tokenizers() -> list[str]:
+    """Folders with tokenizer files but no model (for one-file encoders), one level deep or two."""
+    names = set()
+    for folder in (p for f in VLM_FOLDERS for p in folder_paths_for(f)):
+        if not folder.is_dir():
+            continue
+        for marker in ("tokenizer.json", "vocab.json", "tokenizer.model"):
+            for found in list(folder.glob(f"*/{marker}")) + list(folder.glob(f"*/*/{marker}")):
+                if not (found.parent / "config.json").is_file():
+                    names.add(found.parent.relative_to(folder).as_posix())
     return sorted(names)
 
 

@@ -1,8 +1,10 @@
 """The ComfyUI nodes, called directly (no ComfyUI): schemas, model folders, the whole chain."""
 
 import dataclasses
+import shutil
 
 import pytest
+import test_single_file
 import tiny_vlms
 import torch
 from safetensors.torch import save_file
@@ -28,6 +30,13 @@ def models_dir(tmp_path_factory):
     uf.save_model(model, root / "unifusion" / "tiny.safetensors")
     (root / "diffusion_models").mkdir()
     save_file({"x": torch.zeros(1)}, str(root / "diffusion_models" / "flux-dev.safetensors"))  # not ours
+    # A one-file LLM encoder as ComfyUI keeps them, its tokenizer folder, and a CLIP file (not listed)
+    ref = test_single_file.reference(root / "elsewhere" / "qwen", "qwen2")
+    test_single_file.to_comfy(ref, root / "text_encoders" / "qwen_tiny.safetensors")
+    (root / "text_encoders" / "qwen-tokenizer").mkdir()
+    for f in ref.glob("tokenizer*"):
+        shutil.copy(f, root / "text_encoders" / "qwen-tokenizer")
+    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(2, 2)}, str(root / "text_encoders" / "clip_l.safetensors"))
     return root
 
 
@@ -78,10 +87,22 @@ def bundled_names() -> tuple[list[str], list[str]]:
 def test_model_folders_list_only_what_the_nodes_can_load():
     vlms, models = listed()
     extra_vlms, extra_models = bundled_names()
-    assert vlms == sorted(["family/tiny-qwen2", "tiny-internvl", *extra_vlms])
+    assert vlms == sorted(["family/tiny-qwen2", "qwen_tiny.safetensors", "tiny-internvl", *extra_vlms])
     assert models == sorted(["tiny.safetensors", *extra_models])
     with pytest.raises(FileNotFoundError, match="'missing' is not in any of the model folders"):
         N["UniFusionVLMLoad"]().load("missing")
+
+
+def test_vlm_load_takes_one_file_encoders_with_a_tokenizer_folder():
+    """A one-file encoder is listed and loads with the tokenizer folder chosen in the node; on
+    auto outside ComfyUI (no ComfyUI tokenizer to fall back on) the error says what to choose."""
+    tokenizers = N["UniFusionVLMLoad"].INPUT_TYPES()["optional"]["tokenizer"][0]
+    assert tokenizers == ["auto", "qwen-tokenizer"]
+    (vlm,) = N["UniFusionVLMLoad"]().load("qwen_tiny.safetensors", tokenizer="qwen-tokenizer")
+    assert vlm.obj.family == "qwen2" and vlm.obj.name == "qwen_tiny"
+    assert vlm.obj.encode("a red circle", rewrite=False).num_tokens > 0
+    with pytest.raises(ValueError, match="without a tokenizer: name the folder"):
+        N["UniFusionVLMLoad"]().load("qwen_tiny.safetensors")
 
 
 def test_bundled_model_and_vlm_are_listed_in_place(tmp_path, monkeypatch, models_dir):
@@ -94,7 +115,7 @@ def test_bundled_model_and_vlm_are_listed_in_place(tmp_path, monkeypatch, models
     monkeypatch.setattr(uf.assets, "bundled_model", lambda: ship / "unifusion-scenes-64.safetensors")
     monkeypatch.setattr(uf.assets, "bundled_vlm", lambda: package / "SmolLM2-135M-Instruct.Q4_1.gguf")
     vlms, models = listed()
-    assert vlms == ["SmolLM2-135M-Instruct.Q4_1.gguf", "family/tiny-qwen2", "tiny-internvl"]
+    assert vlms == ["SmolLM2-135M-Instruct.Q4_1.gguf", "family/tiny-qwen2", "qwen_tiny.safetensors", "tiny-internvl"]
     assert models == ["tiny.safetensors", "unifusion-scenes-64.safetensors"]
     assert nodes.host.resolve("vlm", vlms[0]) == package / vlms[0]
     assert nodes.host.resolve("model", models[1]) == ship / models[1]

