@@ -1,6 +1,7 @@
 """The tiny HF checkpoints of tiny_vlms.py: they load back offline, template chats like the real
 checkpoints, run forward / generate with correctly expanded image tokens, and are reproducible.
-Also records facts about the installed transformers that loaders depend on."""
+Also records facts about the installed transformers that loaders depend on, and runs the encoder
+family tests on Qwen3-VL (DeepStack capture, 3-axis RoPE positions, pixel parity)."""
 
 import hashlib
 
@@ -11,7 +12,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import tiny_vlms as tv  # noqa: E402
+from PIL import Image  # noqa: E402
+from test_vlm import SYSTEM, gradient  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
+from torch.testing import assert_close  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,13 +28,18 @@ BUILDERS = {
     "llama": lambda p: tv.make_tiny_causal_lm(p, family="llama"),
     "internvl": tv.make_tiny_internvl,
     "gemma3": tv.make_tiny_gemma3,
+    "qwen25vl": tv.make_tiny_qwen25vl,
+    "qwen3vl": tv.make_tiny_qwen3vl,
 }
 CLASSES = {
     "qwen2": "Qwen2ForCausalLM",
     "llama": "LlamaForCausalLM",
     "internvl": "InternVLForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "qwen25vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3vl": "Qwen3VLForConditionalGeneration",
 }
+VLMS = ("internvl", "gemma3", "qwen25vl", "qwen3vl")
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -79,7 +88,7 @@ def test_folder_is_a_real_hf_checkpoint(folders, name):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert type(model).__name__ == CLASSES[name]
     # The Auto classes a loader would use resolve to the same class.
-    auto = AutoModelForImageTextToText if name in ("internvl", "gemma3") else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if name in VLMS else AutoModelForCausalLM
     assert type(auto.from_pretrained(folder, local_files_only=True)) is cls
 
 
@@ -317,3 +326,152 @@ def test_where_the_vlm_parts_live(folders):
         assert hasattr(model.model, "vision_tower") and hasattr(model.model, "multi_modal_projector")
         assert model.lm_head.weight is lm.embed_tokens.weight  # tied
         assert not hasattr(model, "language_model") or model.language_model is lm
+
+
+# --- Qwen3-VL as an encoder: the family tests of test_vlm.py, DeepStack, pixel parity --------------
+
+QWEN3VL_DEEPSTACK_LAYERS = tuple(range(1, tv.QWEN3VL_DEEPSTACK + 1))  # the block inputs that carry DeepStack additions
+
+
+@pytest.fixture(scope="module")
+def encoders(folders):
+    from unifusion_core.vlm import load_vlm
+
+    return {name: load_vlm(folders[name]) for name in ("qwen25vl", "qwen3vl")}
+
+
+def _pixel_inputs(vlm, ids, images):
+    inputs = vlm.adapter.pixel_inputs(vlm.tile(images, 10), vlm.model.dtype, vlm.device)
+    return inputs | {k: v[None] for k, v in vlm.adapter.extra_inputs(ids[0]).items()}
+
+
+def _plain_forward(vlm, f, images):
+    """One plain forward over f.sequence_ids. Returns (reads, hidden_states): reads[i] is what
+    decoder block i received (a forward pre-hook set here on every block) and reads[-1] the last
+    block's output; hidden_states is transformers' own output_hidden_states (the embeddings, then
+    each block's output as the block returned it, the last one after the final norm)."""
+    ids = torch.tensor(f.sequence_ids)[None]
+    blocks, reads = vlm.adapter.decoder_layers(), []
+    handles = [b.register_forward_pre_hook(lambda m, a, kw: reads.append(a[0] if a else kw["hidden_states"]),
+                                           with_kwargs=True) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(lambda m, a, out: reads.append(out)))
+    try:
+        with torch.no_grad():
+            out = vlm.model(input_ids=ids, **_pixel_inputs(vlm, ids, images), output_hidden_states=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(reads) == len(blocks) + 1
+    return [r[0] for r in reads], [h[0] for h in out.hidden_states]
+
+
+@pytest.mark.parametrize("rewrite", [True, False])
+def test_qwen3vl_features_equal_a_plain_forward_at_their_positions(encoders, rewrite):
+    """As test_vlm's family test; the reference is each block's input (DeepStack included)."""
+    vlm = encoders["qwen3vl"]
+    images = [gradient(120, 60), gradient(40, 90, seed=1)]
+    layers = (0, 1, 2, 3, 5, 6)  # the embeddings, both DeepStack layers, after them, the last block's output
+    f = vlm.encode("a red fox in the snow", images, rewrite=rewrite, max_new_tokens=6, layers=layers,
+                   system_prompt=SYSTEM)
+    assert f.layers == layers and f.hidden.shape == (len(f.positions), len(layers), 32)
+    reads, hs = _plain_forward(vlm, f, images)
+    for j, i in enumerate(layers):
+        assert_close(f.hidden[:, j], reads[i][f.positions], atol=1e-5, rtol=1e-4, msg=f"layer {i}")
+    final_norm = vlm.model.model.language_model.norm
+    assert_close(final_norm(f.hidden[:, -1]), hs[-1][f.positions], atol=1e-5, rtol=1e-4)
+
+
+def test_qwen3vl_deepstack_layers_are_what_the_next_block_reads(encoders):
+    """transformers (Qwen3VLTextModel.forward) adds DeepStack features after blocks 0 and 1 return,
+    so its hidden_states[1:3] (each block's output as returned) leave them out. Our layers 1, 2 are
+    the residual stream blocks 1, 2 read: hidden_states[i] + the (i-1)-th DeepStack feature at the
+    image tokens, computed here from the vision tower's own deepstack_features; the text tokens and
+    layer 3 (no addition after block 2) are untouched."""
+    vlm = encoders["qwen3vl"]
+    images = [gradient(120, 60), gradient(40, 90, seed=1)]
+    layers = (*QWEN3VL_DEEPSTACK_LAYERS, QWEN3VL_DEEPSTACK_LAYERS[-1] + 1)
+    f = vlm.encode("a red fox in the snow", images, rewrite=True, max_new_tokens=4, layers=layers, system_prompt=SYSTEM)
+    ids = torch.tensor(f.sequence_ids)[None]
+    reads, hs = _plain_forward(vlm, f, images)
+    inputs = _pixel_inputs(vlm, ids, images)
+    with torch.no_grad():
+        deepstack = vlm.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
+    assert len(deepstack) == tv.QWEN3VL_DEEPSTACK == len(vlm.model.config.vision_config.deepstack_visual_indexes)
+    is_image = ids[0] == vlm.model.config.image_token_id
+    img, txt = f.positions[f.is_image], f.positions[~f.is_image]
+    assert len(img) == int(is_image.sum()) == 144 and len(txt) == 4
+    for j, i in enumerate(QWEN3VL_DEEPSTACK_LAYERS):
+        expected = hs[i].clone()
+        expected[is_image] += torch.cat(deepstack[i - 1])
+        assert_close(reads[i], expected, atol=1e-6, rtol=1e-5)  # the pre-hook reference is that sum
+        assert_close(f.hidden[:, j], expected[f.positions], atol=1e-5, rtol=1e-4, msg=f"layer {i}")
+        assert_close(f.hidden[~f.is_image, j], hs[i][txt], atol=1e-5, rtol=1e-4)
+        # the previous block's plain output (the old capture) differs at every image token
+        assert bool(((f.hidden[f.is_image, j] - hs[i][img]).abs().amax(-1) > 1e-3).all()), f"layer {i}"
+    assert_close(f.hidden[:, -1], hs[layers[-1]][f.positions], atol=1e-5, rtol=1e-4)
+
+
+def test_qwen3vl_conditioning_tokens_are_rewrite_plus_every_image_token(encoders):
+    vlm = encoders["qwen3vl"]
+    images = [gradient(120, 60), gradient(40, 90, seed=1)]
+    tiled = vlm.tile(images, 10, True)
+    # each image at its own resolution, at least 256^2 px in multiples of 32: 120x60 -> 384x192, 40x90 -> 192x384
+    assert [tuple(t.tiles.shape[-2:]) for t in tiled] == [(192, 384), (384, 192)]
+    f = vlm.encode("make it snow", images, max_new_tokens=5, system_prompt=SYSTEM)
+    counts = [int((f.image_index == k).sum()) for k in range(2)]
+    assert counts == [vlm.adapter.tokens(t) for t in tiled] == [12 * 6, 6 * 12]
+    seq = torch.tensor(f.sequence_ids)
+    assert int((seq == vlm.adapter.image_token_id()).sum()) == sum(counts)  # all of them condition
+    text_pos = f.positions[~f.is_image]
+    assert len(text_pos) == 5 and bool((text_pos >= len(seq) - 5).all())  # only the rewrite's tokens
+    assert vlm.tokenizer.decode(seq[text_pos]).strip() == f.text
+
+
+def test_qwen3vl_is_a_registered_frozen_encoder(encoders):
+    from unifusion_core import encoders as registry
+
+    vlm = encoders["qwen3vl"]
+    assert vlm.family == "qwen3_vl" and type(vlm.adapter) is registry.Qwen3VL and "Qwen3-VL ('qwen3_vl')" in registry.SUPPORTED
+    assert (vlm.adapter.patch, vlm.adapter.merge, vlm.adapter.frames) == (16, 2, 2)
+    assert vlm.tokenizer.convert_tokens_to_ids("<|im_end|>") in vlm.stop_ids
+    assert not vlm.model.training and not any(p.requires_grad for p in vlm.model.parameters())
+    with pytest.raises(ValueError, match="too elongated for Qwen3-VL"):
+        vlm.tile([gradient(2010, 10)], 10)
+
+
+@pytest.mark.parametrize("name", ["qwen25vl", "qwen3vl"])
+def test_qwen_vl_image_tokens_get_3d_rope_positions(encoders, name):
+    """The adapters pass mm_token_type_ids: without it transformers gives the image tokens 1-D
+    positions (Qwen2.5-VL, silently) or refuses a plain forward (Qwen3-VL). Reference: a forward
+    with position ids from the model's own get_rope_index."""
+    vlm = encoders[name]
+    images = [gradient(120, 60)]
+    f = vlm.encode("a fox", images, rewrite=False, layers=(3,), system_prompt=SYSTEM)
+    ids = torch.tensor(f.sequence_ids)[None]
+    inputs = vlm.adapter.pixel_inputs(vlm.tile(images, 10), vlm.model.dtype, vlm.device)
+    image = (ids == vlm.model.config.image_token_id).int()
+    rope, _ = vlm.model.model.get_rope_index(ids, mm_token_type_ids=image, image_grid_thw=inputs["image_grid_thw"])
+    assert not torch.equal(rope[1], rope[2])  # height and width positions differ on the image
+    flat = torch.arange(ids.shape[1]).expand(3, 1, -1)
+    with torch.no_grad():
+        mrope, plain = (vlm.model.model(input_ids=ids, **inputs, position_ids=pos, output_hidden_states=True).hidden_states[3]
+                        for pos in (rope, flat))
+    assert_close(f.hidden[:, 0], mrope[0, f.positions], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(f.hidden[:, 0], plain[0, f.positions], atol=1e-4)
+
+
+@pytest.mark.parametrize("w,h,max_tiles", [(120, 60, 10), (40, 90, 10), (30, 20, 1), (1000, 700, 1), (3000, 25, 2)])
+def test_qwen3vl_pixels_match_transformers_processor(encoders, w, h, max_tiles):
+    """Our Qwen3-VL image preparation against the image processor transformers uses for qwen3_vl
+    (Qwen2VLImageProcessorPil) with the released Qwen3-VL preprocessor_config.json (patch 16,
+    merge 2, mean/std 0.5, shortest_edge 65536) and our pixel budget as longest_edge."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vlm = encoders["qwen3vl"]
+    img = Image.fromarray((torch.rand(h, w, 3, generator=torch.Generator().manual_seed(w)) * 255).byte().numpy())
+    ours = vlm.adapter.pixel_inputs(vlm.tile([img], max_tiles), torch.float32, torch.device("cpu"))
+    ref = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                   image_std=[0.5] * 3, size={"shortest_edge": 65536, "longest_edge": max_tiles * 448 * 448},
+                                   )(images=[img], return_tensors="pt")
+    assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
+    assert_close(ours["pixel_values"], ref["pixel_values"], atol=1e-5, rtol=1e-5)

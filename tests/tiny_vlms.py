@@ -9,6 +9,8 @@ The folders mirror the conventions of the real checkpoints the loader targets:
 * ``make_tiny_causal_lm``: SmolLM2 / Qwen2-Instruct style chat LM (ChatML, eos ``<|im_end|>``).
 * ``make_tiny_internvl``: InternVL3-*-hf (``model_type: internvl``, Qwen2 text tower, ``<IMG_CONTEXT>``).
 * ``make_tiny_gemma3``: gemma-3-*-it (SigLIP tower, ``<start_of_image>`` + soft tokens, ``<bos>`` added).
+* ``make_tiny_qwen25vl`` / ``make_tiny_qwen3vl``: Qwen2.5-VL / Qwen3-VL-*-Instruct (native resolution,
+  ``<|image_pad|>``, 3-axis RoPE; Qwen3-VL with DeepStack).
 
 The tokenizer is a byte-level BPE whose merges are learned here, by a small deterministic trainer,
 from the inline corpus below: any text (any language, any bytes) tokenizes, and decodes back exactly.
@@ -411,8 +413,8 @@ def make_tiny_internvl(path) -> Path:
     return _save(model, tok, gen, path)
 
 
-# Qwen2.5-VL-*-Instruct: ChatML; an image item renders "<|vision_start|><|image_pad|><|vision_end|>"
-# (the processor repeats <|image_pad|> once per merged 2x2 patch group).
+# Qwen2.5-VL-*-Instruct and Qwen3-VL-*-Instruct: ChatML; an image item renders
+# "<|vision_start|><|image_pad|><|vision_end|>" (the processor repeats <|image_pad|> once per merged 2x2 patch group).
 QWEN25VL_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -437,21 +439,53 @@ def make_tiny_qwen25vl(path) -> Path:
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_INTERMEDIATE, "num_heads": VISION_HEADS,
+              "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+              "out_hidden_size": TEXT_HIDDEN, "fullatt_block_indexes": [1]}
+    return _make_tiny_qwen_vl(path, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision,
+                              {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 1, 1]})
+
+
+# Qwen3-VL: 16-px patches (32 px per image token); DeepStack after the first QWEN3VL_DEEPSTACK decoder blocks.
+QWEN3VL_PATCH_SIZE = 16
+QWEN3VL_DEEPSTACK = 2
+
+
+def make_tiny_qwen3vl(path) -> Path:
+    """A tiny random ``Qwen3VLForConditionalGeneration`` (Qwen3-VL-*-Instruct conventions).
+
+    Vision: patch 16, temporal patch 2, 2x2 spatial merge, hidden 16, 2 blocks, a 4x4 grid of learned
+    position embeddings (bilinearly resampled to each image's grid); an image resized to H x W
+    (multiples of 32) gives (H/16)(W/16) patches and (H/32)(W/32) image tokens. DeepStack: the outputs
+    of both vision blocks (deepstack_visual_indexes [0, 1]), each through its own merger, are added
+    to the image tokens after decoder blocks 0 and 1. Text: Qwen3 (q/k norms) with interleaved
+    multimodal RoPE (mrope_section [2, 1, 1] over a head's 4 rotary pairs), hidden 32, 6 layers.
+    Same ChatML template and image tokens as Qwen2.5-VL.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_INTERMEDIATE, "num_heads": VISION_HEADS,
+              "patch_size": QWEN3VL_PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "out_hidden_size": TEXT_HIDDEN, "num_position_embeddings": 16,
+              "deepstack_visual_indexes": list(range(QWEN3VL_DEEPSTACK))}
+    return _make_tiny_qwen_vl(path, Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision,
+                              {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [2, 1, 1],
+                               "mrope_interleaved": True})
+
+
+def _make_tiny_qwen_vl(path, config_cls, model_cls, vision: dict, rope: dict) -> Path:
+    """What the Qwen-VL builders share: tokenizer, special token ids, text sizes, save."""
     path = Path(path)
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tok = _chatml_tokenizer(specials, QWEN25VL_TEMPLATE)
     ids = tok.convert_tokens_to_ids
     text = {**_text_sizes(), "vocab_size": len(tok), "rms_norm_eps": 1e-6, "bos_token_id": None,
-            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 1, 1]}}
-    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_INTERMEDIATE, "num_heads": VISION_HEADS,
-              "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-              "out_hidden_size": TEXT_HIDDEN, "fullatt_block_indexes": [1]}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                              video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                              vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "rope_parameters": rope}
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                        vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
     torch.manual_seed(SEED)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _randomize(model)
     gen = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return _save(model, tok, gen, path)

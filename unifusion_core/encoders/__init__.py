@@ -6,6 +6,7 @@ from .base import TextOnly, VisionLanguage
 from .gemma3 import Gemma3
 from .internvl import InternVL
 from .qwen25vl import Qwen25VL
+from .qwen3vl import Qwen3VL
 
 # Text-only decoders loaded through AutoModelForCausalLM (the paper's Llama ablation, SmolLM2).
 CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
@@ -14,10 +15,11 @@ VISION_LANGUAGE = {
     "internvl": ("InternVLForConditionalGeneration", InternVL),
     "gemma3": ("Gemma3ForConditionalGeneration", Gemma3),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", Qwen25VL),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", Qwen3VL),
 }
 SUPPORTED = (
     "InternVL3 in transformers' native format (model_type 'internvl', the '-hf' checkpoints), "
-    "Gemma-3 ('gemma3'), Qwen2.5-VL ('qwen2_5_vl'), text-only decoders (" + ", ".join(map(repr, CAUSAL_LM_TYPES)) + "), "
+    "Gemma-3 ('gemma3'), Qwen2.5-VL ('qwen2_5_vl'), Qwen3-VL ('qwen3_vl'), text-only decoders (" + ", ".join(map(repr, CAUSAL_LM_TYPES)) + "), "
     "and .gguf files of those decoders"
 )
 
@@ -34,5 +36,5 @@ def family(model_type: str):
     return None
 
 
-__all__ = ["CAUSAL_LM_TYPES", "SUPPORTED", "VISION_LANGUAGE", "Gemma3", "InternVL", "Qwen25VL", "TextOnly",
+__all__ = ["CAUSAL_LM_TYPES", "SUPPORTED", "VISION_LANGUAGE", "Gemma3", "InternVL", "Qwen25VL", "Qwen3VL", "TextOnly",
            "VisionLanguage", "family"]

@@ -17,7 +17,11 @@ class Qwen25VL(VisionLanguage):
     of that many InternVL tiles: the Tile Images node's max_tiles means the same for every family),
     cut into 14-pixel patches, each patch given twice along time (a still image as a two-frame
     clip, as Qwen's processor does), one token per 2x2 merged patches; CLIP normalisation. The
-    model computes its 3-axis RoPE positions from `image_grid_thw`."""
+    model computes its 3-axis RoPE positions from `image_grid_thw` and `mm_token_type_ids` (which
+    tokens are image tokens; without it transformers falls back to 1-D positions).
+    Qwen3VL (qwen3vl.py) reuses all of this with its own constants."""
+
+    label = "Qwen2.5-VL"
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     resample = Image.Resampling.BICUBIC  # as Qwen's processor
@@ -42,11 +46,11 @@ class Qwen25VL(VisionLanguage):
         return (h // (self.patch * self.merge)) * (w // (self.patch * self.merge))
 
     def size(self, width: int, height: int, max_tiles: int) -> tuple[int, int]:
-        """(width, height) for an image: the nearest multiples of 28 keeping the aspect ratio,
-        scaled down or up into [min_pixels, max_tiles * 448^2]."""
+        """(width, height) for an image: the nearest multiples of patch x merge (28 px) keeping the
+        aspect ratio, scaled down or up into [min_pixels, max_tiles * 448^2]."""
         f, most = self.patch * self.merge, max_tiles * self.budget_tile**2
         if max(width, height) > 200 * min(width, height):
-            raise ValueError(f"an image of {width}x{height} is too elongated for Qwen2.5-VL (aspect ratio over 200)")
+            raise ValueError(f"an image of {width}x{height} is too elongated for {self.label} (aspect ratio over 200)")
         w, h = round(width / f) * f, round(height / f) * f
         if w * h > most:
             scale = math.sqrt(width * height / most)
@@ -74,3 +78,7 @@ class Qwen25VL(VisionLanguage):
             grids.append([1, gh, gw])
         return {"pixel_values": torch.cat(flat).to(device=device, dtype=dtype),
                 "image_grid_thw": torch.tensor(grids, device=device)}
+
+    def extra_inputs(self, ids: torch.Tensor) -> dict:
+        # 1 marks the image tokens: the model's get_rope_index gives them (t, h, w) positions from image_grid_thw
+        return {"mm_token_type_ids": (ids == self.image_token_id()).int()}
