@@ -73,12 +73,34 @@ def build_base(base: Path, work: Path) -> None:
     # folders): LAP Encode must refuse tiny-internvl's features with it.
     other = randomize(uf.UniFusionModel.from_preset("tiny", vlm=uf.load_vlm(tiny_vlms.make_tiny_causal_lm(work / "tiny-qwen2"))), std=0.1)
     uf.save_model(other, models / "unifusion" / "tiny-qwen2.safetensors")
+    write_one_file_encoder(models, Path(os.environ["COMFYUI_ROOT"]))
     write_bad_files(models, work)
     (base / "input").mkdir()
     for seed, (name, size) in enumerate(IMAGES.items()):
         write_image(base / "input" / name, size, seed)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+
+
+ONE_FILE_VLM = "qwen_tiny_vocab.safetensors"
+
+
+def write_one_file_encoder(models: Path, comfyui_root: Path) -> None:
+    """A Qwen2.5-style LLM text encoder as ComfyUI keeps them (one file, bf16, no LM head, no
+    tokenizer) over the full Qwen vocabulary, so that ComfyUI's own Qwen tokenizer serves it; and
+    a tiny UniFusion checkpoint trained against it."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151669, hidden_size=128, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True)
+    lm = Qwen2ForCausalLM(config)
+    path = models / "text_encoders" / ONE_FILE_VLM
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"}, str(path))
+    vlm = uf.load_vlm(path, tokenizer=comfyui_root / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    model = randomize(uf.UniFusionModel.from_preset("tiny", vlm=vlm), std=0.1)
+    uf.save_model(model, models / "unifusion" / "tiny-qwen-file.safetensors")
 
 
 def write_bad_files(models: Path, work: Path) -> None:

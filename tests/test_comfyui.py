@@ -26,7 +26,7 @@ if not COMFYUI_ROOT:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from comfyui_harness import (  # noqa: E402
-    BAD_MODELS, BAD_VLMS, OUR_NODES, PACK, RUN_TIMEOUT, SCENES_TIMEOUT, SIZE, WF, Events, Server, assert_success,
+    BAD_MODELS, BAD_VLMS, ONE_FILE_VLM, OUR_NODES, PACK, RUN_TIMEOUT, SCENES_TIMEOUT, SIZE, WF, Events, Server, assert_success,
     build_base, messages, node_id, saved_images, tiny_prompt, widget_count,
 )
 
@@ -70,12 +70,12 @@ def test_pack_imports_and_registers_its_nodes(server, object_info):
     # The bundled files (where present; ComfyUI runs on this Python) are listed beside the folders'.
     vlm, model = uf.bundled_vlm(), uf.bundled_model()
     # Files that cannot load are listed too (chosen, they fail with a message: see the bad-input cases).
-    assert req["UniFusionVLMLoad"]["vlm_name"][0] == sorted(["tiny-internvl"] + BAD_VLMS + ([vlm.name] if vlm else []))
+    assert req["UniFusionVLMLoad"]["vlm_name"][0] == sorted(["tiny-internvl", ONE_FILE_VLM] + BAD_VLMS + ([vlm.name] if vlm else []))
     assert req["UniFusionModelLoad"]["model_name"][0] == sorted(
-        ["tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS + ([model.name] if model else []))
+        ["tiny-qwen-file.safetensors", "tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS + ([model.name] if model else []))
     # ... read in place: nothing is copied into the models folder.
     models = server.base / "models"
-    assert sorted(p.name for p in (models / "unifusion").iterdir()) == sorted(["tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS)
+    assert sorted(p.name for p in (models / "unifusion").iterdir()) == sorted(["tiny-qwen-file.safetensors", "tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS)
     assert sorted(p.name for p in models.rglob("*.gguf")) == ["corrupt.gguf", "empty.gguf"]  # ours, for the error paths
     assert "pixel_space" in object_info["VAELoader"]["input"]["required"]["vae_name"][0]
 
@@ -389,3 +389,16 @@ def test_cancel_stops_the_rewrite_within_a_token(server, scenes_run):
     assert end["type"] == "execution_interrupted" and end["data"]["node_type"] == R, end
     assert elapsed < 3, f"Cancel took {elapsed:.1f} s during the rewrite"
     assert_success(server, server.run(tiny_prompt(T2I, seed=31)))
+
+
+def test_a_one_file_qwen_encoder_runs_with_comfyuis_tokenizer(server, object_info):
+    """A one-file LLM text encoder in models/text_encoders is listed (CLIP/T5 files are not) and,
+    with the tokenizer on auto, encodes through the Qwen tokenizer ComfyUI ships."""
+    load = object_info["UniFusionVLMLoad"]["input"]
+    assert ONE_FILE_VLM in load["required"]["vlm_name"][0]
+    assert load["optional"]["tokenizer"][0][0] == "auto"
+    prompt = tiny_prompt(T2I)
+    prompt[node_id(prompt, "UniFusionVLMLoad")]["inputs"]["vlm_name"] = ONE_FILE_VLM
+    prompt[node_id(prompt, "UniFusionVERIFIRewrite")]["inputs"]["rewrite"] = False
+    prompt[node_id(prompt, "UniFusionModelLoad")]["inputs"]["model_name"] = "tiny-qwen-file.safetensors"
+    assert len(saved_images(server, server.run(prompt))) == 1

@@ -159,6 +159,29 @@ def test_callback_sees_tokens_and_can_cancel(vlms):
         vlm.encode("a cat", max_new_tokens=4, callback=cancel)
 
 
+def test_a_rewrite_starts_from_the_system_prompts_kv_cache(vlms):
+    """A text-only rewrite prefills only the tokens after the template's system part, whose KV
+    cache is kept per system prompt (the VERIFI node's re-runs); the result is the cold run's."""
+    vlm = vlms["qwen2"]
+    vlm.clear_prefix_memo()
+    cold = vlm.encode("a red fox in the snow", max_new_tokens=6, system_prompt=SYSTEM)
+    assert len(vlm.prefix_memo) == 1
+    prefills = []
+    hook = vlm.adapter.decoder_layers()[0].register_forward_pre_hook(
+        lambda m, args, kwargs: prefills.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        warm = vlm.encode("a red fox in the snow", max_new_tokens=6, system_prompt=SYSTEM)
+    finally:
+        hook.remove()
+    prompt = vlm._prepare("a red fox in the snow", [], SYSTEM, generation_prompt=True)
+    first_user = int(prompt.user_text.nonzero()[0])
+    assert prefills[0] == len(prompt.ids) - first_user and first_user > 5  # the system part was not run again
+    assert warm.sequence_ids == cold.sequence_ids
+    torch.testing.assert_close(warm.hidden, cold.hidden, rtol=0, atol=0)
+    other = vlm.encode("a red fox in the snow", max_new_tokens=6, system_prompt=SYSTEM + " Be brief.")
+    assert len(vlm.prefix_memo) == 2 and other.sequence_ids != cold.sequence_ids
+
+
 def test_layer_selection(vlms):
     vlm = vlms["qwen2"]
     assert vlm.select_layers() == (0, 3, 6)  # every third, 0 = embeddings, 6 = after the last block
@@ -204,7 +227,7 @@ def test_missing_and_non_model_paths(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         load_vlm(tmp_path)
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="or a .gguf file"):
+    with pytest.raises(ValueError, match="a .gguf file or one .safetensors file, not a .bin file"):
         load_vlm(tmp_path / "weights.bin")
 
 

@@ -79,7 +79,7 @@ def common(prompt: str, width: int, height: int, images: str | None, vlm: str = 
     if images:
         verifi["images"] = [images, 0]
     return {
-        "1": {"class_type": "UniFusionVLMLoad", "inputs": {"vlm_name": vlm, "dtype": "auto", "device": "default"}},
+        "1": {"class_type": "UniFusionVLMLoad", "inputs": {"vlm_name": vlm, "dtype": "auto", "device": "default", "tokenizer": "auto"}},
         "2": {"class_type": "UniFusionVERIFIRewrite", "inputs": verifi},
         "3": {"class_type": "UniFusionModelLoad", "inputs": {"model_name": model, "weight_dtype": "default"}},
         "4": {"class_type": "UniFusionLAPEncode", "inputs": {"model": ["3", 0], "features": ["2", 0], "tokens": "all", "layer_drop": ""}},

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from . import encoders
+from .encoders import single_file
 from .config import EncoderSpec, every_nth_layer
 from .features import Features
 from .prompts import VERIFI_SYSTEM_PROMPT
@@ -67,8 +68,11 @@ def load_vlm(
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> VLMEncoder:
-    """Load a VLM / LLM from a local Hugging Face folder (safetensors) or a .gguf file; never downloads.
+    """Load a VLM / LLM from a local Hugging Face folder (safetensors), a .gguf file, or one
+    .safetensors file as ComfyUI keeps LLM text encoders (Qwen2.5-VL, Qwen2.5, Qwen3, Gemma-3;
+    `encoders/single_file.py`: `tokenizer` names its tokenizer folder); never downloads.
 
     dtype defaults to float32 on the CPU and bfloat16 elsewhere. The model is frozen: eval mode,
     no gradients, never modified.
@@ -89,11 +93,13 @@ def load_vlm(
         raise FileNotFoundError(f"VLM not found: {path}")
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     converted = None  # the converted-weights cache entry of a .gguf file
+    if path.is_file() and path.suffix == ".safetensors":
+        return _load_single_file(path, dtype, device, tokenizer)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(
-                f"{path}: a VLM is a Hugging Face model folder (with config.json) or a .gguf file, "
-                f"not a {path.suffix or 'bare'} file"
+                f"{path}: a VLM is a Hugging Face model folder (with config.json), a .gguf file or one .safetensors "
+                f"file, not a {path.suffix or 'bare'} file"
             )
         for module in ("gguf", "accelerate"):
             if importlib.util.find_spec(module) is None:
@@ -155,6 +161,30 @@ def load_vlm(
     template = _processor_template(folder) if adapter.takes_images else None
     return VLMEncoder(model, tokenizer, adapter(model, tokenizer), name=path.stem if path.is_file() else path.name,
                       chat_template=template)
+
+
+# Published checkpoints whose LM head is its own matrix, not the embeddings (family, width >=):
+# Qwen2.5(-VL) 7B and up, Qwen3 8B and up. Gemma-3 and the smaller Qwen tie them.
+_UNTIED_FROM = {"qwen2_5_vl": 3584, "qwen2": 3584, "qwen3": 4096}
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, device: torch.device, tokenizer) -> VLMEncoder:
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes): the download or copy did not finish; fetch it again")
+    try:
+        model, tok, layout = single_file.load(path, dtype, device, Path(tokenizer) if tokenizer else None)
+    except (SafetensorError, struct.error) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or "
+                         "corrupt: copy or download it again") from None
+    model = model.eval().requires_grad_(False)
+    _, adapter = encoders.family(layout.family)
+    encoder = VLMEncoder(model, tok, adapter(model, tok), name=path.stem)
+    width = layout.shapes["model.embed_tokens.weight"][1]
+    if not layout.has_lm_head and width >= _UNTIED_FROM.get(layout.family, 1 << 30):
+        encoder.no_lm_head = (f"{path.name} has no LM head (lm_head.weight; ComfyUI's text-encoder files leave it out): "
+                              "it encodes, but cannot write a VERIFI rewrite; turn rewrite off, or load the model's "
+                              "Hugging Face folder")
+    return encoder
 
 
 def _gguf_cache_entry(path: Path, dtype: torch.dtype, cache: Path) -> Path:
@@ -267,6 +297,7 @@ class VLMEncoder:
     def __init__(self, model, tokenizer, adapter, name: str, chat_template: str | None = None):
         self.model, self.tokenizer, self.adapter, self.name = model, tokenizer, adapter, name
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.no_lm_head: str | None = None  # why this encoder cannot generate (a one-file encoder without its head)
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)  # asked for once
         text_cfg = model.config.get_text_config()
         self.hidden_size = text_cfg.hidden_size
@@ -353,16 +384,23 @@ class VLMEncoder:
             )
         is_image = p.image_index >= 0
         keep = is_image if rewrite else is_image | p.user_text  # prompt positions that condition
-        capture = _LayerCapture(self.adapter.decoder_layers(), chosen, keep)
+        # A rewrite of a text-only prompt starts from the KV cache of the template's system part
+        # (every token before the user's text), kept per system prompt in prefix_memo: a VERIFI
+        # node run with the same system prompt and another prompt skips it (measured: 18 % of a
+        # SmolLM2 rewrite on a CPU). Not with images: Qwen-VL computes its 3-axis positions in a
+        # prefill that starts at position 0.
+        P = int(p.user_text.nonzero()[0]) if rewrite and not tiled and bool(p.user_text.any()) else 0
+        cache = copy.deepcopy(self._prefix_cache(p.ids[:P], system)) if P else None  # the memoized one stays as it is
+        capture = _LayerCapture(self.adapter.decoder_layers(), chosen, keep[P:])
         ids = p.ids[None].to(self.device)
         with capture:
             if rewrite:
-                fed = self._generate(ids, p.inputs, max_new_tokens, seed, callback)  # tokens fed back
+                fed = self._generate(ids, p.inputs, max_new_tokens, seed, callback, cache)  # tokens fed back
             else:
                 # the base model: no logits over the vocabulary for every position
                 self.model.model(input_ids=ids, **p.inputs, use_cache=False)
                 fed = torch.zeros(0, dtype=torch.long)
-        hidden = capture.result()  # (keep.sum() + len(fed), L, D)
+        hidden = capture.result()  # (keep.sum() + len(fed), L, D): nothing of the cached prefix conditions
 
         rewrite_keep = ~torch.isin(fed, self.special_ids)
         cond = torch.cat([keep, rewrite_keep])  # over sequence_ids
@@ -477,6 +515,8 @@ class VLMEncoder:
         texts = self._check_texts(prompts, "rewrite_batch")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+        if self.no_lm_head:
+            raise ValueError(self.no_lm_head)
         system = VERIFI_SYSTEM_PROMPT if system_prompt is None else system_prompt
         prepared = [self._prepare(t, [], system, generation_prompt=True) for t in texts]
         for i, p in enumerate(prepared):
@@ -710,12 +750,16 @@ class VLMEncoder:
             inputs |= {k: v[None].to(self.device) for k, v in a.extra_inputs(ids).items()}
         return _Prompt(ids, user_text, image_index, inputs)
 
-    def _generate(self, ids: Tensor, inputs: dict, max_new_tokens: int, seed: int | None, callback) -> Tensor:
-        """Generate the rewrite; returns the generated tokens that were fed back into the model."""
+    def _generate(self, ids: Tensor, inputs: dict, max_new_tokens: int, seed: int | None, callback,
+                  cache=None) -> Tensor:
+        """Generate the rewrite; returns the generated tokens that were fed back into the model.
+        cache: the KV cache of a prefix of ids (the prefill then runs only the rest)."""
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if self.no_lm_head:
+            raise ValueError(self.no_lm_head)
 
         class Progress(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
@@ -751,6 +795,7 @@ class VLMEncoder:
             out = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), **inputs,
                 generation_config=gen, stopping_criteria=StoppingCriteriaList([Progress()]),
+                **({} if cache is None else {_cache_kwarg(self.model): cache}),
             )
         generated = out[0, ids.shape[1]:].cpu()
         return generated[:-1][:max_new_tokens]
@@ -785,7 +830,10 @@ def _length_batches(seqs: list[Tensor], batch_size: int, same_length: bool = Fal
 
 
 class _LayerCapture:
-    """Forward hooks that keep the residual stream after the selected blocks (before the final norm).
+    """Hooks that keep the residual stream at the selected layers: layer i < len(layers) is what
+    block i reads (its input: for i = 0 the embeddings with the image features merged in; for
+    Qwen3-VL including the DeepStack visual features the decoder adds between blocks, after a
+    block returns), layer len(layers) the last block's output (before the final norm).
 
     The first forward is the prefill: only the `keep` positions are stored. Later forwards are
     single-token KV-cached decode steps: their token is stored.
@@ -809,9 +857,9 @@ class _LayerCapture:
 
     def __enter__(self):
         for i in self.chosen:
-            if i == 0:  # the embedding output (image features merged in) = the first block's input
-                hook = lambda m, args, kwargs: self._store(0, args[0] if args else kwargs["hidden_states"])  # noqa: E731
-                self.handles.append(self.layers[0].register_forward_pre_hook(hook, with_kwargs=True))
+            if i < len(self.layers):  # block i's input (the decoder may add to block i-1's output)
+                hook = lambda m, args, kwargs, i=i: self._store(i, args[0] if args else kwargs["hidden_states"])  # noqa: E731
+                self.handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
             else:
                 hook = lambda m, args, out, i=i: self._store(i, out[0] if isinstance(out, tuple) else out)  # noqa: E731
                 self.handles.append(self.layers[i - 1].register_forward_hook(hook))
