@@ -57,3 +57,24 @@ def test_train_benchmark_refuses_a_features_file_without_the_scene_prompts(tmp_p
               metadata={"prompts": json.dumps(["a cat"]), "encoder": json.dumps(dataclasses.asdict(TINY_ENCODER))})
     with pytest.raises(SystemExit, match="no features for"):
         bench.main(TINY_TRAIN + ["--features", str(path)])
+
+
+def test_dit_against_diffusers_compares_equal_work(capsys):
+    """tools/bench_dit_vs_diffusers.py builds Flux single-stream and Lumina 2 peers of our DiT's
+    size: Flux does the same FLOPs as ours (the comparison is at equal work), Lumina 2 more (its
+    refiners), and every model is timed at every size."""
+    pytest.importorskip("diffusers", reason="the benchmark's peers come from diffusers (requirements-train.txt)")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_dit_vs_diffusers
+
+    r = bench_dit_vs_diffusers.main(["--preset", "tiny", "--sizes", "32", "--cond-tokens", "8", "--repeats", "1",
+                                     "--threads", "1", "--profile"])
+    assert json.loads(capsys.readouterr().out) == r
+    (row,) = r["sizes"]
+    assert row["flop_ratio_vs_flux"] == pytest.approx(1.0, abs=0.05) and row["lumina2"]["gflop"] > row["ours"]["gflop"]
+    assert all(row[m]["forward_ms"] > 0 and row[m]["guided_step_ms"] > 0 for m in ("ours", "flux", "lumina2"))
+    assert row["ratio_vs_flux"] == pytest.approx(row["ours"]["forward_ms"] / row["flux"]["forward_ms"], abs=1e-3)
+    assert any("addmm" in p["op"] or "mm" in p["op"] for p in row["profile_ours"])

@@ -1,0 +1,153 @@
+"""Our DiT against diffusers' transformers of the same size, in one process: time, FLOPs, GFLOP/s.
+
+    python tools/bench_dit_vs_diffusers.py [--preset small] [--sizes 256 512] [--cond-tokens 128]
+        [--threads 2] [--repeats 5] [--device cpu] [--dtype float32] [--depth N] [--profile]
+
+diffusers is a benchmark-only dependency (requirements-train.txt); the pack never needs it. The
+peers are built with random weights at the preset DiT's width, heads and depth:
+- Flux single-stream: `FluxTransformer2DModel` with 0 double-stream and `depth` single-stream
+  blocks (the same 12 D^2 per token and block as ours; Flux packs 2 x 2 patches outside the
+  model, so its input is the already patchified latent);
+- Lumina 2: `Lumina2Transformer2DModel` of the same width and depth (its two refiners of two
+  blocks each come on top, so it does more work).
+Each forward's FLOPs come from torch.utils.flop_counter; times are medians of `--repeats` after
+a warm-up, for one forward (batch 1) and one guided sampling step (batch 2). `ratio_vs_flux` is
+our time over Flux's at (nearly) equal FLOPs: below 1 is faster. `--profile` adds our forward's
+op-level profile (self CPU time per op, top 15). One JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from unifusion_core import UniFusionModel  # noqa: E402
+from unifusion_core.bench import flops_of, matmul_gflops, timed  # noqa: E402
+
+
+def ours(preset: str, depth: int | None, dtype, device):
+    model = UniFusionModel.from_preset(preset, dtype=dtype, device=device, **({"dit": {"depth": depth}} if depth else {}))
+    return model.eval().dit, model.config
+
+
+def flux(cfg, dtype, device):
+    from diffusers import FluxTransformer2DModel
+
+    d, p = cfg.dit, cfg.dit.patch_size
+    head = d.hidden_size // d.heads
+    m = FluxTransformer2DModel(patch_size=1, in_channels=cfg.latent.channels * p * p, num_layers=0,
+                               num_single_layers=d.depth, attention_head_dim=head, num_attention_heads=d.heads,
+                               joint_attention_dim=d.hidden_size, pooled_projection_dim=d.hidden_size,
+                               axes_dims_rope=tuple(d.axes_dim))
+    return m.to(device=device, dtype=dtype).eval()
+
+
+def lumina2(cfg, dtype, device):
+    from diffusers import Lumina2Transformer2DModel
+
+    d = cfg.dit
+    m = Lumina2Transformer2DModel(sample_size=128, patch_size=d.patch_size, in_channels=cfg.latent.channels,
+                                  hidden_size=d.hidden_size, num_layers=d.depth, num_refiner_layers=2,
+                                  num_attention_heads=d.heads, num_kv_heads=d.heads, axes_dim_rope=tuple(d.axes_dim),
+                                  axes_lens=(1024, 1024, 1024), cap_feat_dim=d.hidden_size)
+    return m.to(device=device, dtype=dtype).eval()
+
+
+def calls(name: str, model, cfg, size: int, T: int, dtype, device):
+    """A function of the batch size that runs one forward of `model` at `size`."""
+    lh, lw = cfg.latent.latent_size(size, size)
+    C, p, D = cfg.latent.channels, cfg.dit.patch_size, cfg.dit.hidden_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, C, lh, lw, generator=g).to(device, dtype)
+    cond = torch.randn(1, T, D, generator=g).to(device, dtype)
+    t = torch.full((1,), 0.5, device=device)
+    h, w = lh // p, lw // p
+    if name == "ours":
+        return lambda b: model(x.expand(b, -1, -1, -1), t.expand(b), cond.expand(b, -1, -1))
+    if name == "flux":
+        packed = x.reshape(1, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(1, h * w, C * p * p)
+        img_ids = torch.zeros(h, w, 3, device=device)
+        img_ids[..., 1], img_ids[..., 2] = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)[None]
+        img_ids, txt_ids = img_ids.reshape(h * w, 3), torch.zeros(T, 3, device=device)
+        pooled = torch.randn(1, D, generator=g).to(device, dtype)
+        return lambda b: model(hidden_states=packed.expand(b, -1, -1), encoder_hidden_states=cond.expand(b, -1, -1),
+                               pooled_projections=pooled.expand(b, -1), timestep=t.expand(b), img_ids=img_ids,
+                               txt_ids=txt_ids, return_dict=False)
+    mask = torch.ones(1, T, dtype=torch.bool, device=device)
+    return lambda b: model(x.expand(b, -1, -1, -1), t.expand(b), cond.expand(b, -1, -1), mask.expand(b, -1), return_dict=False)
+
+
+def profile(fn, top: int = 15) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    fn()
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    rows = sorted(p.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "share_pct": round(100 * e.self_cpu_time_total / total, 1),
+             "calls": e.count} for e in rows[:top]]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--depth", type=int, help="DiT blocks (default: the preset's)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--cond-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--peers", nargs="*", default=["flux", "lumina2"])
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
+    torch.manual_seed(0)
+    dit, cfg = ours(args.preset, args.depth, dtype, device)
+    models = {"ours": dit}
+    for name, build in (("flux", flux), ("lumina2", lumina2)):
+        if name in args.peers:
+            models[name] = build(cfg, dtype, device)
+    result = {"preset": args.preset, "depth": cfg.dit.depth, "width": cfg.dit.hidden_size, "heads": cfg.dit.heads,
+              "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cond_tokens": args.cond_tokens,
+              "matmul_2048_gflops": round(matmul_gflops(2048, dtype, str(device), args.repeats, sync), 1),
+              "parameters_m": {k: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for k, m in models.items()},
+              "sizes": []}
+    with torch.inference_mode():
+        for size in args.sizes:
+            row = {"size": size}
+            for name, model in models.items():
+                fn = calls(name, model, cfg, size, args.cond_tokens, dtype, device)
+                flops = flops_of(lambda: fn(1))
+                one = timed(lambda: (fn(1), sync()), args.repeats)
+                two = timed(lambda: (fn(2), sync()), args.repeats)
+                row[name] = {"forward_ms": round(1e3 * statistics.median(one), 1), "gflop": round(flops / 1e9, 2),
+                             "gflops": round(flops / statistics.median(one) / 1e9, 1),
+                             "guided_step_ms": round(1e3 * statistics.median(two), 1)}
+            if "flux" in row:
+                row["ratio_vs_flux"] = round(row["ours"]["forward_ms"] / row["flux"]["forward_ms"], 3)
+                row["guided_ratio_vs_flux"] = round(row["ours"]["guided_step_ms"] / row["flux"]["guided_step_ms"], 3)
+                row["flop_ratio_vs_flux"] = round(row["ours"]["gflop"] / row["flux"]["gflop"], 3)
+            if args.profile:
+                fn = calls("ours", dit, cfg, size, args.cond_tokens, dtype, device)
+                row["profile_ours"] = profile(lambda: fn(1))
+            result["sizes"].append(row)
+    sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
