@@ -216,8 +216,8 @@ class Trainer:
         if cfg.compile:
             # Module.compile keeps the parameter names (checkpoints unchanged) and the module that
             # FSDP2 shards. LAP too, though its batch (every token of the step) changes shape each
-            # step: after the first recompile dynamo compiles it for any size (measured on an H200,
-            # compiling LAP and the refiner besides the DiT made the step 1.2x faster).
+            # step: after the first recompile dynamo compiles it for any size. (On an H200 the step
+            # compiled this way took 0.64-0.69 s, with the DiT's blocks alone 0.77 s; separate runs.)
             for part in (model.lap, model.refiner, model.dit):
                 for block in part.blocks:
                     block.compile()
