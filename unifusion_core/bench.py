@@ -148,13 +148,14 @@ def bench_vlm(argv: list[str]) -> None:
     n_new = len(f.sequence_ids) - ids.shape[1]  # greedy: every run below makes these same tokens
     full = torch.tensor(f.sequence_ids, device=vlm.device)[None]
 
-    def generate():
-        return vlm._generate(ids, {}, args.max_new_tokens, None, None)
-
     # The chat template's system part before the user's text: the most a KV cache kept across
     # VERIFI node runs with the same system prompt could skip.
     first_user = int(prompt.user_text.nonzero()[0])
     prefix_ids = ids[:, :first_user]
+
+    def generate():  # from the same cached system part as encode, so that only the capture differs
+        cache = copy.deepcopy(vlm._prefix_cache(prompt.ids[:first_user], VERIFI_SYSTEM_PROMPT))
+        return vlm._generate(ids, {}, args.max_new_tokens, None, None, cache)
 
     def system_prefix():
         vlm.model(input_ids=prefix_ids, use_cache=True)
