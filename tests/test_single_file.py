@@ -209,3 +209,16 @@ def test_comfyuis_qwen_tokenizer_serves_qwen25vl_and_qwen3():
     q3 = single_file.load_tokenizer(Path("x"), layout("qwen3"), COMFY_TOKENIZER)
     assert [q3.convert_tokens_to_ids(t) for t in single_file.QWEN3_EXTRA_TOKENS] == [151665, 151666, 151667, 151668]
     assert q3("<|im_end|><think>")["input_ids"] == [151645, 151667] and len(q3) == 151669  # Qwen3's vocabulary
+
+
+def test_gemma_turns_put_the_system_prompt_in_the_first_user_turn():
+    """The template a Gemma tokenizer folder without one gets (Gemma has no system role)."""
+    import jinja2
+
+    render = jinja2.Environment().from_string(single_file.GEMMA_TURNS).render
+    system = [{"role": "system", "content": "Describe it."}]
+    user = [{"role": "user", "content": "a red circle"}]
+    assert render(bos_token="<bos>", messages=system + user, add_generation_prompt=True) == (
+        "<bos><start_of_turn>user\nDescribe it.\n\na red circle<end_of_turn>\n<start_of_turn>model\n")
+    assert render(bos_token="<bos>", messages=user, add_generation_prompt=False) == (
+        "<bos><start_of_turn>user\na red circle<end_of_turn>\n")
