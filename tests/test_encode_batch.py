@@ -13,6 +13,8 @@ BUILDERS = {
     "llama": lambda p: tiny_vlms.make_tiny_causal_lm(p, "llama"),
     "internvl": tiny_vlms.make_tiny_internvl,
     "gemma3": tiny_vlms.make_tiny_gemma3,  # sliding-window layers
+    "qwen25vl": tiny_vlms.make_tiny_qwen25vl,  # 3-axis RoPE positions
+    "qwen3vl": tiny_vlms.make_tiny_qwen3vl,
 }
 # Mixed lengths; some share tokens with the template or the system prompt, one starts with a newline,
 # one is the long tail of its batch. (A BPE merge across the template boundary: the SmolLM2 test.)

@@ -58,9 +58,13 @@ def plain_forward_states(vlm, f, images):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rewrite", [True, False])
-def test_features_equal_a_plain_forward_at_their_positions(vlms, family, rewrite):
+@pytest.mark.parametrize("with_images", [True, False], ids=["images", "text-only"])
+def test_features_equal_a_plain_forward_at_their_positions(vlms, family, rewrite, with_images):
+    """Also a VLM's text-only rewrite, which starts from the cached system part of its template."""
     vlm = vlms[family]
-    images = [gradient(120, 60), gradient(40, 90, seed=1)] if vlm.adapter.takes_images else None
+    if not (with_images or vlm.adapter.takes_images):
+        pytest.skip("a text-only model: the same case as with images")
+    images = [gradient(120, 60), gradient(40, 90, seed=1)] if vlm.adapter.takes_images and with_images else None
     layers = (0, 2, 5, 6)  # includes the embedding output and the last block
     f = vlm.encode("a red fox in the snow", images, rewrite=rewrite, max_new_tokens=6, layers=layers, system_prompt=SYSTEM)
     assert f.layers == layers and f.hidden.shape == (len(f.positions), 4, 32)

@@ -387,9 +387,10 @@ class VLMEncoder:
         # A rewrite of a text-only prompt starts from the KV cache of the template's system part
         # (every token before the user's text), kept per system prompt in prefix_memo: a VERIFI
         # node run with the same system prompt and another prompt skips it (measured: 18 % of a
-        # SmolLM2 rewrite on a CPU). Not with images: Qwen-VL computes its 3-axis positions in a
-        # prefill that starts at position 0.
-        P = int(p.user_text.nonzero()[0]) if rewrite and not tiled and bool(p.user_text.any()) else 0
+        # SmolLM2 rewrite on a CPU). Not with images, nor for Qwen-VL at all: its generate()
+        # computes the 3-axis positions in a prefill that starts at position 0.
+        reuse = rewrite and not tiled and self.adapter.reuses_prefix and bool(p.user_text.any())
+        P = int(p.user_text.nonzero()[0]) if reuse else 0
         cache = copy.deepcopy(self._prefix_cache(p.ids[:P], system)) if P else None  # the memoized one stays as it is
         capture = _LayerCapture(self.adapter.decoder_layers(), chosen, keep[P:])
         ids = p.ids[None].to(self.device)

@@ -19,6 +19,8 @@ class TextOnly:
     """A text-only decoder: no image support."""
 
     takes_images = False  # and so its chat messages carry plain-string content
+    # a rewrite may start from a KV cache of the template's system part (VLMEncoder.encode)
+    reuses_prefix = True
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer

@@ -26,6 +26,9 @@ class Qwen25VL(VisionLanguage):
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     resample = Image.Resampling.BICUBIC  # as Qwen's processor
     native = True  # images keep their resolution: not tiled
+    # generate() computes the 3-axis RoPE positions in a prefill that starts at position 0: a
+    # prefill after a cached prefix would number the rest from 0 again (measured: features differ)
+    reuses_prefix = False
     min_pixels = 56 * 56
     budget_tile = 448
 
