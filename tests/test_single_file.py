@@ -161,7 +161,7 @@ def test_text_only_one_file_llms(family, tmp_path):
 def test_a_file_without_its_lm_head_encodes_but_does_not_rewrite(qwen25vl, tmp_path, monkeypatch):
     """Qwen2.5-VL-7B's head is its own matrix: without lm_head.weight the file still encodes, and
     a rewrite is refused with the reason (instead of generating from the embeddings)."""
-    monkeypatch.setattr(uf.vlm, "_UNTIED_FROM", {"qwen2_5_vl": 256})  # as if the tiny model were 7B wide
+    monkeypatch.setattr(single_file, "UNTIED_FROM", {"qwen2_5_vl": 256})  # as if the tiny model were 7B wide
     enc = uf.load_vlm(to_comfy(qwen25vl, tmp_path / "q.safetensors"), tokenizer=qwen25vl)
     assert enc.encode("a red circle", rewrite=False).num_tokens > 0
     for call in (lambda: enc.encode("a red circle", rewrite=True), lambda: enc.rewrite_batch(["a red circle"])):

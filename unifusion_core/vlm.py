@@ -93,6 +93,8 @@ def load_vlm(
         raise FileNotFoundError(f"VLM not found: {path}")
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     converted = None  # the converted-weights cache entry of a .gguf file
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes): the download or copy did not finish; fetch it again")
     if path.is_file() and path.suffix == ".safetensors":
         return _load_single_file(path, dtype, device, tokenizer)
     if path.is_file():
@@ -105,8 +107,6 @@ def load_vlm(
             if importlib.util.find_spec(module) is None:
                 raise ImportError(f"loading {path.name} needs the '{module}' package: pip install gguf accelerate")
         folder, kw["gguf_file"] = path.parent, path.name
-        if path.stat().st_size == 0:
-            raise ValueError(f"{path}: the file is empty (0 bytes): the download or copy did not finish; fetch it again")
         cache = cache_dir if cache_dir is not None else GGUF_CACHE
         converted = _gguf_cache_entry(path, dtype, Path(cache)) if cache is not None else None
         if converted is not None and (converted / "complete.json").is_file():
@@ -163,14 +163,7 @@ def load_vlm(
                       chat_template=template)
 
 
-# Published checkpoints whose LM head is its own matrix, not the embeddings (family, width >=):
-# Qwen2.5(-VL) 7B and up, Qwen3 8B and up. Gemma-3 and the smaller Qwen tie them.
-_UNTIED_FROM = {"qwen2_5_vl": 3584, "qwen2": 3584, "qwen3": 4096}
-
-
 def _load_single_file(path: Path, dtype: torch.dtype, device: torch.device, tokenizer) -> VLMEncoder:
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty (0 bytes): the download or copy did not finish; fetch it again")
     try:
         model, tok, layout = single_file.load(path, dtype, device, Path(tokenizer) if tokenizer else None)
     except (SafetensorError, struct.error) as e:
@@ -179,11 +172,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, device: torch.device, toke
     model = model.eval().requires_grad_(False)
     _, adapter = encoders.family(layout.family)
     encoder = VLMEncoder(model, tok, adapter(model, tok), name=path.stem)
-    width = layout.shapes["model.embed_tokens.weight"][1]
-    if not layout.has_lm_head and width >= _UNTIED_FROM.get(layout.family, 1 << 30):
-        encoder.no_lm_head = (f"{path.name} has no LM head (lm_head.weight; ComfyUI's text-encoder files leave it out): "
-                              "it encodes, but cannot write a VERIFI rewrite; turn rewrite off, or load the model's "
-                              "Hugging Face folder")
+    encoder.no_lm_head = single_file.missing_head(path, layout)
     return encoder
 
 
@@ -391,7 +380,7 @@ class VLMEncoder:
         # computes the 3-axis positions in a prefill that starts at position 0.
         reuse = rewrite and not tiled and self.adapter.reuses_prefix and bool(p.user_text.any())
         P = int(p.user_text.nonzero()[0]) if reuse else 0
-        cache = copy.deepcopy(self._prefix_cache(p.ids[:P], system)) if P else None  # the memoized one stays as it is
+        cache = self._batch_cache(self._prefix_cache(p.ids[:P], system), 1) if P else None  # a copy: the memoized one stays
         capture = _LayerCapture(self.adapter.decoder_layers(), chosen, keep[P:])
         ids = p.ids[None].to(self.device)
         with capture:

@@ -96,6 +96,20 @@ def read_layout(path: Path) -> Layout:
     return Layout(family, shapes, prefix, has("scaled_fp8"), has("lm_head.weight"))
 
 
+# Published checkpoints whose LM head is its own matrix, not the embeddings (family, width >=):
+# Qwen2.5(-VL) 7B and up, Qwen3 8B and up. Gemma-3 and the smaller Qwen tie them.
+UNTIED_FROM = {"qwen2_5_vl": 3584, "qwen2": 3584, "qwen3": 4096}
+
+
+def missing_head(path: Path, layout: Layout) -> str | None:
+    """Why the file's model cannot write a rewrite: its own LM head is not in the file (None: it can)."""
+    width = layout.shapes["model.embed_tokens.weight"][1]
+    if layout.has_lm_head or width < UNTIED_FROM.get(layout.family, 1 << 30):
+        return None
+    return (f"{path.name} has no LM head (lm_head.weight; ComfyUI's text-encoder files leave it out): it encodes, "
+            "but cannot write a VERIFI rewrite; turn rewrite off, or load the model's Hugging Face folder")
+
+
 def _count(shapes, stem: str) -> int:
     return 1 + max(int(m[1]) for k in shapes if (m := re.match(re.escape(stem) + r"(\d+)\.", k)))
 
