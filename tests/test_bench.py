@@ -78,3 +78,9 @@ def test_dit_against_diffusers_compares_equal_work(capsys):
     assert all(row[m]["forward_ms"] > 0 and row[m]["guided_step_ms"] > 0 for m in ("ours", "flux", "lumina2"))
     assert row["ratio_vs_flux"] == pytest.approx(row["ours"]["forward_ms"] / row["flux"]["forward_ms"], abs=1e-3)
     assert any("addmm" in p["op"] or "mm" in p["op"] for p in row["profile_ours"])
+    # our sampler's guided step: the 1-token null runs unpadded, so less than two forwards' work
+    ours = row["ours"]
+    assert ours["gflop"] < ours["sampler_step_gflop"] < 2 * ours["gflop"]
+    assert ours["sampler_step_ms"] > 0 and ours["padded_sampler_step_ms"] > 0
+    assert row["unpadded_vs_padded"] == pytest.approx(ours["sampler_step_ms"] / ours["padded_sampler_step_ms"], abs=1e-3)
+

@@ -148,6 +148,56 @@ def test_batch_with_a_batch_one_negative_matches_manual_loop(tiny, cond):
     assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("max_padding,expected_calls", [
+    (0, [(2, 5, False), (1, 3, False), (3, 2, False)]),  # one call per length, none padded
+    (4, [(3, 5, True), (3, 2, False)]),  # row 1 joins the 5-token rows (2 tokens of padding); the negative's 9 would not
+    (64, [(6, 5, True)]),  # the default: all 11 tokens of padding in one call
+])
+def test_rows_of_different_lengths_share_calls_up_to_max_padding(tiny, monkeypatch, max_padding, expected_calls):
+    """Prompts of 5, 3 and 5 tokens against a 2-token negative: the same latents as the padded,
+    masked rows of the plain loop, whichever calls the rows are grouped into."""
+    import unifusion_core.sampling as sampling
+
+    monkeypatch.setattr(sampling, "MAX_PADDING", max_padding)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    three = tiny.encode(tiny_features(B=3, T=5, seed=3), mask)
+    neg = tiny.encode(tiny_features(B=1, T=2, seed=4))
+    calls = dit_calls(tiny)
+    out = tiny.sample(three, 8, 8, steps=2, cfg=2.5, seed=11, shift=1.5, negative=neg)
+    assert calls == expected_calls * 2
+    with torch.no_grad():
+        expected = manual_sample(tiny, [three], neg, 2.5, 8, 8, 2, 11, 1.5, B=3)  # row 1 padded to 5, masked
+    assert_close(out, expected, atol=5e-5, rtol=1e-4)  # batched GEMMs round in another order
+
+
+def test_a_long_prompt_and_the_null_run_apart(tiny):
+    long = tiny.encode(tiny_features(B=1, T=80, seed=2))  # the null would need 79 tokens of padding
+    calls = dit_calls(tiny)
+    out = tiny.sample(long, 8, 8, steps=2, cfg=3.0, seed=1, shift=1.0)
+    assert calls == [(1, 80, False), (1, 1, False)] * 2
+    with torch.no_grad():
+        expected = manual_sample(tiny, [long], tiny.null_conditioning(), 3.0, 8, 8, 2, 1, 1.0)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_by_length_cuts_trailing_padding_only():
+    tokens = torch.randn(4, 5, 2)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    groups = uf.Conditioning(tokens, mask).by_length()
+    assert [(rows.tolist(), c.tokens.shape[1]) for rows, c in groups] == [([2], 5), ([1], 3), ([0, 3], 2)]
+    for rows, c in groups:
+        assert torch.equal(c.tokens, tokens[rows, : c.tokens.shape[1]]) and torch.equal(c.mask, mask[rows, : c.mask.shape[1]])
+    assert groups[1][1].mask.tolist() == [[True, False, True]]  # padding inside a row stays, masked
+    # max_padding counts rows x missing tokens: row 1 fits beside row 2 (2 tokens), rows 0 and 3 not (2 x 3 more)
+    merged = uf.Conditioning(tokens, mask).by_length(max_padding=7)
+    assert [(rows.tolist(), c.tokens.shape[1]) for rows, c in merged] == [([1, 2], 5), ([0, 3], 2)]
+    assert [(r, c.tokens.shape[1]) for r, c in uf.Conditioning(tokens, mask).by_length(max_padding=8)] == [(None, 5)]
+    full = uf.Conditioning(tokens, torch.ones(4, 5, dtype=torch.bool))
+    assert full.by_length() == [(None, full)]  # all rows whole: the batch as it is, one call
+    (rows, cut), = uf.Conditioning(tokens, mask[:1].expand(4, -1)).by_length()
+    assert rows is None and cut.tokens.shape[1] == 2 and bool(cut.mask.all())
+
+
 def test_cfg_zero_is_the_negative_alone(tiny, cond):
     neg = tiny.encode(tiny_features(B=1, T=2, seed=4))
     guided = tiny.sample(cond, 8, 8, steps=3, cfg=0.0, seed=2, negative=neg)
@@ -193,12 +243,18 @@ def test_golden_values(cond):
 GOLDEN = [2.90329, -0.51683, -0.52423, -0.70441, 0.72766, 0.41994, 0.22491, 1.0157, 0.05079]
 
 
+def dit_calls(model):
+    """Record (batch, conditioning tokens, whether any padding was passed) of every DiT call."""
+    calls, forward = [], model.dit.forward
+    model.dit.forward = lambda x, t, c, m=None: calls.append((x.shape[0], c.shape[1], m is not None and not bool(m.all()))) or forward(x, t, c, m)
+    return calls
+
+
 def test_heun_sampler_runs_two_calls_per_step(tiny, cond):
-    calls = []
-    forward = tiny.dit.forward
-    tiny.dit.forward = lambda *a: calls.append(1) or forward(*a)
+    calls = dit_calls(tiny)
     out = tiny.sample(cond, 8, 8, steps=3, cfg=2.0, sampler="heun")
-    assert len(calls) == 6 and torch.isfinite(out).all()
+    # two velocities a step; the 5-token prompt and the 1-token null (4 tokens of padding) share a call
+    assert calls == [(2, 5, True)] * 6 and torch.isfinite(out).all()
     assert not torch.allclose(out, tiny.sample(cond, 8, 8, steps=3, cfg=2.0, sampler="euler"))
 
 

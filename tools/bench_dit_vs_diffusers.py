@@ -11,8 +11,14 @@ peers are built with random weights at the preset DiT's width, heads and depth:
 - Lumina 2: `Lumina2Transformer2DModel` of the same width and depth (its two refiners of two
   blocks each come on top, so it does more work).
 Each forward's FLOPs come from torch.utils.flop_counter; times are medians of `--repeats` after
-a warm-up, for one forward (batch 1) and one guided sampling step (batch 2). `ratio_vs_flux` is
-our time over Flux's at (nearly) equal FLOPs: below 1 is faster. `--profile` adds our forward's
+a warm-up, for one forward (batch 1) and one guided sampling step (batch 2, both halves with the
+same T tokens: how a true-CFG pipeline runs Flux, whose negative prompt is padded like the
+positive). `ratio_vs_flux` is our time over Flux's at (nearly) equal FLOPs: below 1 is faster.
+Ours also runs the guided step as our sampler does, against its 1-token null conditioning:
+`sampler_step_ms` as now (the prompt and the null in calls of their own, unpadded, when the null
+would need more than sampling.MAX_PADDING tokens of padding: T > 65) and
+`padded_sampler_step_ms` (one batch, the null padded to T and masked, as before); `sampler_ratio_vs_flux`
+is the first over Flux's guided step. `--profile` adds our forward's
 op-level profile (self CPU time per op, top 15). One JSON object on stdout.
 """
 
@@ -85,6 +91,24 @@ def calls(name: str, model, cfg, size: int, T: int, dtype, device):
     return lambda b: model(x.expand(b, -1, -1, -1), t.expand(b), cond.expand(b, -1, -1), mask.expand(b, -1), return_dict=False)
 
 
+def sampler_steps(dit, cfg, size: int, T: int, dtype, device):
+    """One guided step of our sampler against the learned 1-token null conditioning:
+    (as sampling.denoise runs it: the prompt and the null apart, unpadded;
+     as it ran before: one batch of both, the null padded to T tokens and masked)."""
+    from unifusion_core.model import Conditioning
+    from unifusion_core.sampling import MAX_PADDING, guided_velocity
+
+    lh, lw = cfg.latent.latent_size(size, size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.latent.channels, lh, lw, generator=g).to(device, dtype)
+    ones = lambda n: torch.ones(1, n, dtype=torch.bool, device=device)  # noqa: E731
+    cond = Conditioning(torch.randn(1, T, cfg.dit.hidden_size, generator=g).to(device, dtype), ones(T))
+    both = Conditioning.cat([cond, Conditioning(dit.null_cond[None], ones(1))])
+    fn = lambda x, t, c: dit(x, t, c.tokens, c.mask)  # noqa: E731
+    return (lambda: guided_velocity(fn, x, 0.5, both.by_length(MAX_PADDING), 4.0),
+            lambda: guided_velocity(fn, x, 0.5, [(None, both)], 4.0))
+
+
 def profile(fn, top: int = 15) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile as prof
 
@@ -134,13 +158,19 @@ def main(argv: list[str] | None = None) -> dict:
                 flops = flops_of(lambda: fn(1))
                 one = timed(lambda: (fn(1), sync()), args.repeats)
                 two = timed(lambda: (fn(2), sync()), args.repeats)
-                row[name] = {"forward_ms": round(1e3 * statistics.median(one), 1), "gflop": round(flops / 1e9, 2),
+                row[name] = {"forward_ms": round(1e3 * statistics.median(one), 1), "gflop": round(flops / 1e9, 4),
                              "gflops": round(flops / statistics.median(one) / 1e9, 1),
                              "guided_step_ms": round(1e3 * statistics.median(two), 1)}
+            unpadded, padded = sampler_steps(dit, cfg, size, args.cond_tokens, dtype, device)
+            row["ours"]["sampler_step_ms"] = round(1e3 * statistics.median(timed(lambda: (unpadded(), sync()), args.repeats)), 1)
+            row["ours"]["padded_sampler_step_ms"] = round(1e3 * statistics.median(timed(lambda: (padded(), sync()), args.repeats)), 1)
+            row["ours"]["sampler_step_gflop"] = round(flops_of(unpadded) / 1e9, 4)
+            row["unpadded_vs_padded"] = round(row["ours"]["sampler_step_ms"] / row["ours"]["padded_sampler_step_ms"], 3)
             if "flux" in row:
                 row["ratio_vs_flux"] = round(row["ours"]["forward_ms"] / row["flux"]["forward_ms"], 3)
                 row["guided_ratio_vs_flux"] = round(row["ours"]["guided_step_ms"] / row["flux"]["guided_step_ms"], 3)
                 row["flop_ratio_vs_flux"] = round(row["ours"]["gflop"] / row["flux"]["gflop"], 3)
+                row["sampler_ratio_vs_flux"] = round(row["ours"]["sampler_step_ms"] / row["flux"]["guided_step_ms"], 3)
             if args.profile:
                 fn = calls("ours", dit, cfg, size, args.cond_tokens, dtype, device)
                 row["profile_ours"] = profile(lambda: fn(1))

@@ -79,15 +79,31 @@ def make_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
 
 
-def guided_velocity(model, x: Tensor, t: float, cond, cfg: float) -> Tensor:
+# Rows of different lengths (a prompt and the 1-token null, prompts of a batch) share one DiT call,
+# the shorter ones padded and masked, while that padding stays within this many tokens; beyond it
+# they run unpadded in calls of their own (Conditioning.by_length). Why 64: an extra call cost
+# about 50-70 tokens' worth on this project's CPU (small preset, 256²: the prompt and the null
+# apart were 3 % slower at T = 32, 2 % faster at T = 64, 7 % faster at T = 128), and the shipped
+# 64-px model runs a 10-token prompt and the null 13 % faster as one call. Unpadded calls also
+# skip the attention mask (on GPUs that allows the flash kernel, which takes none).
+MAX_PADDING = 64
+
+
+def guided_velocity(model, x: Tensor, t: float, groups, cfg: float) -> Tensor:
     """Classifier-free guidance: v_uncond + cfg * (v_cond - v_uncond), float32.
 
-    cond is [conditional ; unconditional] batched along the batch (2B items) when guided, so one
-    model call serves both; cfg == 1 means cond holds the B conditional items only.
+    groups is Conditioning.by_length() of [conditional ; unconditional] batched along the batch
+    (2B rows) when guided, of the B conditional rows alone when cfg == 1: one model call per group
+    of rows, each cut to its longest row (one call for the whole batch when it is one group).
     """
     guided = cfg != 1
     xin = torch.cat([x, x]) if guided else x
-    v = model(xin, torch.full((xin.shape[0],), t, device=x.device), cond).float()
+    if len(groups) == 1 and groups[0][0] is None:
+        v = model(xin, torch.full((xin.shape[0],), t, device=x.device), groups[0][1]).float()
+    else:
+        v = xin.new_empty(xin.shape, dtype=torch.float32)
+        for rows, c in groups:
+            v[rows] = model(xin[rows], torch.full((len(rows),), t, device=x.device), c).float()
     if not guided:
         return v
     v_cond, v_uncond = v.chunk(2)
@@ -122,9 +138,10 @@ def denoise(
     if guided and uncond is None:
         raise ValueError("cfg != 1 needs an unconditional input: pass uncond (e.g. model.null_conditioning())")
     schedule = [c.to(device) for c in ([cond] if next_cond is None else [cond, next_cond])]
-    # Guided conditioning is batched once here, not at every step: [cond ; uncond].
+    # Guided conditioning is batched and grouped by length once here, not at every step: [cond ; uncond].
     u = uncond.to(device).expand(B) if guided else None
-    batched = [Conditioning.cat([c.expand(B), u]) if guided else c.expand(B) for c in schedule]
+    batched = [(Conditioning.cat([c.expand(B), u]) if guided else c.expand(B)).by_length(MAX_PADDING)
+               for c in schedule]
     switch_step = steps
     if next_cond is not None:
         switch_step = int(switch_at * steps + 0.5)  # round half up
