@@ -70,15 +70,17 @@ def test_dit_against_diffusers_compares_equal_work(capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import bench_dit_vs_diffusers
 
-    r = bench_dit_vs_diffusers.main(["--preset", "tiny", "--sizes", "32", "--cond-tokens", "8", "--repeats", "1",
-                                     "--threads", "1", "--profile"])
+    r = bench_dit_vs_diffusers.main(["--preset", "tiny", "--sizes", "32", "--cond-tokens", "80", "--repeats", "1",
+                                     "--threads", "1", "--profile", "--peak-tflops", "0.5"])
     assert json.loads(capsys.readouterr().out) == r
     (row,) = r["sizes"]
     assert row["flop_ratio_vs_flux"] == pytest.approx(1.0, abs=0.05) and row["lumina2"]["gflop"] > row["ours"]["gflop"]
     assert all(row[m]["forward_ms"] > 0 and row[m]["guided_step_ms"] > 0 for m in ("ours", "flux", "lumina2"))
     assert row["ratio_vs_flux"] == pytest.approx(row["ours"]["forward_ms"] / row["flux"]["forward_ms"], abs=1e-3)
     assert any("addmm" in p["op"] or "mm" in p["op"] for p in row["profile_ours"])
-    # our sampler's guided step: the 1-token null runs unpadded, so less than two forwards' work
+    assert row["ours"]["mfu_pct"] == pytest.approx(row["ours"]["gflops"] / 5, abs=0.1)  # of 500 GFLOP/s
+    assert "peak_gib" not in row["ours"]  # GPU memory only
+    # our sampler's guided step: the 1-token null (79 tokens short) runs unpadded: under two forwards' work
     ours = row["ours"]
     assert ours["gflop"] < ours["sampler_step_gflop"] < 2 * ours["gflop"]
     assert ours["sampler_step_ms"] > 0 and ours["padded_sampler_step_ms"] > 0

@@ -2,6 +2,13 @@
 
     python tools/bench_dit_vs_diffusers.py [--preset small] [--sizes 256 512] [--cond-tokens 128]
         [--threads 2] [--repeats 5] [--device cpu] [--dtype float32] [--depth N] [--profile]
+        [--peak-tflops T]
+
+On a GPU, the issue's comparison (paper-5b width, 1024², bf16) is
+    --device cuda --dtype bfloat16 --preset paper-5b --depth N --sizes 1024 --cond-tokens 512
+    --peers flux --peak-tflops 989
+which adds each model's MFU and peak memory (`peak_gib`: the weights of every model built, plus
+that model's guided step).
 
 diffusers is a benchmark-only dependency (requirements-train.txt); the pack never needs it. The
 peers are built with random weights at the preset DiT's width, heads and depth:
@@ -17,9 +24,9 @@ positive). `ratio_vs_flux` is our time over Flux's at (nearly) equal FLOPs: belo
 Ours also runs the guided step as our sampler does, against its 1-token null conditioning:
 `sampler_step_ms` as now (the prompt and the null in calls of their own, unpadded, when the null
 would need more than sampling.MAX_PADDING tokens of padding: T > 65) and
-`padded_sampler_step_ms` (one batch, the null padded to T and masked, as before); `sampler_ratio_vs_flux`
-is the first over Flux's guided step. `--profile` adds our forward's
-op-level profile (self CPU time per op, top 15). One JSON object on stdout.
+`padded_sampler_step_ms` (one batch, the null padded to T and masked, as before);
+`sampler_ratio_vs_flux` is the first over Flux's guided step. `--profile` adds our forward's
+op-level profile (self time per op on the device, top 15). One JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -109,15 +116,17 @@ def sampler_steps(dit, cfg, size: int, T: int, dtype, device):
             lambda: guided_velocity(fn, x, 0.5, [(None, both)], 4.0))
 
 
-def profile(fn, top: int = 15) -> list[dict]:
+def profile(fn, device, top: int = 15) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile as prof
 
     fn()
-    with prof(activities=[ProfilerActivity.CPU]) as p:
+    cuda = device.type == "cuda"
+    with prof(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
         fn()
-    rows = sorted(p.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in rows)
-    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "share_pct": round(100 * e.self_cpu_time_total / total, 1),
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    rows = sorted(p.key_averages(), key=own, reverse=True)
+    total = sum(own(e) for e in rows)
+    return [{"op": e.key, "self_ms": round(own(e) / 1e3, 2), "share_pct": round(100 * own(e) / total, 1),
              "calls": e.count} for e in rows[:top]]
 
 
@@ -133,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--peers", nargs="*", default=["flux", "lumina2"])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="the device's dense peak for --dtype (989 for an H100's bf16): adds each model's MFU")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -156,11 +167,17 @@ def main(argv: list[str] | None = None) -> dict:
             for name, model in models.items():
                 fn = calls(name, model, cfg, size, args.cond_tokens, dtype, device)
                 flops = flops_of(lambda: fn(1))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 one = timed(lambda: (fn(1), sync()), args.repeats)
                 two = timed(lambda: (fn(2), sync()), args.repeats)
                 row[name] = {"forward_ms": round(1e3 * statistics.median(one), 1), "gflop": round(flops / 1e9, 4),
                              "gflops": round(flops / statistics.median(one) / 1e9, 1),
                              "guided_step_ms": round(1e3 * statistics.median(two), 1)}
+                if args.peak_tflops:
+                    row[name]["mfu_pct"] = round(100 * row[name]["gflops"] / (1e3 * args.peak_tflops), 1)
+                if device.type == "cuda":  # weights of every model built plus this one's guided step
+                    row[name]["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             unpadded, padded = sampler_steps(dit, cfg, size, args.cond_tokens, dtype, device)
             row["ours"]["sampler_step_ms"] = round(1e3 * statistics.median(timed(lambda: (unpadded(), sync()), args.repeats)), 1)
             row["ours"]["padded_sampler_step_ms"] = round(1e3 * statistics.median(timed(lambda: (padded(), sync()), args.repeats)), 1)
@@ -173,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row["sampler_ratio_vs_flux"] = round(row["ours"]["sampler_step_ms"] / row["flux"]["guided_step_ms"], 3)
             if args.profile:
                 fn = calls("ours", dit, cfg, size, args.cond_tokens, dtype, device)
-                row["profile_ours"] = profile(lambda: fn(1))
+                row["profile_ours"] = profile(lambda: (fn(1), sync()), device)
             result["sizes"].append(row)
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
     return result
