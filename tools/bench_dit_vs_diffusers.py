@@ -99,9 +99,9 @@ def calls(name: str, model, cfg, size: int, T: int, dtype, device):
 
 
 def sampler_steps(dit, cfg, size: int, T: int, dtype, device):
-    """One guided step of our sampler against the learned 1-token null conditioning:
-    (as sampling.denoise runs it: the prompt and the null apart, unpadded;
-     as it ran before: one batch of both, the null padded to T tokens and masked)."""
+    """One guided step of our sampler against the learned 1-token null conditioning, as two
+    functions: grouped as sampling.denoise groups the rows now (the prompt and the null apart and
+    unpadded when T > MAX_PADDING + 1), and as it ran before (one batch, the null padded to T, masked)."""
     from unifusion_core.model import Conditioning
     from unifusion_core.sampling import MAX_PADDING, guided_velocity
 
