@@ -13,7 +13,7 @@ pytest.importorskip("tokenizers")
 
 import tiny_vlms as tv  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_vlm import SYSTEM, gradient  # noqa: E402
+from test_vlm import SYSTEM, assert_rewrite_and_images_condition, gradient  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from torch.testing import assert_close  # noqa: E402
 from transformers import (  # noqa: E402
@@ -420,11 +420,7 @@ def test_qwen3vl_conditioning_tokens_are_rewrite_plus_every_image_token(encoders
     f = vlm.encode("make it snow", images, max_new_tokens=5, system_prompt=SYSTEM)
     counts = [int((f.image_index == k).sum()) for k in range(2)]
     assert counts == [vlm.adapter.tokens(t) for t in tiled] == [12 * 6, 6 * 12]
-    seq = torch.tensor(f.sequence_ids)
-    assert int((seq == vlm.adapter.image_token_id()).sum()) == sum(counts)  # all of them condition
-    text_pos = f.positions[~f.is_image]
-    assert len(text_pos) == 5 and bool((text_pos >= len(seq) - 5).all())  # only the rewrite's tokens
-    assert vlm.tokenizer.decode(seq[text_pos]).strip() == f.text
+    assert_rewrite_and_images_condition(vlm, f, counts, new_tokens=5)
 
 
 def test_qwen3vl_is_a_registered_frozen_encoder(encoders):

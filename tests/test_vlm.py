@@ -40,6 +40,16 @@ def gradient(w, h, seed=0):
     return torch.rand(1, h, w, 3, generator=g)
 
 
+def assert_rewrite_and_images_condition(vlm, f, counts, new_tokens):
+    """VERIFI's conditioning: every image token (counts per image) and, of the text, only the
+    rewrite's last `new_tokens` tokens, which decode to f.text."""
+    seq = torch.tensor(f.sequence_ids)
+    assert int((seq == vlm.adapter.image_token_id()).sum()) == sum(counts)  # all of them condition
+    text_pos = f.positions[~f.is_image]
+    assert len(text_pos) == new_tokens and bool((text_pos >= len(seq) - new_tokens).all())  # only the rewrite's tokens
+    assert vlm.tokenizer.decode(seq[text_pos]).strip() == f.text
+
+
 def plain_forward_states(vlm, f, images):
     """Hidden states of one plain forward pass over sequence_ids, read from output_hidden_states.
 
@@ -93,11 +103,7 @@ def test_conditioning_tokens_are_rewrite_plus_every_image_token(vlms, family):
         assert [tuple(t.tiles.shape[-2:]) for t in tiled] == [(56, 112), (84, 56)] and counts == [8, 6]
     else:
         assert tiled[0].grid == (1, 2) and tiled[0].has_thumbnail  # the 2:1 image: 2 tiles + thumbnail
-    seq = torch.tensor(f.sequence_ids)
-    assert int((seq == vlm.adapter.image_token_id()).sum()) == sum(counts)  # all of them condition
-    text_pos = f.positions[~f.is_image]
-    assert len(text_pos) == 5 and bool((text_pos >= len(seq) - 5).all())  # only the rewrite's tokens
-    assert vlm.tokenizer.decode(seq[text_pos]).strip() == f.text
+    assert_rewrite_and_images_condition(vlm, f, counts, new_tokens=5)
 
 
 def test_without_rewrite_the_users_text_conditions(vlms):
