@@ -36,7 +36,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) -m unifusion_core.bench
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from unifusion_core import bench, scenes
+from bench.__main__ import main as bench_main
+from unifusion_core import scenes
 from unifusion_core.presets import TINY_ENCODER
 
 TINY_TRAIN = ["train", "--encoder", "tiny", "--lap-heads", "2", "--refiner-heads", "2", "--dit-width", "32",
@@ -18,7 +19,7 @@ TINY_TRAIN = ["train", "--encoder", "tiny", "--lap-heads", "2", "--refiner-heads
 
 
 def run(argv: list[str], capsys) -> dict:
-    bench.main(argv)
+    bench_main(argv)
     return json.loads(capsys.readouterr().out)
 
 
@@ -56,21 +57,15 @@ def test_train_benchmark_refuses_a_features_file_without_the_scene_prompts(tmp_p
     save_file({"0": torch.zeros(2, 3, 32, dtype=torch.float16)}, str(path),
               metadata={"prompts": json.dumps(["a cat"]), "encoder": json.dumps(dataclasses.asdict(TINY_ENCODER))})
     with pytest.raises(SystemExit, match="no features for"):
-        bench.main(TINY_TRAIN + ["--features", str(path)])
+        bench_main(TINY_TRAIN + ["--features", str(path)])
 
 
 def test_dit_against_diffusers_compares_equal_work(capsys):
-    """tools/bench_dit_vs_diffusers.py builds Flux single-stream and Lumina 2 peers of our DiT's
+    """bench/dit_vs_diffusers.py builds Flux single-stream and Lumina 2 peers of our DiT's
     size: Flux does the same FLOPs as ours (the comparison is at equal work), Lumina 2 more (its
     refiners), and every model is timed at every size."""
     pytest.importorskip("diffusers", reason="the benchmark's peers come from diffusers (requirements-train.txt)")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import bench_dit_vs_diffusers
-
-    r = bench_dit_vs_diffusers.main(["--preset", "tiny", "--sizes", "32", "--cond-tokens", "80", "--repeats", "1",
+    r = bench_main(["dit-vs-diffusers"] + ["--preset", "tiny", "--sizes", "32", "--cond-tokens", "80", "--repeats", "1",
                                      "--threads", "1", "--profile", "--peak-tflops", "0.5"])
     assert json.loads(capsys.readouterr().out) == r
     (row,) = r["sizes"]

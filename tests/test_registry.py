@@ -107,7 +107,7 @@ def test_import_path_is_the_nodes_and_the_core(import_path):
     names = {str(f.relative_to(ROOT)) for f in import_path}
     assert {"__init__.py", "nodes/host.py", "unifusion_core/vlm.py"} <= names
     # training and the CLIs are never imported by the nodes
-    assert not [n for n in names if n.startswith(("tests/", "tools/", "unifusion_core/train/"))], names
+    assert not [n for n in names if n.startswith(("tests/", "tools/", "bench/", "unifusion_core/train/"))], names
 
 
 def test_no_environment_process_or_network_on_the_import_path(import_path):
@@ -136,7 +136,7 @@ def _git_ls(*args: str) -> set[str]:
 def test_comfyignore_keeps_the_pack_and_drops_development_files(import_path):
     ignore = ["--exclude-from=.comfyignore"]
     assert (ROOT / ".comfyignore").is_file()
-    dev = _git_ls("--cached", "--", "tests", ".ci", "tools", "Makefile", "constraints.txt")
+    dev = _git_ls("--cached", "--", "tests", ".ci", "tools", "bench", "Makefile", "constraints.txt")
     assert any(f.startswith("tests/") for f in dev) and any(f.startswith(".ci/") for f in dev)
     assert _git_ls("--cached", "--ignored", *ignore, "--", *dev) == dev
 

@@ -407,7 +407,7 @@ def test_compiled_blocks_and_selective_checkpointing_train_as_the_plain_step(tmp
 def test_train_flops_match_a_flop_counter(tmp_path):
     """The FLOPs behind tokens/s and MFU: the trainer's count of one step equals what torch's
     FLOP counter sees in the step's matmuls and attention (forward and backward)."""
-    from unifusion_core.bench import flop_counter
+    from bench.common import flop_counter
 
     torch.manual_seed(0)
     wide = EncoderSpec("tiny", "wide", hidden_size=96, num_layers=6, layers=every_nth_layer(6))

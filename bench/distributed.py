@@ -1,6 +1,6 @@
 """Scaling of the trainer from 1 to N processes on this machine, and FSDP2's communication time.
 
-    python tools/bench_distributed.py [--procs 2] [--steps 30] [--width 256 --depth 6 --patch 4]
+    python -m bench distributed [--procs 2] [--steps 30] [--width 256 --depth 6 --patch 4]
 
 Trains the same model on the same global batch (random stand-in features of SmolLM2's shape, the
 synthetic scenes at 64 x 64) three ways: one process with one thread, one process with N threads,
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def write_features(path: Path) -> Path:
     from unifusion_core import scenes
-    from unifusion_core.bench import random_feature_table
+    from bench.common import random_feature_table
     from unifusion_core.features import save_features_file
     from unifusion_core.presets import SMOLLM2_135M  # every third of its 30 layers
 
@@ -77,7 +77,7 @@ def comm(numel: int, repeats: int = 5) -> None:
     dist.destroy_process_group()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--patch", type=int, default=4)
     ap.add_argument("--comm", type=int, help=argparse.SUPPRESS)  # internal: the communication probe
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.comm:
         return comm(args.comm)
 

@@ -1,6 +1,6 @@
 """The trainer's bf16 throughput (MFU) and memory on one GPU: FSDP2, activation checkpointing, 1024^2.
 
-    python tools/bench_gpu_train.py [--gpu-gib 79] [--deadline 420] [--out results.jsonl]
+    python -m bench gpu-train [--gpu-gib 79] [--deadline 420] [--out results.jsonl]
 
 What it runs is the real `Trainer.train_step` (LAP + refiner + DiT forward and backward, AdamW,
 gradient clipping, the fp32 EMA) under FSDP2 with one process (`fully_shard` per block, bf16
@@ -170,7 +170,7 @@ def run_one(c: dict, timeout: float) -> dict:
 def matmul_ceiling(device: str) -> dict:
     import torch
 
-    from unifusion_core.bench import matmul_gflops
+    from bench.common import matmul_gflops
 
     if device != "cuda":
         return {"what": "matmul", "device": device}
@@ -205,7 +205,7 @@ def plan(args) -> list[dict]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda")
@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--fit-compiled", action="store_true", help="compile the DiT in --fits, the depth search and paper-5b")
     ap.add_argument("--deadline", type=float, default=420, help="seconds; later configurations are skipped")
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.one:
         sys.stdout.write(json.dumps(measure(json.loads(args.one))) + "\n")
         return

@@ -1,6 +1,6 @@
 """Our DiT against diffusers' transformers of the same size, in one process: time, FLOPs, GFLOP/s.
 
-    python tools/bench_dit_vs_diffusers.py [--preset small] [--sizes 256 512] [--cond-tokens 128]
+    python -m bench dit-vs-diffusers [--preset small] [--sizes 256 512] [--cond-tokens 128]
         [--threads 2] [--repeats 5] [--device cpu] [--dtype float32] [--depth N] [--profile]
         [--peak-tflops T]
 
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from unifusion_core import UniFusionModel  # noqa: E402
-from unifusion_core.bench import flops_of, matmul_gflops, timed  # noqa: E402
+from bench.common import flops_of, matmul_gflops, timed  # noqa: E402
 
 
 def ours(preset: str, depth: int | None, dtype, device):
