@@ -102,7 +102,7 @@ def sampler_steps(dit, cfg, size: int, T: int, dtype, device):
     """One guided step of our sampler against the learned 1-token null conditioning, as two
     functions: grouped as sampling.denoise groups the rows now (the prompt and the null apart and
     unpadded when T > MAX_PADDING + 1), and as it ran before (one batch, the null padded to T, masked)."""
-    from unifusion_core.model import Conditioning
+    from unifusion_core.conditioning import Conditioning
     from unifusion_core.sampling import MAX_PADDING, guided_velocity
 
     lh, lw = cfg.latent.latent_size(size, size)

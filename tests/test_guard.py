@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import unifusion_core as uf
-from unifusion_core import guard, model as model_mod
+from unifusion_core import guard, model as model_mod, sampling
 from unifusion_core.config import EncoderSpec, every_nth_layer
 
 ENC = EncoderSpec("tiny", "tiny-random", hidden_size=32, num_layers=6, layers=every_nth_layer(6))
@@ -54,7 +54,7 @@ def test_a_request_that_cannot_fit_is_refused_before_anything_is_allocated(net, 
     def no_noise(*a, **k):
         raise AssertionError("noise was allocated before the memory check")
 
-    monkeypatch.setattr(model_mod, "make_noise", no_noise)
+    monkeypatch.setattr(sampling, "make_noise", no_noise)
     need = net.memory_required(4, 3, 4096, 4096, True)
     with pytest.raises(MemoryError) as e:
         net.sample(cond(net), 4096, 4096, batch_size=4)
@@ -138,6 +138,35 @@ def test_cancel_reaches_inside_one_attention_call_at_large_sizes(monkeypatch):
 
     with pytest.raises(KeyboardInterrupt), torch.no_grad(), guard.interruptible(stop):
         layers.attention(q, k, v, mask)
+
+
+def test_attention_runs_the_same_algorithm_with_and_without_a_cancel_check(monkeypatch):
+    """Whether a host listens for Cancel changes nothing in the result: only sizes and grad mode pick the path."""
+    from unifusion_core import layers
+
+    monkeypatch.setattr(layers, "CANCEL_SCORES", 64 * 100)
+    q, k, v = (torch.randn(1, 2, 300, 8) for _ in range(3))
+    chunks = []
+    monkeypatch.setattr(guard, "check_cancel", lambda: chunks.append(1))  # counts the chunks, host or not
+    with torch.no_grad():
+        alone = layers.attention(q, k, v)
+        assert len(chunks) == 5  # chunked without any host check installed
+        with guard.interruptible(lambda: None):
+            hosted = layers.attention(q, k, v)
+    assert len(chunks) == 10 and torch.equal(hosted, alone)
+
+
+def test_a_non_float_dtype_is_refused_by_every_way_of_building_a_model(net, tmp_path):
+    message = r"dtype must be a floating-point torch.dtype \(e.g. torch.float32, torch.bfloat16\), got torch.int8"
+    with pytest.raises(ValueError, match=message):
+        uf.UniFusionModel.from_preset("tiny", dtype=torch.int8)
+    with pytest.raises(ValueError, match=message):
+        uf.UniFusionModel(net.config, dtype=torch.int8)
+    uf.save_model(net, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=message):
+        uf.load_model(tmp_path / "m.safetensors", dtype=torch.int8)
+    with pytest.raises(ValueError, match="weight_dtype must be a floating-point torch.dtype"):
+        uf.load_model(tmp_path / "m.safetensors", weight_dtype=torch.int8, operations=torch.nn)
 
 
 def test_wrong_kinds_of_inputs_get_messages_that_say_what_to_pass(net, tmp_path):

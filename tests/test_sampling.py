@@ -8,8 +8,10 @@ from conftest import tiny_features
 from torch.testing import assert_close
 
 import unifusion_core as uf
+from unifusion_core import sampling
 from unifusion_core.sampling import (
     get_schedule,
+    latent_grid,
     make_noise,
     resolution_shift,
     sample_euler,
@@ -271,6 +273,24 @@ def test_any_size_returns_raw_latents_of_that_size(space, W, H, latent, caplog):
     assert_close(out, ls.to_raw(noise[:, :, : latent[0], : latent[1]]))
     floored = (W, H) != (latent[1] * ls.downscale, latent[0] * ls.downscale)
     assert ("the image will be" in caplog.text) == floored
+
+
+@pytest.mark.parametrize("space,W,H,grid", [("pixel", 17, 10, (10, 17, 10, 18)), ("flux", 100, 60, (7, 12, 8, 12)),
+                                             ("sdxl", 64, 72, (9, 8, 10, 8))])
+def test_latent_grid_floors_to_the_latent_then_rounds_up_to_whole_patches(space, W, H, grid):
+    config = uf.get_preset("tiny").replace(latent=space)
+    assert config.dit.patch_size == 2 and latent_grid(config, W, H) == grid
+
+
+def test_the_sampler_is_a_free_function_over_the_model(tiny, cond):
+    """flux's denoise(model, ...): sampling.sample(model, ...) is what model.sample(...) runs."""
+    assert_close(sampling.sample(tiny, cond, 8, 6, steps=2, seed=4), tiny.sample(cond, 8, 6, steps=2, seed=4),
+                 rtol=0, atol=0)
+    assert tiny.memory_required(2, 5, 64, 32, False) == sampling.memory_required(tiny, 2, 5, 64, 32, False)
+    # twice the rows when guided; the image tokens are those of the patch-padded grid
+    guided, plain = (sampling.memory_required(tiny, 2, 5, 64, 32, g) for g in (True, False))
+    assert guided == pytest.approx(2 * plain, abs=1)
+    assert sampling.memory_required(tiny, 1, 0, 17, 10) == sampling.memory_required(tiny, 1, 0, 18, 10)
 
 
 def test_callback_sees_every_step_and_can_cancel(tiny, cond):

@@ -3,6 +3,7 @@
 from . import guard
 from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model, read_config, save_model
+from .conditioning import Conditioning
 from .config import (
     DiTParams,
     EncoderSpec,
@@ -13,10 +14,10 @@ from .config import (
     every_nth_layer,
 )
 from .dit import UniFusionDiT
+from .features import Features
 from .lap import LayerwiseAttentionPooling
 from .latents import LATENT_SPACES, LatentSpace, get_latent_space
-from .features import Features
-from .model import Conditioning, UniFusionModel
+from .model import UniFusionModel
 from .presets import PRESETS, get_preset
 from .refiner import Refiner
 from .sampling import SAMPLERS

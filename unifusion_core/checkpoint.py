@@ -56,9 +56,10 @@ def load_model(
     Linear weights only (e.g. float8_e4m3fn), for `operations` that cast weights on the fly
     (ComfyUI's comfy.ops.manual_cast). device defaults to the CPU.
     """
-    for name, d in (("dtype", dtype), ("weight_dtype", weight_dtype)):
-        if d is not None and (not isinstance(d, torch.dtype) or not d.is_floating_point):
-            raise ValueError(f"{name} must be a floating-point torch.dtype (e.g. torch.float32, torch.bfloat16), got {d!r}")
+    # dtype is checked where every model is built (UniFusionModel); weight_dtype only exists here
+    if weight_dtype is not None and (not isinstance(weight_dtype, torch.dtype) or not weight_dtype.is_floating_point):
+        raise ValueError("weight_dtype must be a floating-point torch.dtype (e.g. torch.float8_e4m3fn), "
+                         f"got {weight_dtype!r}")
     if weight_dtype is not None and operations is None:
         raise ValueError("weight_dtype needs operations that cast weights at run time (comfy.ops.manual_cast)")
     path = Path(path)

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import UniFusionConfig
 from .features import Features
 from .model import UniFusionModel
-from .sampling import Callback
+from .pixels import signed_to_uint8
+from .sampling import Callback, latent_grid, make_noise, sample
 
 
 @dataclass
@@ -58,16 +60,21 @@ def generate(
         system = model.config.encoder.system_prompt if system_prompt is None else system_prompt
         features = vlm.encode(prompt, images=images, rewrite=rewrite, system_prompt=system or None,
                               max_new_tokens=max_new_tokens, layers=model.config.encoder.layers)
-    w, h = s.size if s.size is not None else (1024, 1024)
-    latent = model.sample(model.encode(features), width or w, height or h, steps=steps, cfg=cfg, seed=seed,
-                          sampler=sampler, batch_size=batch_size, callback=callback)
+    width, height = image_size(model.config, width, height)
+    latent = sample(model, model.encode(features), width, height, steps=steps, cfg=cfg, seed=seed,
+                    sampler=sampler, batch_size=batch_size, callback=callback)
     return Generation(latent, features, to_rgb(latent) if model.config.latent.name == "pixel" else None)
+
+
+def image_size(config: UniFusionConfig, width: int | None, height: int | None) -> tuple[int, int]:
+    """(width, height): those given, else the checkpoint's training size, else 1024."""
+    w, h = config.sampling.size if config.sampling.size is not None else (1024, 1024)
+    return width or w, height or h
 
 
 def to_rgb(latent: Tensor) -> list[np.ndarray]:
     """Pixel-space latents (B, 3, H, W) in -1..1 -> uint8 (H, W, 3) images, as ComfyUI's pixel VAE."""
-    x = ((latent.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [np.ascontiguousarray(im) for im in x]
+    return [np.ascontiguousarray(im) for im in signed_to_uint8(latent).cpu().numpy()]
 
 
 @torch.no_grad()
@@ -76,14 +83,8 @@ def sample_features(model: UniFusionModel, features: list[Features], seeds: list
                     layer_drop=()) -> Tensor:
     """A batch of raw latents, one per (features, seed) pair, each equal to what that pair gives alone
     (the noise of item i is drawn from seeds[i] only, whatever else shares the batch)."""
-    from .sampling import make_noise
-    import math
-
-    s, space, p = model.config.sampling, model.config.latent, model.config.dit.patch_size
-    w, h = s.size if s.size is not None else (1024, 1024)
-    width, height = width or w, height or h
-    lh, lw = space.latent_size(height, width)
-    H, W = math.ceil(lh / p) * p, math.ceil(lw / p) * p
-    noise = torch.cat([make_noise((1, space.channels, H, W), seed) for seed in seeds])
+    width, height = image_size(model.config, width, height)
+    _, _, H, W = latent_grid(model.config, width, height)
+    noise = torch.cat([make_noise((1, model.config.latent.channels, H, W), seed) for seed in seeds])
     cond = model.encode(features, layer_drop=layer_drop)
-    return model.sample(cond, width, height, steps=steps, cfg=cfg, noise=noise.to(model.device))
+    return sample(model, cond, width, height, steps=steps, cfg=cfg, noise=noise.to(model.device))

@@ -18,7 +18,8 @@ _cancel_check: ContextVar[Callable[[], None] | None] = ContextVar("unifusion_can
 
 @contextmanager
 def interruptible(check: Callable[[], None] | None) -> Iterator[None]:
-    """Within this block, check() runs before every DiT block; it raises to cancel (ComfyUI's
+    """Within this block, check() runs before every DiT block (and between the chunks of a very
+    large attention, layers.attention); it raises to cancel (ComfyUI's
     throw_exception_if_processing_interrupted). A large image's step can take minutes; this makes
     Cancel answer within one block's time."""
     token = _cancel_check.set(check)
@@ -28,11 +29,8 @@ def interruptible(check: Callable[[], None] | None) -> Iterator[None]:
         _cancel_check.reset(token)
 
 
-def cancel_check_active() -> bool:
-    return _cancel_check.get() is not None
-
-
 def check_cancel() -> None:
+    """Run the host's check (it raises to cancel); nothing outside an `interruptible` block."""
     check = _cancel_check.get()
     if check is not None:
         check()

@@ -1,89 +1,22 @@
-"""UniFusionModel: LAP + refiner + DiT, encoding VLM features and sampling latents."""
+"""UniFusionModel: LAP + refiner + DiT, VLM features -> conditioning -> velocity (its sampler: sampling.py)."""
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import sampling
+from .conditioning import Conditioning
 from .config import EncoderSpec, UniFusionConfig
 from .dit import UniFusionDiT
 from .features import Features, require_finite_features
-from .guard import ensure_memory, require_finite, require_finite_number
 from .lap import LayerwiseAttentionPooling
 from .presets import get_preset
 from .refiner import Refiner
-from .sampling import Callback, denoise, make_noise, resolution_shift
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Conditioning:
-    """DiT-width conditioning tokens with a key-padding mask (True = real token)."""
-
-    tokens: Tensor  # (B, T, D)
-    mask: Tensor  # (B, T) bool
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-    def expand(self, batch_size: int) -> Conditioning:
-        """Broadcast a batch of one to batch_size; a matching batch is returned as is."""
-        if self.batch_size == batch_size:
-            return self
-        if self.batch_size != 1:
-            raise ValueError(
-                f"conditioning has batch {self.batch_size}; it must be 1 or the requested "
-                f"batch size {batch_size}"
-            )
-        return Conditioning(self.tokens.expand(batch_size, -1, -1), self.mask.expand(batch_size, -1))
-
-    def to(self, device) -> Conditioning:
-        return Conditioning(self.tokens.to(device), self.mask.to(device))
-
-    def by_length(self, max_padding: int = 0) -> list[tuple[Tensor | None, Conditioning]]:
-        """The rows grouped into DiT calls by their length without trailing padding, each group cut
-        to its longest row: [(row indices, or None for all rows; those rows)], longest first.
-
-        Padding is masked out of every key, so a row computes the same without it (up to float
-        rounding) in fewer FLOPs, and with no attention mask once none is left. Shorter rows join
-        the group before them while the group's padding (rows x tokens short of its longest row)
-        stays within `max_padding` tokens, since every extra call has a fixed cost too:
-        max_padding 0 gives one group per length. Padding inside a row (not at its end) stays,
-        masked, since cutting it would move the tokens after it.
-        """
-        T = self.mask.shape[1]
-        lengths = (T - self.mask.flip(1).int().argmax(1)).tolist()  # last real token + 1 (T if none)
-        groups: list[tuple[list[int], int]] = []  # (lengths, padding), the group's longest first
-        for L in sorted(set(lengths), reverse=True):
-            pad = lengths.count(L) * (groups[-1][0][0] - L) if groups else 0
-            if groups and groups[-1][1] + pad <= max_padding:
-                groups[-1] = (groups[-1][0] + [L], groups[-1][1] + pad)
-            else:
-                groups.append(([L], 0))
-        if len(groups) == 1:
-            L = groups[0][0][0]
-            return [(None, self if L == T else Conditioning(self.tokens[:, :L], self.mask[:, :L]))]
-        out = []
-        for group, _ in groups:
-            rows = torch.tensor([i for i, n in enumerate(lengths) if n in group], device=self.tokens.device)
-            out.append((rows, Conditioning(self.tokens[rows, : group[0]], self.mask[rows, : group[0]])))
-        return out
-
-    @staticmethod
-    def cat(conds: Sequence[Conditioning]) -> Conditioning:
-        """Stack along the batch, right-padding shorter sequences (padding is masked out)."""
-        T = max(c.tokens.shape[1] for c in conds)
-        tokens = torch.cat([F.pad(c.tokens, (0, 0, 0, T - c.tokens.shape[1])) for c in conds])
-        mask = torch.cat([F.pad(c.mask, (0, T - c.mask.shape[1]), value=False) for c in conds])
-        return Conditioning(tokens, mask)
 
 
 def encoder_spec_of(vlm) -> EncoderSpec:
@@ -104,6 +37,9 @@ class UniFusionModel(nn.Module):
 
     def __init__(self, config: UniFusionConfig, dtype: torch.dtype | None = None, device=None, operations=None):
         super().__init__()
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32, torch.bfloat16), "
+                             f"got {dtype!r}")
         operations = operations or nn
         self.config = config
         kw = dict(dtype=dtype or torch.float32, device=device, operations=operations)
@@ -138,20 +74,6 @@ class UniFusionModel(nn.Module):
         in another dtype and cast them on the fly)."""
         return self.dit.null_cond.dtype
 
-    def memory_required(self, batch: int, cond_tokens: int, width: int, height: int, guided: bool = True) -> int:
-        """Rough peak bytes of activations for one sampler step (what a memory manager should keep
-        free beside the weights): per token the qkv, attention output, MLP hidden and residuals."""
-        space, p = self.config.latent, self.config.dit
-        lh, lw = space.latent_size(height, width)
-        tokens = cond_tokens + math.ceil(lh / p.patch_size) * math.ceil(lw / p.patch_size)
-        per_token = p.hidden_size * (3 + 1 + p.mlp_ratio + 2) * self.dtype.itemsize
-        return int(1.5 * batch * (2 if guided else 1) * tokens * per_token)  # 1.5: SDPA / allocator slack
-
-    def encode_memory_required(self, batch: int, tokens: int) -> int:
-        """Rough peak bytes of activations of encode(): LAP attends over L layers for every token."""
-        L, D = self.config.num_layers, self.config.encoder.hidden_size
-        return int(1.5 * batch * tokens * L * D * (4 + (3 + 1 + self.config.lap.mlp_ratio + 2) * self.dtype.itemsize))
-
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts per part and in total (works on the meta device)."""
         counts = {n: sum(p.numel() for p in m.parameters()) for n, m in self.named_children()}
@@ -180,6 +102,13 @@ class UniFusionModel(nn.Module):
         pooled = self.lap(hidden.to(device), drop)  # (B, T, D_vlm); LAP normalises in fp32
         tokens = self.refiner(pooled, None if bool(mask.all()) else mask)  # (B, T, D_dit)
         return Conditioning(tokens, mask)
+
+    def encode_memory_required(self, batch: int, tokens: int) -> int:
+        """Rough peak bytes of activations of encode() (what LAP Encode asks the host to keep free):
+        LAP attends over L layers for every token."""
+        L, D = self.config.num_layers, self.config.encoder.hidden_size
+        per_value = 4 + (3 + 1 + self.config.lap.mlp_ratio + 2) * self.dtype.itemsize
+        return int(1.5 * batch * tokens * L * D * per_value)
 
     def null_conditioning(self, batch_size: int = 1, device: torch.device | None = None) -> Conditioning:
         """The learned unconditional input used for classifier-free guidance."""
@@ -240,81 +169,7 @@ class UniFusionModel(nn.Module):
         """Velocity (in the model's dtype) for model-space latents x (B, C, H, W) at times t (B,)."""
         return self.dit(x.to(self.dtype), t, cond.tokens, cond.mask)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        cond: Conditioning,
-        width: int,
-        height: int,
-        steps: int | None = None,
-        cfg: float | None = None,
-        seed: int = 0,
-        shift: float | None = None,
-        sampler: str = "euler",
-        negative: Conditioning | None = None,
-        batch_size: int | None = None,
-        callback: Callback | None = None,
-        next_cond: Conditioning | None = None,
-        switch_at: float = 0.2,
-        device: torch.device | None = None,
-        noise: Tensor | None = None,
-    ) -> Tensor:
-        """Generate latents; returns raw VAE latents (B, C, height/downscale, width/downscale), float32.
-
-        A thin convenience over sampling.denoise: cfg guides against `negative`, or the learned
-        null conditioning when none is given; cfg == 1 runs no unconditional pass. batch_size
-        defaults to cond's batch. With `next_cond`, `cond` conditions the first `switch_at`
-        fraction of the steps and `next_cond` the rest (Sec. 5.2). shift=None picks the
-        checkpoint's shift for this size. callback(step, total, x, x0) runs after each step, in
-        model space. noise: the starting noise on the patch-padded latent grid (default: drawn
-        from `seed`). device: where to compute (default: where the parameters are).
-        """
-        device = device or self.device
-        for name, c in (("conditioning", cond), ("negative", negative), ("second conditioning", next_cond)):
-            if c is None and name != "conditioning":
-                continue
-            if not isinstance(c, Conditioning):
-                raise ValueError(f"{name} must be a Conditioning (from LAP Encode / UniFusionModel.encode), "
-                                 f"got {type(c).__name__}")
-            if c.tokens.shape[-1] != self.config.dit.hidden_size:
-                raise ValueError(f"{name} has {c.tokens.shape[-1]}-wide tokens but this model's DiT takes "
-                                 f"{self.config.dit.hidden_size}: it was encoded by another UniFusion model; "
-                                 "encode it with this one")
-        steps = self.config.sampling.steps if steps is None else int(steps)
-        cfg = require_finite_number("cfg", self.config.sampling.cfg if cfg is None else cfg)
-        if shift is not None:
-            shift = require_finite_number("shift", shift)
-        switch_at = require_finite_number("switch_at", switch_at)
-        batch_size = cond.batch_size if batch_size is None else int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        tokens = max(c.tokens.shape[1] for c in (cond, negative, next_cond) if c is not None)
-        ensure_memory(self.memory_required(batch_size, tokens, width, height, cfg != 1), device,
-                      f"sampling {batch_size} image(s) of {width}x{height}",
-                      "lower width/height or batch_size (or set cfg to 1, which halves it)")
-        space, p = self.config.latent, self.config.dit.patch_size
-        lh, lw = space.latent_size(height, width)
-        if (lh * space.downscale, lw * space.downscale) != (height, width):
-            log.warning(
-                "%dx%d is not a multiple of the %s latent space's %d-pixel grid; the image will be %dx%d",
-                width, height, space.name, space.downscale, lw * space.downscale, lh * space.downscale,
-            )
-        # Sample on the grid rounded up to whole patches, then crop: any size works.
-        H, W = math.ceil(lh / p) * p, math.ceil(lw / p) * p
-        if shift is None:
-            shift = resolution_shift((H // p) * (W // p), self.config.sampling)
-        shape = (batch_size, space.channels, H, W)
-        if noise is None:
-            noise = make_noise(shape, seed, device)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must be {shape} (batch, channels, latent grid padded to whole patches), got {tuple(noise.shape)}")
-        uncond = negative if negative is not None else self.null_conditioning(device=device)
-
-        def model_fn(x: Tensor, t: Tensor, c: Conditioning) -> Tensor:
-            return self.dit(x.to(self.dtype), t, c.tokens, c.mask)
-
-        x = denoise(model_fn, cond, noise.to(device, torch.float32), steps, cfg, shift, sampler, uncond, callback,
-                    next_cond, switch_at)
-        require_finite("the sampled latents", x, "the checkpoint's weights or the conditioning produce NaN/inf "
-                       "(try weight_dtype fp32 or bf16 instead of fp16, or check the VLM's features)")
-        return space.to_raw(x[:, :, :lh, :lw]).float()
+    # The loop knows the model, not the other way round (flux's denoise(model, ...)): these are
+    # sampling.sample / sampling.memory_required, called as methods.
+    sample = sampling.sample
+    memory_required = sampling.memory_required

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 # Colours as they are drawn (RGB 0..255); far apart so that the nearest one is never in doubt.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -140,16 +139,6 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
             inside = (t >= 0) & (t <= 1) & (abs(xx - cx) <= t * half)
         img[inside] = COLORS[obj.color]
     return img
-
-
-def to_model_space(img: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float in -1..1: the `pixel` latent space."""
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def from_model_space(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in -1..1 -> (H, W, 3) uint8."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
 def describe_vocabulary() -> str:

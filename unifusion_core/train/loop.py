@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import load_model, save_model
+from ..conditioning import Conditioning
 from ..config import UniFusionConfig
 from ..features import Features
 from ..flow import flow_loss, interpolate, resolution_shift, sample_timesteps
-from ..model import Conditioning, UniFusionModel
+from ..model import UniFusionModel
 from .data import BadSample, Sample
 from .vae import to_latents
 from .dist import Dist, full, local, shard
