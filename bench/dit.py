@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
-import os
 import platform
-import random
-import shutil
 import statistics
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
 from unifusion_core import UniFusionModel
+from unifusion_core.sampling import latent_grid
 
-from .common import flop_counter, flops_of, matmul_gflops, random_feature_table, timed
+from .common import flops_of, matmul_gflops, timed
 
 
 def bench_dit(argv: list[str]) -> None:
@@ -55,8 +48,8 @@ def bench_dit(argv: list[str]) -> None:
         result["encode_ms"] = round(1e3 * statistics.median(times), 2)
         cond = model.encode(hidden)
         for size in args.sizes:
-            lh, lw = cfg.latent.latent_size(size, size)
-            x = torch.randn(1, cfg.latent.channels, lh, lw, dtype=dtype, device=device)
+            _, _, H, W = latent_grid(cfg, size, size)  # the grid the sampler runs on
+            x = torch.randn(1, cfg.latent.channels, H, W, dtype=dtype, device=device)
             t = torch.full((1,), 0.5, device=device)
 
             def step(batch: int):
@@ -70,7 +63,7 @@ def bench_dit(argv: list[str]) -> None:
             p = cfg.dit.patch_size
             result["dit"].append({
                 "size": size,
-                "image_tokens": (lh // p) * (lw // p),
+                "image_tokens": (H // p) * (W // p),
                 "forward_ms": round(1e3 * statistics.median(t1), 2),
                 "forward_gflop": round(flops / 1e9, 2),
                 "achieved_gflops": round(flops / min(t1) / 1e9, 1),

@@ -35,19 +35,19 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from unifusion_core import UniFusionModel
+from unifusion_core.conditioning import Conditioning
+from unifusion_core.sampling import MAX_PADDING, guided_velocity, latent_grid
 
-from unifusion_core import UniFusionModel  # noqa: E402
-from bench.common import flops_of, matmul_gflops, timed  # noqa: E402
+from .common import flops_of, matmul_gflops, timed
 
 
 def ours(preset: str, depth: int | None, dtype, device):
-    model = UniFusionModel.from_preset(preset, dtype=dtype, device=device, **({"dit": {"depth": depth}} if depth else {}))
+    overrides = {"dit": {"depth": depth}} if depth else {}
+    model = UniFusionModel.from_preset(preset, dtype=dtype, device=device, **overrides)
     return model.eval().dit, model.config
 
 
@@ -76,13 +76,13 @@ def lumina2(cfg, dtype, device):
 
 def calls(name: str, model, cfg, size: int, T: int, dtype, device):
     """A function of the batch size that runs one forward of `model` at `size`."""
-    lh, lw = cfg.latent.latent_size(size, size)
+    _, _, H, W = latent_grid(cfg, size, size)  # the grid the sampler runs on
     C, p, D = cfg.latent.channels, cfg.dit.patch_size, cfg.dit.hidden_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, C, lh, lw, generator=g).to(device, dtype)
+    x = torch.randn(1, C, H, W, generator=g).to(device, dtype)
     cond = torch.randn(1, T, D, generator=g).to(device, dtype)
     t = torch.full((1,), 0.5, device=device)
-    h, w = lh // p, lw // p
+    h, w = H // p, W // p
     if name == "ours":
         return lambda b: model(x.expand(b, -1, -1, -1), t.expand(b), cond.expand(b, -1, -1))
     if name == "flux":
@@ -95,19 +95,17 @@ def calls(name: str, model, cfg, size: int, T: int, dtype, device):
                                pooled_projections=pooled.expand(b, -1), timestep=t.expand(b), img_ids=img_ids,
                                txt_ids=txt_ids, return_dict=False)
     mask = torch.ones(1, T, dtype=torch.bool, device=device)
-    return lambda b: model(x.expand(b, -1, -1, -1), t.expand(b), cond.expand(b, -1, -1), mask.expand(b, -1), return_dict=False)
+    return lambda b: model(x.expand(b, -1, -1, -1), t.expand(b), cond.expand(b, -1, -1), mask.expand(b, -1),
+                           return_dict=False)
 
 
 def sampler_steps(dit, cfg, size: int, T: int, dtype, device):
     """One guided step of our sampler against the learned 1-token null conditioning, as two
     functions: grouped as sampling.denoise groups the rows now (the prompt and the null apart and
     unpadded when T > MAX_PADDING + 1), and as it ran before (one batch, the null padded to T, masked)."""
-    from unifusion_core.conditioning import Conditioning
-    from unifusion_core.sampling import MAX_PADDING, guided_velocity
-
-    lh, lw = cfg.latent.latent_size(size, size)
+    _, _, H, W = latent_grid(cfg, size, size)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, cfg.latent.channels, lh, lw, generator=g).to(device, dtype)
+    x = torch.randn(1, cfg.latent.channels, H, W, generator=g).to(device, dtype)
     ones = lambda n: torch.ones(1, n, dtype=torch.bool, device=device)  # noqa: E731
     cond = Conditioning(torch.randn(1, T, cfg.dit.hidden_size, generator=g).to(device, dtype), ones(T))
     both = Conditioning.cat([cond, Conditioning(dit.null_cond[None], ones(1))])
@@ -117,7 +115,8 @@ def sampler_steps(dit, cfg, size: int, T: int, dtype, device):
 
 
 def profile(fn, device, top: int = 15) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     fn()
     cuda = device.type == "cuda"
@@ -156,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
         if name in args.peers:
             models[name] = build(cfg, dtype, device)
     result = {"preset": args.preset, "depth": cfg.dit.depth, "width": cfg.dit.hidden_size, "heads": cfg.dit.heads,
-              "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "torch": torch.__version__,
               "cond_tokens": args.cond_tokens,
               "matmul_2048_gflops": round(matmul_gflops(2048, dtype, str(device), args.repeats, sync), 1),
               "parameters_m": {k: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for k, m in models.items()},
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if device.type == "cuda":  # weights of every model built plus this one's guided step
                     row[name]["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             unpadded, padded = sampler_steps(dit, cfg, size, args.cond_tokens, dtype, device)
-            row["ours"]["sampler_step_ms"] = round(1e3 * statistics.median(timed(lambda: (unpadded(), sync()), args.repeats)), 1)
-            row["ours"]["padded_sampler_step_ms"] = round(1e3 * statistics.median(timed(lambda: (padded(), sync()), args.repeats)), 1)
+            for key, step in (("sampler_step_ms", unpadded), ("padded_sampler_step_ms", padded)):
+                row["ours"][key] = round(1e3 * statistics.median(timed(lambda: (step(), sync()), args.repeats)), 1)
             row["ours"]["sampler_step_gflop"] = round(flops_of(unpadded) / 1e9, 4)
             row["unpadded_vs_padded"] = round(row["ours"]["sampler_step_ms"] / row["ours"]["padded_sampler_step_ms"], 3)
             if "flux" in row:
