@@ -42,9 +42,10 @@ class _EachKTimes:
 def bench_train(argv: list[str]) -> None:
     from unifusion_core.config import every_nth_layer
     from unifusion_core.presets import SMOLLM2_135M, TINY_ENCODER, get_preset
-    from unifusion_core.train.data import SyntheticScenes, TaskMixture
     from unifusion_core.train.loop import TrainConfig, Trainer, conditioning
+    from unifusion_core.train.mixture import TaskMixture
     from unifusion_core.train.setup import PromptFeatures, load_features_file
+    from unifusion_core.train.sources import SyntheticScenes
 
     ap = argparse.ArgumentParser(description="training step: LAP + refiner once per prompt vs once per sample")
     ap.add_argument("--features", type=Path, help="features file (default: random features of SmolLM2's shapes)")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import train_killed
 from safetensors.torch import load_file
 from test_train import feature_table, write_features
 
@@ -47,19 +48,19 @@ def free_port() -> int:
 
 
 def train(out: Path, features: Path, *extra: str, procs: int = 1, node: tuple[int, int, int] | None = None,
-          env: dict | None = None, background: bool = False):
+          env: dict | None = None, background: bool = False, kill_after: int | None = None):
     """`python -m unifusion_core.train` as one process, or under torchrun with `procs` processes
-    (node = (node_rank, nnodes, port): one of several launches on 127.0.0.1)."""
+    (node = (node_rank, nnodes, port): one of several launches on 127.0.0.1). kill_after=N: every
+    process SIGKILLs itself once N steps are done (tests/train_killed.py)."""
+    script = ["-m", "unifusion_core.train"] if kill_after is None else [str(train_killed.SCRIPT), str(kill_after)]
     if procs == 1 and node is None:
-        launch = [sys.executable, "-m", "unifusion_core.train"]
+        launch = [sys.executable, *script]
     elif node is None:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-                  "-m", "unifusion_core.train"]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *script]
     else:
         rank, nnodes, port = node
         launch = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={rank}",
-                  f"--nproc-per-node={procs}", "--master-addr=127.0.0.1", f"--master-port={port}",
-                  "-m", "unifusion_core.train"]
+                  f"--nproc-per-node={procs}", "--master-addr=127.0.0.1", f"--master-port={port}", *script]
     cmd = [*launch, "--out", str(out), "--features", str(features), *ARGS, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     if background:
@@ -115,15 +116,15 @@ def test_two_processes_train_what_one_does(tmp_path, features, single):
 
 def test_sharded_run_killed_resumes_on_one_process_then_on_two(tmp_path, features, single):
     out = tmp_path / "run"
-    killed = train(out, features, procs=2, env={"UNIFUSION_TRAIN_SIGKILL_AT": "2"})  # dies in step 3 (state: step 2)
+    killed = train(out, features, procs=2, kill_after=3)  # dies after step 3 (state: step 2)
     assert killed.returncode != 0 and [s for s, _ in list_states(out)] == [2]
     assert not (out / "model.safetensors").exists()
     # the consolidated export of the sharded state, by one process, loads in the nodes' path
     ok(train(out, features, "--resume", "--export-only"))
     assert uf.load_model(out / "model.safetensors").config.dit.depth == 2
     (out / "model.safetensors").unlink()
-    # one process continues the 2-process state, and is killed in its turn after saving step 4
-    again = train(out, features, "--resume", env={"UNIFUSION_TRAIN_SIGKILL_AT": "4"})
+    # one process continues the 2-process state, and is killed in its turn after step 5 (state: step 4)
+    again = train(out, features, "--resume", kill_after=5)
     assert again.returncode == -signal.SIGKILL, again.stderr[-3000:]
     assert [s for s, _ in list_states(out)] == [2, 4] and read_meta(list_states(out)[-1][1])["world_size"] == 1
     ok(train(out, features, "--resume", procs=2))  # and two processes finish the 6 steps

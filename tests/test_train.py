@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import train_killed
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,10 +25,12 @@ from unifusion_core.config import EncoderSpec, every_nth_layer
 from unifusion_core.eval import detect, score
 from unifusion_core.eval.model_gen import model_generate_fn
 from unifusion_core.generate import generate, sample_features
-from unifusion_core.train.data import ImageFolder, Sample, SyntheticScenes, TaskMixture
+from unifusion_core.train.data import Sample
 from unifusion_core.train.loop import (POSTERIOR, TrainConfig, Trainer, build_model, lr_at, param_groups, row_generators,
                                       row_noise, step_generator)
+from unifusion_core.train.mixture import TaskMixture
 from unifusion_core.train.setup import PromptFeatures
+from unifusion_core.train.sources import ImageFolder, SyntheticScenes
 from unifusion_core.train.state import list_states, read_tensors, state_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +163,11 @@ def test_generate_equals_the_model_chain():
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def run_cli(out: Path, features: Path, *extra: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "unifusion_core.train", "--out", str(out), "--features", str(features),
+def run_cli(out: Path, features: Path, *extra: str, check: bool = True, env: dict | None = None,
+            kill_after: int | None = None) -> subprocess.CompletedProcess:
+    """The training CLI on a tiny model; kill_after=N: SIGKILLed once N steps are done (tests/train_killed.py)."""
+    launch = ["-m", "unifusion_core.train"] if kill_after is None else [str(train_killed.SCRIPT), str(kill_after)]
+    cmd = [sys.executable, *launch, "--out", str(out), "--features", str(features),
            "--resolution", "16", "--preset", "tiny", "--dit-width", "64", "--dit-depth", "2", "--dit-heads", "4",
            "--patch", "2", "--shift", "1.0", "--prompts-per-step", "4", "--timesteps-per-prompt", "2",
            "--lr", "1e-3", "--warmup", "2", "--val-prompts", "2", "--sample-steps", "4", "--threads", "1", *extra]
@@ -178,8 +184,8 @@ def scene_features(tmp_path_factory) -> Path:
 def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
     steps = ["--steps", "16", "--checkpoint-every", "4", "--keep-checkpoints", "10"]
     run_cli(tmp_path / "a", scene_features, *steps)
-    # the same run killed with SIGKILL in the middle of step 10 (last state: step 8), then resumed
-    killed = run_cli(tmp_path / "b", scene_features, *steps, check=False, env={"UNIFUSION_TRAIN_SIGKILL_AT": "9"})
+    # the same run killed with SIGKILL after step 9 (last state: step 8), then resumed
+    killed = run_cli(tmp_path / "b", scene_features, *steps, check=False, kill_after=9)
     assert killed.returncode == -signal.SIGKILL
     states = list_states(tmp_path / "b")
     assert states[-1][1].name == "step-00000008" and not (tmp_path / "b" / "model.safetensors").exists()
@@ -215,14 +221,79 @@ def test_exported_model_loads_in_the_nodes_path(tmp_path, scene_features):
     assert summary["steps"] == 2
 
 
-def _trainer(tmp_path, model, prompts, steps=3, jitter=True, **cfg) -> Trainer:
+def _trainer(tmp_path, model, prompts, steps=3, jitter=True, validate=None, **cfg) -> Trainer:
     table = feature_table(prompts, model.config.encoder)
     src = SyntheticScenes(size=model.config.sampling.size[0], prompts=prompts, jitter=jitter)
     mix = TaskMixture({"t2i": src}, {"t2i": 1.0}, seed=0)
     feats = PromptFeatures(model.config.encoder, model.config.encoder.layers, table=table)
     tc = TrainConfig(out=str(tmp_path), steps=steps, prompts_per_step=4, timesteps_per_prompt=2, warmup=1,
-                     checkpoint_every=1000, **cfg)
-    return Trainer(tc, model, mix, {"t2i": src}, feats)
+                     **{"checkpoint_every": 1000, **cfg})
+    return Trainer(tc, model, mix, {"t2i": src}, feats, validate)
+
+
+def test_validation_off_still_exports_the_model(tmp_path, scene_features):
+    """--val-prompts 0 turns validation off: the run trains, writes no grid and exports."""
+    result = run_cli(tmp_path / "r", scene_features, "--steps", "2", "--val-prompts", "0", check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = uf.load_model(tmp_path / "r" / "model.safetensors")
+    assert model.config.sampling.size == (16, 16)
+    assert not list((tmp_path / "r").glob("val-*.png"))
+    assert not any("validation" in json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_periodic_steps_turned_off_run_at_the_end(tmp_path):
+    """checkpoint_every / log_every 0: the state and the metrics of the last step only, and the export;
+    on_step_end sees every step."""
+    torch.manual_seed(0)
+    seen = []
+    t = _trainer(tmp_path, uf.UniFusionModel(tiny_config()), ["a red circle on the left"], steps=3,
+                 checkpoint_every=0, log_every=0)
+    t.on_step_end = lambda trainer: seen.append(trainer.step)
+    assert t.run()["step"] == 3 and seen == [1, 2, 3]
+    assert [s for s, _ in list_states(tmp_path)] == [3]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3]
+    assert uf.load_model(tmp_path / "model.safetensors").config.dit.depth == 2
+    for bad in ({"checkpoint_every": -1}, {"log_every": -5}, {"validate_every": -1}, {"keep_checkpoints": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(out=str(tmp_path), **bad)
+
+
+def test_a_failing_final_validation_keeps_the_export(tmp_path):
+    def validate(model, step, out):
+        raise RuntimeError("the detector broke")
+
+    torch.manual_seed(0)
+    t = _trainer(tmp_path, uf.UniFusionModel(tiny_config()), ["a red circle on the left"], steps=1, validate=validate)
+    with pytest.raises(RuntimeError, match="validation at step 1 failed") as e:
+        t.run()
+    assert "the detector broke" in str(e.value.__cause__)
+    assert uf.load_model(tmp_path / "model.safetensors").config.dit.depth == 2
+
+
+def test_cli_errors_name_the_fix_and_lose_nothing(tmp_path, scene_features):
+    from unifusion_core.train.__main__ import main, parser
+    from unifusion_core.train.setup import ConfigError, parse_mix
+    from unifusion_core.train.tasks import PAPER_RATIOS
+
+    assert parser().get_default("mix") == "t2i=0.85,reconstruction=0.05,edit=0.10"
+    assert parse_mix(parser().get_default("mix")) == PAPER_RATIOS
+    with pytest.raises(ConfigError, match=r"unknown tasks \['edti'\]; expected some of \('t2i', 'reconstruction', 'edit'\)"):
+        parse_mix("t2i=0.9,edti=0.1")
+    base = ["--out", str(tmp_path / "r"), "--features", str(scene_features), "--resolution", "16", "--dit-width", "64",
+            "--dit-depth", "2", "--dit-heads", "4", "--patch", "2"]
+    # a ConfigError from the library exits with its message alone (status 1), as the CLI always did
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--data", str(tmp_path), "--mix", "t2i"])
+    assert str(e.value.code).startswith("--mix 't2i': expected task=ratio pairs")
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--val-prompts", "-1"])
+    assert e.value.code == "--val-prompts must be >= 0 (0: no validation), got -1"
+    # --export-only exports a saved state, never fresh weights
+    with pytest.raises(SystemExit, match="give --resume too"):
+        main([*base, "--export-only"])
+    with pytest.raises(SystemExit, match="no training state in .* to export"):
+        main([*base, "--resume", "--export-only"])
+    assert not (tmp_path / "r" / "model.safetensors").exists()
 
 
 def test_handoff_keeps_the_dit_and_starts_lap_and_refiner_fresh(tmp_path):

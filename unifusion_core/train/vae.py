@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..latents import LatentSpace, get_latent_space
-from .data import PREPROCESS, Sample
+from .data import Sample
+from .sources import PREPROCESS
 
 _log = logging.getLogger(__name__)
 
