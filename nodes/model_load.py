@@ -34,8 +34,14 @@ class UniFusionModelLoad:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": (host.list_models(), {"tooltip": "UniFusion checkpoints found in models/unifusion and models/diffusion_models, and the one bundled with the pack (unifusion-scenes-64.safetensors)."}),
-                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How the weights are stored in memory. default: the dtype ComfyUI picks for diffusion models (bf16 on most GPUs, fp32 on CPUs); fp8 halves the memory of bf16 and computes in that dtype."}),
+                "model_name": (host.list_models(), {
+                    "tooltip": "UniFusion checkpoints found in models/unifusion and models/diffusion_models, and the "
+                               "one bundled with the pack (unifusion-scenes-64.safetensors)."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {
+                    "default": "default",
+                    "tooltip": "How the weights are stored in memory. default: the dtype ComfyUI picks for diffusion "
+                               "models (bf16 on most GPUs, fp32 on CPUs); fp8 halves the memory of bf16 and computes "
+                               "in that dtype."}),
             }
         }
 

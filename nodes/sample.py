@@ -27,19 +27,34 @@ class UniFusionSample:
             "required": {
                 "model": (MODEL, {"tooltip": "From UniFusion Model Load."}),
                 "conditioning": (COND, {"tooltip": "From LAP Encode."}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image width in pixels."}),
-                "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image height in pixels."}),
-                "steps": ("INT", {"default": 28, "min": 1, "max": 1000, "tooltip": "Sampling steps (Heun costs two model calls per step)."}),
-                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance scale; 1 turns guidance off and halves the cost."}),
-                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "Timestep shift (SD3/Flux style; higher spends more steps at high noise). 0: chosen from the resolution."}),
-                "sampler": (sorted(uf.SAMPLERS), {"default": "euler", "tooltip": "euler: first order; heun: second order, two model calls per step."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same images."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run (image i of a batch matches seed's batch position, as in ComfyUI)."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
+                                  "tooltip": "Image width in pixels."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
+                                   "tooltip": "Image height in pixels."}),
+                "steps": ("INT", {"default": 28, "min": 1, "max": 1000,
+                                  "tooltip": "Sampling steps (Heun costs two model calls per step)."}),
+                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale; 1 turns guidance off and halves "
+                                             "the cost."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                    "tooltip": "Timestep shift (SD3/Flux style; higher spends more steps at high "
+                                               "noise). 0: chosen from the resolution."}),
+                "sampler": (sorted(uf.SAMPLERS), {"default": "euler",
+                                                  "tooltip": "euler: first order; heun: second order, two model "
+                                                             "calls per step."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Noise seed; the same seed gives the same images."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Images per run (image i of a batch matches seed's batch "
+                                                  "position, as in ComfyUI)."}),
             },
             "optional": {
                 "negative": (COND, {"tooltip": "Guide away from this instead of the learned empty conditioning."}),
-                "second_conditioning": (COND, {"tooltip": "Conditioning for the steps after switch_at (e.g. image tokens first, text after: paper Sec. 5.2)."}),
-                "switch_at": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the steps conditioned on `conditioning` before switching to `second_conditioning`."}),
+                "second_conditioning": (COND, {"tooltip": "Conditioning for the steps after switch_at (e.g. image "
+                                                          "tokens first, text after: paper Sec. 5.2)."}),
+                "switch_at": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Fraction of the steps conditioned on `conditioning` before "
+                                                   "switching to `second_conditioning`."}),
             },
         }
 
@@ -47,10 +62,11 @@ class UniFusionSample:
                sampler: str, seed: int, batch_size: int = 1, negative=None, second_conditioning=None,
                switch_at: float = 0.2):
         expect(model, host.Managed, "model", "UniFusion Model Load", uf.UniFusionModel)
-        for name, c in (("conditioning", conditioning), ("negative", negative), ("second_conditioning", second_conditioning)):
+        conds = {"conditioning": conditioning, "negative": negative, "second_conditioning": second_conditioning}
+        for name, c in conds.items():  # which socket is miswired; the sampler checks the values themselves
             if c is not None or name == "conditioning":
                 expect(c, uf.Conditioning, name, "UniFusion LAP Encode")
-        tokens = max(c.tokens.shape[1] for c in (conditioning, negative, second_conditioning) if c is not None)
+        tokens = max(c.tokens.shape[1] for c in conds.values() if c is not None)
         net = model.load(memory_required=model.obj.memory_required(batch_size, tokens, width, height, cfg != 1))
         progress = host.Progress(steps)
         previewer = host.previewer(net.config.latent.name, model.device)

@@ -116,7 +116,8 @@ def dit(module, x, t, cond, mask=None):
         keys = None if mask is None else torch.cat([mask[b], torch.ones(h * w, dtype=torch.bool)])
         for blk in module.blocks:
             sa, ca, ga, sm, cm, gm = mod + blk.modulation
-            a = self_attention(layer_norm(seq) * (1 + ca) + sa, blk.attn, prm.heads, keys, pos, prm.axes_dim, prm.rope_theta)
+            a = self_attention(layer_norm(seq) * (1 + ca) + sa, blk.attn, prm.heads, keys, pos, prm.axes_dim,
+                               prm.rope_theta)
             seq = seq + ga * a
             m = layer_norm(seq) * (1 + cm) + sm
             seq = seq + gm * linear(F.gelu(linear(m, blk.mlp.fc1)), blk.mlp.fc2)

@@ -143,7 +143,8 @@ def test_shape_mismatch_names_key_and_both_shapes(saved):
     tensors = load_file(saved)
     tensors["lap.pool.weight"] = torch.zeros(32, 64)
     rewrite(saved, tensors=tensors)
-    with pytest.raises(ValueError, match=r"'lap.pool.weight' has shape \[32, 64\] in the file, but .* needs \[32, 96\]"):
+    with pytest.raises(ValueError,
+                       match=r"'lap.pool.weight' has shape \[32, 64\] in the file, but .* needs \[32, 96\]"):
         uf.load_model(saved)
 
 

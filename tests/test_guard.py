@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import unifusion_core as uf
-from unifusion_core import guard, model as model_mod, sampling
+from unifusion_core import guard, sampling
+from unifusion_core import model as model_mod
 from unifusion_core.config import EncoderSpec, every_nth_layer
 
 ENC = EncoderSpec("tiny", "tiny-random", hidden_size=32, num_layers=6, layers=every_nth_layer(6))

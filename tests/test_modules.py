@@ -5,7 +5,7 @@ import types
 import pytest
 import reference as ref
 import torch
-from conftest import randomize, tiny_features
+from conftest import tiny_features
 from torch import nn
 from torch.testing import assert_close
 

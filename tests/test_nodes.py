@@ -7,11 +7,11 @@ import pytest
 import test_single_file
 import tiny_vlms
 import torch
+from conftest import randomize
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
 import nodes
-from conftest import randomize
 import unifusion_core as uf
 from nodes.common import ReferenceImage
 
@@ -25,7 +25,8 @@ def models_dir(tmp_path_factory):
     tiny_vlms.make_tiny_causal_lm(root / "LLM" / "family" / "tiny-qwen2")  # two levels deep
     vlm = uf.load_vlm(vlm_path)
     torch.manual_seed(0)
-    model = randomize(uf.UniFusionModel.from_preset("tiny", vlm=vlm), std=0.1)  # not zero-init: outputs depend on inputs
+    # not zero-init: outputs depend on inputs
+    model = randomize(uf.UniFusionModel.from_preset("tiny", vlm=vlm), std=0.1)
     (root / "unifusion").mkdir()
     uf.save_model(model, root / "unifusion" / "tiny.safetensors")
     (root / "diffusion_models").mkdir()
@@ -36,7 +37,8 @@ def models_dir(tmp_path_factory):
     (root / "text_encoders" / "qwen-tokenizer").mkdir()
     for f in ref.glob("tokenizer*"):
         shutil.copy(f, root / "text_encoders" / "qwen-tokenizer")
-    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(2, 2)}, str(root / "text_encoders" / "clip_l.safetensors"))
+    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(2, 2)},
+              str(root / "text_encoders" / "clip_l.safetensors"))
     return root
 
 
@@ -52,7 +54,8 @@ def image(w=64, h=48, seed=0):
 def run_chain(prompt="a fox", refs=None, rewrite=True, **sample):
     (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
     # Seeded sampling: greedy, the random tiny VLM writes only whitespace (an empty rewrite, refused).
-    feats, text = N["UniFusionVERIFIRewrite"]().encode(vlm, prompt, rewrite, uf.prompts.VERIFI_SYSTEM_PROMPT, 6, True, 0, refs)
+    feats, text = N["UniFusionVERIFIRewrite"]().encode(vlm, prompt, rewrite, uf.prompts.VERIFI_SYSTEM_PROMPT, 6, True,
+                                                       0, refs)
     (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
     (cond,) = N["UniFusionLAPEncode"]().encode(model, feats)
     args = dict(width=16, height=8, steps=3, cfg=3.0, shift=0.0, sampler="euler", seed=1) | sample
@@ -128,7 +131,8 @@ def test_bundled_model_and_vlm_are_listed_in_place(tmp_path, monkeypatch, models
         (models_dir / "unifusion" / "unifusion-scenes-64.safetensors").unlink()
 
 
-@pytest.mark.skipif(uf.bundled_model() is None, reason="no bundled checkpoint (unifusion_core/assets/unifusion-scenes-64.safetensors)")
+@pytest.mark.skipif(uf.bundled_model() is None,
+                    reason="no bundled checkpoint (unifusion_core/assets/unifusion-scenes-64.safetensors)")
 def test_the_bundled_model_loads_by_its_listed_name():
     name = uf.bundled_model().name
     assert name in listed()[1]
@@ -227,7 +231,8 @@ def test_files_that_are_not_checkpoints_are_logged_with_the_reason(models_dir, c
     (bad / "garbage.safetensors").write_bytes((40).to_bytes(8, "little") + b"{not json" + b" " * 40)
     try:
         with caplog.at_level("INFO", logger="nodes.host"):
-            assert listed()[1] == sorted(["tiny.safetensors", uf.assets.BUNDLED_MODEL.name] if uf.bundled_model() else ["tiny.safetensors"])
+            shipped = [uf.assets.BUNDLED_MODEL.name] if uf.bundled_model() else []
+            assert listed()[1] == sorted(["tiny.safetensors", *shipped])
             listed()  # each file is named once, not at every listing
         reasons = {r.args[0].name: r.args[1] for r in caplog.records if "does not list" in r.getMessage()}
         assert len([r for r in caplog.records if "does not list" in r.getMessage()]) == len(reasons) == 4
@@ -258,7 +263,8 @@ def test_inputs_of_the_wrong_kind_get_errors_that_name_the_socket():
          "vlm must be the output of UniFusion VLM Load, got a UniFusionModel"),
         (lambda: N["UniFusionVERIFIRewrite"]().encode(vlm, "a fox", False, images=[image()]), TypeError,
          "images must be the output of UniFusion Tile Images, got a list"),
-        (lambda: N["UniFusionTileImages"]().add(torch.rand(1, 8, 8, 4)), ValueError, r"\[batch, height, width, 3 \(RGB\)\]"),
+        (lambda: N["UniFusionTileImages"]().add(torch.rand(1, 8, 8, 4)), ValueError,
+         r"\[batch, height, width, 3 \(RGB\)\]"),
         (lambda: N["UniFusionTileImages"]().add(torch.rand(0, 8, 8, 3)), ValueError, "at least one 1x1 image"),
         (lambda: N["UniFusionTileImages"]().add(torch.full((1, 8, 8, 3), float("nan"))), ValueError,
          "image holds 192 non-finite values"),
@@ -278,7 +284,8 @@ def test_an_empty_rewrite_is_refused(caplog):
     with pytest.raises(ValueError, match=r"wrote an empty rewrite \(only whitespace\): nothing would condition"):
         node.encode(vlm, "a fox", True, "Describe.", 6, False, 0)
     refs = (ReferenceImage(image(), 1, False),)
-    with pytest.raises(ValueError, match="only the reference images would condition the image; try another seed with sample on"):
+    with pytest.raises(ValueError,
+                       match="only the reference images would condition the image; try another seed with sample on"):
         node.encode(vlm, "make it snow", True, "Describe.", 6, False, 0, refs)
     feats, text = node.encode(vlm, "a fox", True, "Describe.", 6, True, 0)  # seeded sampling writes words
     assert text.strip() and feats.text == text

