@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_features(path: Path) -> Path:
-    from unifusion_core import scenes
     from bench.common import random_feature_table
+    from unifusion_core import scenes
     from unifusion_core.features import save_features_file
     from unifusion_core.presets import SMOLLM2_135M  # every third of its 30 layers
 
@@ -100,14 +100,16 @@ def main(argv: list[str] | None = None) -> None:
         from safetensors.torch import load_file
 
         numel = sum(t.numel() for t in load_file(str(tmp / "pn" / "model.safetensors")).values())
-    probe = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.procs}",
-                            __file__, "--comm", str(numel)], cwd=ROOT, check=True, capture_output=True, text=True,
+    probe = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={args.procs}", __file__, "--comm", str(numel)],
+                           cwd=ROOT, check=True, capture_output=True, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     traffic = json.loads(probe.stdout.strip().splitlines()[-1])
     step_s = args.prompts * args.k / many
     print(json.dumps({
         "machine": f"{os.cpu_count()} CPU cores", "procs": args.procs, "parameters": numel,
-        "global_batch": f"{args.prompts} prompts x {args.k} timesteps", "model": f"DiT width {args.width}, depth {args.depth}, patch {args.patch}, 64x64",
+        "global_batch": f"{args.prompts} prompts x {args.k} timesteps",
+        "model": f"DiT width {args.width}, depth {args.depth}, patch {args.patch}, 64x64",
         "samples_per_s": {"1 process, 1 thread": round(one_1, 2), f"1 process, {args.procs} threads": round(one_n, 2),
                           f"{args.procs} processes, 1 thread each": round(many, 2)},
         "speedup_vs_1_thread": round(many / one_1, 3), f"speedup_vs_{args.procs}_threads": round(many / one_n, 3),

@@ -73,7 +73,8 @@ def stand_ins(config, cond_tokens: int, resolution: int, device, padded: bool = 
     side = resolution // space.downscale
     latent = torch.randn(1, space.channels, side, side, generator=g, device=device)
     short = Features(feat.hidden[: max(1, cond_tokens // 2)], spec.layers, spec)
-    return (Mixture(), {"t2i": Source()}, lambda samples: [short if padded and i % 2 else feat for i in range(len(samples))],
+    return (Mixture(), {"t2i": Source()},
+            lambda samples: [short if padded and i % 2 else feat for i in range(len(samples))],
             lambda samples, generators: latent.expand(len(samples), -1, -1, -1))
 
 
@@ -176,7 +177,8 @@ def matmul_ceiling(device: str) -> dict:
         return {"what": "matmul", "device": device}
     n = 8192
     tf = matmul_gflops(n, torch.bfloat16, "cuda", 10, torch.cuda.synchronize) / 1e3
-    return {"what": "matmul", "n": n, "dtype": "bf16", "tflops": round(tf, 1), "device_name": torch.cuda.get_device_name()}
+    return {"what": "matmul", "n": n, "dtype": "bf16", "tflops": round(tf, 1),
+            "device_name": torch.cuda.get_device_name()}
 
 
 def plan(args) -> list[dict]:
@@ -188,7 +190,8 @@ def plan(args) -> list[dict]:
     for v in args.variants:  # ac<N>[-padded][-compiled]
         m = re.fullmatch(r"ac(\d+)(-padded)?(-compiled)?", v)
         if not m:
-            raise SystemExit(f"--variants: {v!r} is not ac<N>[-padded][-compiled] (N: checkpoint every N-th block, 0: none)")
+            raise SystemExit(f"--variants: {v!r} is not ac<N>[-padded][-compiled] "
+                             f"(N: checkpoint every N-th block, 0: none)")
         out.append({**base, "what": f"throughput {v}", "checkpointing": int(m[1]), "padded": bool(m[2]),
                     "compile": bool(m[3])})
     small = dict(steps=2, warmup=1, gpu_gib=args.gpu_gib, compile=args.fit_compiled)
@@ -224,10 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-depth-search", dest="depth_search", action="store_const", const=None)
     ap.add_argument("--no-paper-5b", dest="paper_5b", action="store_false")
     ap.add_argument("--variants", nargs="*", default=["ac1", "ac0", "ac1-padded", "ac1-compiled"],
-                    help="throughput configurations: ac<N>[-padded][-compiled], N: checkpoint every N-th block (0: none)")
+                    help="throughput configurations: ac<N>[-padded][-compiled], "
+                         "N: checkpoint every N-th block (0: none)")
     ap.add_argument("--fits", nargs="*", default=[], metavar="DEPTH:PROMPTS",
                     help="configurations measured within --gpu-gib (e.g. 14:4)")
-    ap.add_argument("--fit-compiled", action="store_true", help="compile the DiT in --fits, the depth search and paper-5b")
+    ap.add_argument("--fit-compiled", action="store_true",
+                    help="compile the DiT in --fits, the depth search and paper-5b")
     ap.add_argument("--deadline", type=float, default=420, help="seconds; later configurations are skipped")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)

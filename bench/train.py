@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
@@ -20,7 +19,7 @@ import torch
 
 from unifusion_core import UniFusionModel
 
-from .common import flop_counter, flops_of, matmul_gflops, random_feature_table, timed
+from .common import flop_counter, matmul_gflops, random_feature_table, timed
 
 
 class _EachKTimes:
@@ -123,7 +122,8 @@ def bench_train(argv: list[str]) -> None:
         flops[name] = counter.get_total_flops()
         by_module = counter.get_flop_counts()
         # the step runs as TrainStep(model): FLOPs are keyed by module path (TrainStep.model.lap, ...)
-        parts[name] = {part: sum(by_module.get(f"TrainStep.model.{part}", {}).values()) for part in ("lap", "refiner", "dit")}
+        parts[name] = {part: sum(by_module.get(f"TrainStep.model.{part}", {}).values())
+                       for part in ("lap", "refiner", "dit")}
     for _ in range(args.warmup):
         for tr in loops.values():
             tr.train_step()

@@ -26,8 +26,17 @@ from unifusion_core.eval import detect, score
 from unifusion_core.eval.model_gen import model_generate_fn
 from unifusion_core.generate import generate, sample_features
 from unifusion_core.train.data import Sample
-from unifusion_core.train.loop import (POSTERIOR, TrainConfig, Trainer, build_model, lr_at, param_groups, row_generators,
-                                      row_noise, step_generator)
+from unifusion_core.train.loop import (
+    POSTERIOR,
+    TrainConfig,
+    Trainer,
+    build_model,
+    lr_at,
+    param_groups,
+    row_generators,
+    row_noise,
+    step_generator,
+)
 from unifusion_core.train.mixture import TaskMixture
 from unifusion_core.train.setup import PromptFeatures
 from unifusion_core.train.sources import ImageFolder, SyntheticScenes
@@ -39,7 +48,8 @@ ENC = EncoderSpec("tiny", "tiny-random", hidden_size=32, num_layers=6, layers=ev
 
 def tiny_config(encoder: EncoderSpec = ENC, size: int = 16, patch: int = 2, **dit):
     return uf.get_preset("tiny").replace(
-        encoder=encoder, latent="pixel", dit={"hidden_size": 64, "depth": 2, "heads": 4, "patch_size": patch, "axes_dim": None, **dit},
+        encoder=encoder, latent="pixel",
+        dit={"hidden_size": 64, "depth": 2, "heads": 4, "patch_size": patch, "axes_dim": None, **dit},
         sampling={"size": (size, size), "shift": 1.0, "steps": 10, "cfg": 2.0, "rewrite": False},
     )
 
@@ -64,7 +74,8 @@ def write_features(path: Path, table: dict[str, torch.Tensor], encoder: EncoderS
 
 def test_flow_convention_against_plain_math():
     g = torch.Generator().manual_seed(0)
-    x0, noise, t = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g), torch.rand(3, generator=g)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.rand(3, generator=g)
     xt = flow.interpolate(x0, noise, t)
     for i in range(3):
         torch.testing.assert_close(xt[i], (1 - t[i]) * x0[i] + t[i] * noise[i])
@@ -104,7 +115,8 @@ def test_lr_schedule_and_step_generators():
     assert lr_at(cfg, 100) == pytest.approx(0.1)
     a, b = step_generator(0, 5), step_generator(0, 5)
     assert torch.equal(torch.randn(4, generator=a), torch.randn(4, generator=b))
-    assert not torch.equal(torch.randn(4, generator=step_generator(0, 6)), torch.randn(4, generator=step_generator(1, 5)))
+    assert not torch.equal(torch.randn(4, generator=step_generator(0, 6)),
+                           torch.randn(4, generator=step_generator(1, 5)))
 
 
 def test_row_noise_is_a_function_of_the_row_alone():
@@ -115,7 +127,8 @@ def test_row_noise_is_a_function_of_the_row_alone():
     assert torch.equal(row_noise(row_generators(7, 3, range(2, 4)), (2, 5, 5)), whole[2:])
     flat = whole.flatten(1)
     assert torch.corrcoef(flat).sub(torch.eye(4)).abs().max() < 0.3  # distinct rows (50 values each)
-    for other in (row_generators(7, 4, range(4)), row_generators(8, 3, range(4)), row_generators(7, 3, range(4), POSTERIOR)):
+    for other in (row_generators(7, 4, range(4)), row_generators(8, 3, range(4)),
+                  row_generators(7, 3, range(4), POSTERIOR)):
         assert not torch.equal(row_noise(other, (2, 5, 5)), whole)
     assert abs(float(row_noise(row_generators(0, 0, range(64)), (32, 32)).std()) - 1) < 0.02
 
@@ -201,7 +214,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
     sa = read_tensors(state_path(tmp_path / "a", 16))
     sb = read_tensors(state_path(tmp_path / "b", 16))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # optimizer moments and EMA too
-    assert any(k.startswith("optim.") and k.endswith(".exp_avg_sq") for k in sa) and any(k.startswith("ema.") for k in sa)
+    assert any(k.startswith("optim.") and k.endswith(".exp_avg_sq") for k in sa)
+    assert any(k.startswith("ema.") for k in sa)
     # the loss curve continues exactly
     la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -277,7 +291,7 @@ def test_cli_errors_name_the_fix_and_lose_nothing(tmp_path, scene_features):
 
     assert parser().get_default("mix") == "t2i=0.85,reconstruction=0.05,edit=0.10"
     assert parse_mix(parser().get_default("mix")) == PAPER_RATIOS
-    with pytest.raises(ConfigError, match=r"unknown tasks \['edti'\]; expected some of \('t2i', 'reconstruction', 'edit'\)"):
+    with pytest.raises(ConfigError, match=r"unknown tasks \['edti'\]; expected some of \('t2i', 'reconstruction', "):
         parse_mix("t2i=0.9,edti=0.1")
     base = ["--out", str(tmp_path / "r"), "--features", str(scene_features), "--resolution", "16", "--dit-width", "64",
             "--dit-depth", "2", "--dit-heads", "4", "--patch", "2"]
@@ -330,7 +344,8 @@ def test_time_limit_saves_exports_and_resume_finishes_the_schedule(tmp_path):
     again = _trainer(tmp_path / "cut", uf.UniFusionModel(tiny_config()), prompts, steps=3)
     assert again.resume() and again.step == 1
     assert again.run()["step"] == 3
-    ea, eb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    ea = load_file(str(tmp_path / "full" / "model.safetensors"))
+    eb = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)  # the same run as without the stop
     with pytest.raises(ValueError, match="time_limit"):
         TrainConfig(out=str(tmp_path), time_limit=-1)
@@ -339,8 +354,8 @@ def test_time_limit_saves_exports_and_resume_finishes_the_schedule(tmp_path):
 def test_a_bf16_autocast_step_trains(tmp_path):
     """precision='bf16' (what GPUs run): null tokens and bf16 LAP outputs share one batch."""
     torch.manual_seed(0)
-    t = _trainer(tmp_path, uf.UniFusionModel(tiny_config()), ["a red circle on the left", "a blue square on the right"], steps=2,
-                 precision="bf16", cond_dropout=0.5)
+    t = _trainer(tmp_path, uf.UniFusionModel(tiny_config()), ["a red circle on the left", "a blue square on the right"],
+                 steps=2, precision="bf16", cond_dropout=0.5)
     before = t.model.dit.final.linear.weight.detach().clone()
     out = [t.train_step() for _ in range(2)]
     assert all(math.isfinite(o["loss"]) for o in out)
@@ -414,7 +429,8 @@ def test_a_tiny_model_learns_to_draw_scenes(tmp_path):
 
 
 def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -r requirements-train.txt")
+    diffusers = pytest.importorskip("diffusers",
+                                    reason="diffusers is not installed: pip install -r requirements-train.txt")
     from unifusion_core.train.vae import LatentCache, load_vae, to_latents
 
     torch.manual_seed(0)
@@ -429,7 +445,12 @@ def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
     model = uf.UniFusionModel(config)
     trainer = _trainer(tmp_path / "run", model, ["a red circle on the left", "a blue square on the right"], steps=2)
     seen = []
-    trainer.latents = lambda samples, gens: (seen.extend(s.id for s in samples), to_latents(samples, space, vae, cache, gens))[1]
+
+    def latents(samples, gens):
+        seen.extend(s.id for s in samples)
+        return to_latents(samples, space, vae, cache, gens)
+
+    trainer.latents = latents
     trainer.run()
     cache.flush()
     assert seen and all(i in cache for i in seen)  # every latent cached under its sample's id
@@ -483,7 +504,8 @@ def test_train_flops_match_a_flop_counter(tmp_path):
     torch.manual_seed(0)
     wide = EncoderSpec("tiny", "wide", hidden_size=96, num_layers=6, layers=every_nth_layer(6))
     model = uf.UniFusionModel(tiny_config(wide, size=32, patch=2, hidden_size=192, depth=2, heads=4))
-    trainer = _trainer(tmp_path, model, ["a red circle on the left", "a blue square above a red circle"], cond_dropout=0.0)
+    trainer = _trainer(tmp_path, model, ["a red circle on the left", "a blue square above a red circle"],
+                       cond_dropout=0.0)
     counter = flop_counter()
     with counter:
         out = trainer.train_step()

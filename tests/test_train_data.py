@@ -110,7 +110,8 @@ def manifest_rows(tmp_path):
     return [
         {"id": "cat-1", "task": "t2i", "image": "data/cat.png", "caption": "a cat"},
         {"task": "reconstruction", "image": str(tmp_path / "data/dog.jpg")},
-        {"task": "edit", "image": "data/cat.png", "prompt": "make it a cat", "sources": ["data/src1.png", "data/dog.jpg"]},
+        {"task": "edit", "image": "data/cat.png", "prompt": "make it a cat",
+         "sources": ["data/src1.png", "data/dog.jpg"]},
         {"image": "data/dog.jpg", "prompt": "a dog"},  # task defaults to t2i
     ]
 

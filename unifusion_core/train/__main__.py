@@ -33,18 +33,23 @@ def parser() -> argparse.ArgumentParser:
     a("--config", type=Path, help="JSON file with any of these settings")
     a("--out", help="run directory (states, metrics, grids, the exported model)")
     # data
-    a("--data", default="scenes", help="'scenes' (the synthetic benchmark scenes), an image folder with .txt captions, a .jsonl/.parquet manifest, or a tar-shard glob")
+    a("--data", default="scenes", help="'scenes' (the synthetic benchmark scenes), an image folder with .txt "
+      "captions, a .jsonl/.parquet manifest, or a tar-shard glob")
     a("--resolution", type=int, default=64, help="training image size (square)")
     a("--scene-kinds", default="single,pair", help="--data scenes: which prompt kinds to train on")
-    a("--mix", default=",".join(f"{t}={r:.2f}" for t, r in PAPER_RATIOS.items()), help="task ratios (paper Sec. 2.2); tasks without data are dropped")
+    a("--mix", default=",".join(f"{t}={r:.2f}" for t, r in PAPER_RATIOS.items()),
+      help="task ratios (paper Sec. 2.2); tasks without data are dropped")
     # encoder
     a("--vlm", help="the frozen VLM: a Hugging Face folder or .gguf (default: the embedded SmolLM2-135M-Instruct GGUF)")
-    a("--rewrite", action=argparse.BooleanOptionalAction, default=False, help="VERIFI: train on features of the VLM's rewrite (produced once, offline)")
+    a("--rewrite", action=argparse.BooleanOptionalAction, default=False,
+      help="VERIFI: train on features of the VLM's rewrite (produced once, offline)")
     a("--layers", default="3", help="VLM layers for LAP: a stride (3 = every third, Sec. 3.1), 'last', or a comma list")
     a("--features", type=Path, help="precomputed features file (safetensors: '0','1',... with metadata 'prompts')")
-    a("--feature-cache", type=Path, help="opt-in on-disk feature cache directory (fp16 safetensors shards, keyed by id)")
+    a("--feature-cache", type=Path,
+      help="opt-in on-disk feature cache directory (fp16 safetensors shards, keyed by id)")
     a("--vae", help="VAE folder (diffusers AutoencoderKL) for flux/sd3/sdxl latent spaces (not needed for 'pixel')")
-    a("--latent-cache", type=Path, help="with --vae: keep each sample's latent on disk, keyed by sample id (and resume exactly)")
+    a("--latent-cache", type=Path,
+      help="with --vae: keep each sample's latent on disk, keyed by sample id (and resume exactly)")
     # model
     a("--preset", default="tiny", help="base preset (tiny, small, paper-5b); the flags below override it")
     a("--latent", default="pixel")
@@ -72,8 +77,10 @@ def parser() -> argparse.ArgumentParser:
         else:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             a(flag, type=typ, default=None)
-    a("--resume", nargs="?", const="auto", help="continue the run: 'auto' (newest state in --out) or a state folder (checkpoints/step-N)")
-    a("--threads", type=int, help="CPU threads for torch (1 is much faster than 2 when another process shares the cores)")
+    a("--resume", nargs="?", const="auto",
+      help="continue the run: 'auto' (newest state in --out) or a state folder (checkpoints/step-N)")
+    a("--threads", type=int,
+      help="CPU threads for torch (1 is much faster than 2 when another process shares the cores)")
     a("--export-only", action="store_true", help="with --resume: write model.safetensors (EMA) from the state and stop")
     a("--val-prompts", type=int, default=32, help="scenes: prompts per split scored at each validation")
     return ap
@@ -82,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = parser()
     args = ap.parse_args(argv)
-    given = {a.dest for a in ap._actions if any(s in (argv if argv is not None else sys.argv[1:]) for s in a.option_strings)}
+    words = argv if argv is not None else sys.argv[1:]
+    given = {a.dest for a in ap._actions if any(s in words for s in a.option_strings)}
     if args.config:
         try:
             file = json.loads(args.config.read_text())
@@ -119,7 +127,8 @@ def model_config(args, spec) -> UniFusionConfig:
         dit["axes_dim"] = None  # recompute the rotary split for the new head size
     sampling = {"steps": args.sample_steps, "cfg": args.sample_cfg, "shift": args.shift, "rewrite": bool(args.rewrite),
                 "size": (args.resolution, args.resolution)}
-    return base.replace(encoder=spec, latent=get_latent_space(args.latent), dit=dit, lap=lap, refiner=ref, sampling=sampling)
+    return base.replace(encoder=spec, latent=get_latent_space(args.latent), dit=dit, lap=lap, refiner=ref,
+                        sampling=sampling)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -180,7 +189,8 @@ def _train(args, argv, d, device) -> dict:
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
     # written once the state has loaded: a resume that fails leaves the run's settings as they were
     if d.main:
-        (out / "run.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, indent=2))
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        (out / "run.json").write_text(json.dumps(settings, indent=2))
     summary = trainer.run()
     summary["parameters"] = n
     if d.main:

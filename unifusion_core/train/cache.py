@@ -64,7 +64,8 @@ class FeatureCache:
              shard_size: int = 256) -> FeatureCache:
         """An existing cache; refused (ValueError) if built with another encoder, layers, system prompt or rewrite."""
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"no feature cache at {root}; make one with FeatureCache.create({str(root)!r}, ...)")
+            raise FileNotFoundError(f"no feature cache at {root}; "
+                                    f"make one with FeatureCache.create({str(root)!r}, ...)")
         return cls(root, spec, rewrite, max_new_tokens, shard_size)
 
     open_or_create = create
@@ -108,14 +109,16 @@ class FeatureCache:
         try:
             built = EncoderSpec(**json.loads(theirs["encoder"]))
         except (TypeError, ValueError):
-            raise ValueError(f"feature cache {self.root}: {path.name} has an unreadable encoder record; {fix}") from None
+            raise ValueError(f"feature cache {self.root}: {path.name} has an unreadable encoder record; "
+                             f"{fix}") from None
         fields = {
             "encoder": lambda s: f"{s.family}/{s.name}",
             "width": lambda s: s.hidden_size,
             "depth": lambda s: s.num_layers,
             "layers": lambda s: list(s.layers),
         }
-        diffs = [f"{k} {get(built)!r} vs {get(self.spec)!r}" for k, get in fields.items() if get(built) != get(self.spec)]
+        diffs = [f"{k} {get(built)!r} vs {get(self.spec)!r}" for k, get in fields.items()
+                 if get(built) != get(self.spec)]
         a, b = built.system_prompt, self.spec.system_prompt
         if a != b:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -237,14 +240,16 @@ class FeatureCache:
         """
         if rewrite is not None and bool(rewrite) != self.rewrite:
             raise ValueError(
-                f"feature cache {self.root} holds rewrite={self.rewrite} features, asked to build rewrite={bool(rewrite)}; "
+                f"feature cache {self.root} holds rewrite={self.rewrite} features, "
+                f"asked to build rewrite={bool(rewrite)}; "
                 "open the cache with the rewrite setting of this run or pass another cache directory"
             )
         spec = vlm.encoder_spec(self.spec.layers, self.spec.system_prompt)
         if spec != self.spec:
             raise ValueError(
                 f"feature cache {self.root} holds {_describe(self.spec, self.rewrite)}, but the encoder given is "
-                f"{_describe(spec, self.rewrite)}; build it with the encoder it was made for or pass another cache directory"
+                f"{_describe(spec, self.rewrite)}; build it with the encoder it was made for "
+                "or pass another cache directory"
             )
         prompts: dict[str, str] = {}
         for cid, prompt in items:

@@ -145,7 +145,8 @@ def shard(root: nn.Module, d: Dist, bf16: bool) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Inputs are not cast: t and the features stay fp32 (the step runs under autocast, as in one process)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None,
                               cast_forward_inputs=False)
     model = root.model
     blocks = [b for part in (model.lap, model.refiner, model.dit) for b in part.blocks]

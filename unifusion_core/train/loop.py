@@ -348,7 +348,8 @@ class Trainer:
                 return out[mine]
             self.bad += len(slots)
             if self.drawn >= 20 and self.bad > self.cfg.max_bad_fraction * self.drawn:
-                raise RuntimeError(f"{self.bad} of {self.drawn} samples were bad (see the warnings): fix the data") from None
+                raise RuntimeError(f"{self.bad} of {self.drawn} samples were bad (see the warnings): "
+                                   "fix the data") from None
             for i, pick in zip(slots, self.mixture.draw(len(slots))):
                 picks[i] = pick
             self.drawn += len(slots)
@@ -368,7 +369,8 @@ class Trainer:
         drop = (torch.rand(P, generator=g) < cfg.cond_dropout)[mine]
         _, _, H, W = x0.shape
         p = model.config.dit.patch_size
-        shift = resolution_shift((H // p) * (W // p), model.config.sampling)  # the checkpoint's fixed shift, if it has one
+        # the checkpoint's fixed shift, if it has one
+        shift = resolution_shift((H // p) * (W // p), model.config.sampling)
         t = sample_timesteps(P * K, shift, g, cfg.t_mean, cfg.t_std)[rows].to(dev)  # (P_rank*K,)
         noise = row_noise(row_generators(cfg.seed, self.step, range(rows.start, rows.stop)), x0.shape[1:]).to(dev)
         x0 = x0.repeat_interleave(K, dim=0)  # (P*K, C, H, W)
@@ -390,7 +392,8 @@ class Trainer:
         self._update_ema()
         self.step += 1
         mean = self.dist.sum_(loss.detach().reshape(1).clone()) / self.dist.world
-        return {"loss": mean.item(), "grad_norm": float(gnorm), "t": t.cpu(), "losses": losses.detach().cpu(), "samples": P * K}
+        return {"loss": mean.item(), "grad_norm": float(gnorm), "t": t.cpu(), "losses": losses.detach().cpu(),
+                "samples": P * K}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -439,7 +442,9 @@ class Trainer:
                     seen, t_log, losses = 0, time.perf_counter(), []
                     bins[0].zero_(), bins[1].zero_()
                     self.describe["train_seconds"] = train_seconds
-                if self.validate is not None and cfg.validate_every and self.step % cfg.validate_every == 0 and self.step < cfg.steps:
+                # validation before the last step; the last one's comes after the export
+                if self.validate is not None and self.step < cfg.steps and cfg.validate_every > 0 \
+                        and self.step % cfg.validate_every == 0:
                     t0 = time.perf_counter()
                     last_val = self._validate(metrics, train_seconds)
                     t_log += time.perf_counter() - t0  # validation time is not training time
@@ -465,8 +470,9 @@ class Trainer:
         if self.validate is not None:
             last_val = self._validate(metrics, train_seconds)
         metrics.close()
-        return {"step": self.step, "steps": cfg.steps, "bad_samples": self.bad, "export": str(export), "validation": last_val,
-                "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t_start, 1)}
+        return {"step": self.step, "steps": cfg.steps, "bad_samples": self.bad, "export": str(export),
+                "validation": last_val, "train_seconds": round(train_seconds, 1),
+                "seconds": round(time.perf_counter() - t_start, 1)}
 
     def _due(self, every: int) -> bool:
         """Whether a periodic step runs now: every `every` steps and at the last (every = 0: the last only)."""
@@ -482,7 +488,8 @@ class Trainer:
                 failed = e
         if self.dist.sum_(torch.tensor([float(failed is not None)])).item():  # every rank stops, none waits
             raise RuntimeError(f"validation at step {self.step} failed on rank 0") from failed
-        metrics.write(json.dumps({"step": self.step, "train_seconds": round(train_seconds, 1), "validation": result}) + "\n")
+        record = {"step": self.step, "train_seconds": round(train_seconds, 1), "validation": result}
+        metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         log.info("validation at step %d: %s", self.step, json.dumps(result))
         return result

@@ -29,7 +29,8 @@ def parse_mix(text: str) -> dict[str, float]:
     try:
         mix = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
     except ValueError:
-        raise ConfigError(f"--mix {text!r}: expected task=ratio pairs, e.g. t2i=0.85,reconstruction=0.05,edit=0.10") from None
+        raise ConfigError(f"--mix {text!r}: expected task=ratio pairs, "
+                          f"e.g. t2i=0.85,reconstruction=0.05,edit=0.10") from None
     unknown = sorted(set(mix) - set(TASKS))
     if unknown:
         raise ConfigError(f"--mix {text!r}: unknown tasks {unknown}; expected some of {tuple(TASKS)}")
@@ -45,7 +46,8 @@ def make_data(args, seed: int):
     sources = load_sources(args.data, args.resolution)
     ratios = {k: v for k, v in parse_mix(args.mix).items() if k in sources}
     if not ratios:
-        raise ConfigError(f"--data {args.data}: none of the tasks in --mix {args.mix!r} has samples (found {sorted(sources)})")
+        raise ConfigError(f"--data {args.data}: none of the tasks in --mix {args.mix!r} has samples "
+                          f"(found {sorted(sources)})")
     dropped = sorted(set(parse_mix(args.mix)) - set(sources))
     if dropped:
         log.warning("no samples for tasks %s: training on %s only", dropped, sorted(ratios))
@@ -81,7 +83,8 @@ class PromptFeatures:
         self.spec, self.vlm, self.rewrite, self.cache = spec, vlm, rewrite, cache
         missing = sorted(set(spec.layers) - set(stored_layers))
         if missing:
-            raise ValueError(f"the model reads VLM layers {missing} that the features do not hold (they hold {list(stored_layers)})")
+            raise ValueError(f"the model reads VLM layers {missing} that the features do not hold "
+                             f"(they hold {list(stored_layers)})")
         self.pick = [stored_layers.index(i) for i in spec.layers]
         self.table = table or {}  # prompt text -> (T, L_stored, D)
         self.memo: dict[str, Features] = {}
@@ -126,7 +129,8 @@ class PromptFeatures:
             if TASKS[s.task].images:
                 raise ValueError(f"the {s.task} sample {s.id} needs the VLM to encode its images: give --vlm "
                                  f"(a features file holds prompts only)")
-            raise ValueError(f"no features for the prompt {s.prompt!r} of sample {s.id}: give --vlm or a features file that holds it")
+            raise ValueError(f"no features for the prompt {s.prompt!r} of sample {s.id}: "
+                             f"give --vlm or a features file that holds it")
         if self.rewrite:
             raise ConfigError("--rewrite with reference images online is not supported: pass --feature-cache DIR")
         f = self.vlm.encode(s.prompt, images=s.images or None, rewrite=False, layers=self.spec.layers,

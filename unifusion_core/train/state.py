@@ -54,7 +54,8 @@ def list_states(run_dir: Path) -> list[tuple[int, Path]]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and (p / "meta.json").is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _NAME.match(p.name)) and (p / "meta.json").is_file()]
     if not found and any(_OLD.match(p.name) for p in folder.iterdir()):
         raise ValueError(f"{folder} holds training states of an older version of the trainer (one .safetensors file "
                          "per state); finish that run with the version that started it, or start a new run")
@@ -117,7 +118,8 @@ def load_state(path: Path, model: nn.Module, ema: dict[str, Tensor], optimizer: 
     try:
         saved = set(reader.read_metadata().state_dict_metadata)
     except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path}: cannot read the training state ({e}); delete it to resume from the one before") from None
+        raise ValueError(f"{path}: cannot read the training state ({e}); "
+                         "delete it to resume from the one before") from None
     state, optim = _dcp_state(model, ema, optimizer)
     wanted = {f"model.{k}" for k in state["model"]} | {f"ema.{k}" for k in ema}
     if wanted - saved:
