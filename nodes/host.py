@@ -67,7 +67,9 @@ def gguf_cache() -> Path | None:
     """Where VLM Load keeps the converted weights of .gguf files: ComfyUI's temp folder (emptied
     when ComfyUI starts, so nothing piles up; a reload within a session takes a second instead of
     half a minute). Without ComfyUI: the core's own setting (None: no cache)."""
-    return Path(folder_paths.get_temp_directory()) / "unifusion-gguf" if IN_COMFYUI else uf.vlm.GGUF_CACHE
+    if IN_COMFYUI:
+        return Path(folder_paths.get_temp_directory()) / "unifusion-gguf"
+    return uf.encoders.gguf_cache.GGUF_CACHE
 
 
 def folder_paths_for(name: str) -> list[Path]:

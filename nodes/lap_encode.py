@@ -26,10 +26,13 @@ class UniFusionLAPEncode:
             "required": {
                 "model": (MODEL, {"tooltip": "From UniFusion Model Load."}),
                 "features": (FEATURES, {"tooltip": "From VERIFI Rewrite."}),
-                "tokens": (list(TOKENS), {"default": "all", "tooltip": "Which tokens condition: all, only the image tokens, or only the text tokens (e.g. images for the first steps, text after: paper Sec. 5.2)."}),
+                "tokens": (list(TOKENS), {"default": "all", "tooltip": (
+                    "Which tokens condition: all, only the image tokens, or only the text tokens (e.g. images for the "
+                    "first steps, text after: paper Sec. 5.2).")}),
             },
             "optional": {
-                "layer_drop": ("STRING", {"default": "", "tooltip": "VLM layers to leave out of the pooling, e.g. '0, 27' (paper Fig. 12). Empty: none."}),
+                "layer_drop": ("STRING", {"default": "", "tooltip": (
+                    "VLM layers to leave out of the pooling, e.g. '0, 27' (paper Fig. 12). Empty: none.")}),
             },
         }
 

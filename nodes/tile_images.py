@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .common import CATEGORY, IMAGES, ReferenceImage, expect_image, expect_references
+from .common import CATEGORY, IMAGES, ReferenceImage, expect_image, expect_references, uf
+
+NATIVE = uf.encoders.registry.labels(uf.encoders.registry.native_resolution_families())  # "Qwen2.5-VL, Qwen3-VL"
 
 
 class UniFusionTileImages:
@@ -21,9 +23,13 @@ class UniFusionTileImages:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "image": ("IMAGE", {"tooltip": "One or more images (each image of a batch is a reference of its own)."}),
-                "max_tiles": ("INT", {"default": 10, "min": 1, "max": 40, "tooltip": "At most this many tiles per image (the paper trains with up to 10). Qwen2.5-VL takes each image whole at its own resolution, up to this many 448x448 tiles' worth of pixels."}),
-                "thumbnail": ("BOOLEAN", {"default": True, "tooltip": "Also give the VLM the whole image as one tile when it has several."}),
+                "image": ("IMAGE", {"tooltip": (
+                    "One or more images (each image of a batch is a reference of its own).")}),
+                "max_tiles": ("INT", {"default": 10, "min": 1, "max": 40, "tooltip": (
+                    f"At most this many tiles per image (the paper trains with up to 10). {NATIVE} take each image "
+                    "whole at its own resolution, up to this many 448x448 tiles' worth of pixels.")}),
+                "thumbnail": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Also give the VLM the whole image as one tile when it has several.")}),
             },
             "optional": {
                 "images": (IMAGES, {"tooltip": "Reference images from an earlier Tile Images node; these come first."}),

@@ -19,19 +19,28 @@ class UniFusionVERIFIRewrite:
     FUNCTION = "encode"
     RETURN_TYPES = (FEATURES, "STRING")
     RETURN_NAMES = ("features", "rewritten_prompt")
-    OUTPUT_TOOLTIPS = ("VLM features for LAP Encode.", "The VLM's rewritten prompt (the original prompt when rewrite is off).")
+    OUTPUT_TOOLTIPS = ("VLM features for LAP Encode.",
+                       "The VLM's rewritten prompt (the original prompt when rewrite is off).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "vlm": (VLM, {"tooltip": "From UniFusion VLM Load."}),
-                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "", "tooltip": "What to make, or how to change the reference images."}),
-                "rewrite": ("BOOLEAN", {"default": True, "tooltip": "VERIFI: let the VLM rewrite the request into a detailed prompt first (the paper's default)."}),
-                "system_prompt": ("STRING", {"multiline": True, "default": uf.prompts.VERIFI_SYSTEM_PROMPT, "tooltip": "The instruction for the rewrite. Checkpoints are trained with this default; changing it steers the rewrite."}),
-                "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 4096, "tooltip": "The longest rewrite, in tokens."}),
-                "sample": ("BOOLEAN", {"default": False, "tooltip": "Off: greedy decoding (always the same rewrite). On: sample with the seed."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Seed of the rewrite when sampling."}),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "", "tooltip": (
+                    "What to make, or how to change the reference images.")}),
+                "rewrite": ("BOOLEAN", {"default": True, "tooltip": (
+                    "VERIFI: let the VLM rewrite the request into a detailed prompt first (the paper's default).")}),
+                "system_prompt": ("STRING", {"multiline": True, "default": uf.prompts.VERIFI_SYSTEM_PROMPT,
+                                             "tooltip": (
+                    "The instruction for the rewrite. Checkpoints are trained with this default; changing it steers "
+                    "the rewrite.")}),
+                "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 4096, "tooltip": (
+                    "The longest rewrite, in tokens.")}),
+                "sample": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Off: greedy decoding (always the same rewrite). On: sample with the seed.")}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the rewrite when sampling."}),
             },
             "optional": {
                 "images": (IMAGES, {"tooltip": "Reference images from UniFusion Tile Images."}),
@@ -69,7 +78,8 @@ class UniFusionVERIFIRewrite:
         )
         progress.update(max_new_tokens, max_new_tokens)  # the rewrite may end before max_new_tokens
         if rewrite and not features.text:  # the VLM wrote only whitespace: the prompt would not reach the image
-            where = "only the reference images would condition the image" if tiled else "nothing would condition the image"
+            where = ("only the reference images would condition the image" if tiled else
+                     "nothing would condition the image")
             raise ValueError(f"{encoder.name} wrote an empty rewrite (only whitespace): {where}; "
-                             f"{uf.vlm.EMPTY_REWRITE_ADVICE}")
+                             f"{uf.encoders.EMPTY_REWRITE_ADVICE}")
         return (features, features.text)

@@ -14,9 +14,9 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 @pytest.fixture(scope="session", autouse=True)
 def gguf_cache(tmp_path_factory):
     """One conversion of the SmolLM2 GGUF for the whole session (about 30 s), not one per test."""
-    uf.vlm.GGUF_CACHE = tmp_path_factory.mktemp("gguf-cache")
-    yield uf.vlm.GGUF_CACHE
-    uf.vlm.GGUF_CACHE = None
+    uf.encoders.gguf_cache.GGUF_CACHE = tmp_path_factory.mktemp("gguf-cache")
+    yield uf.encoders.gguf_cache.GGUF_CACHE
+    uf.encoders.gguf_cache.GGUF_CACHE = None
 
 
 def randomize(model: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:

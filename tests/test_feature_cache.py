@@ -11,10 +11,10 @@ from safetensors import safe_open
 from test_encode_batch import sharpen
 from torch.testing import assert_close
 
+from unifusion_core.encoders import load_vlm
 from unifusion_core.features import Features
 from unifusion_core.train import cache as cache_module
 from unifusion_core.train.cache import FeatureCache
-from unifusion_core.vlm import load_vlm
 
 SYSTEM = "Describe the image to make."
 LAYERS = (0, 3, 6)

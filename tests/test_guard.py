@@ -190,14 +190,14 @@ def test_wrong_kinds_of_inputs_get_messages_that_say_what_to_pass(net, tmp_path)
 def test_prompts_no_tokenizer_should_see_are_refused_first(monkeypatch, tmp_path):
     import tiny_vlms
 
-    from unifusion_core import vlm as vlm_mod
+    from unifusion_core.encoders import chat
 
     enc = uf.load_vlm(tiny_vlms.make_tiny_causal_lm(tmp_path / "q"))
     with pytest.raises(ValueError, match="not valid Unicode .* lone surrogate"):
         enc.encode("a red \ud800 circle", rewrite=False)
     called = []
-    monkeypatch.setattr(enc, "_render", lambda *a, **k: called.append(1))  # the chat template, then the tokenizer
-    huge = "a" * (vlm_mod.MAX_CHARS_PER_TOKEN * enc.context_length + 1)
+    monkeypatch.setattr(chat, "render", lambda *a, **k: called.append(1))  # the chat template, then the tokenizer
+    huge = "a" * (chat.MAX_CHARS_PER_TOKEN * enc.context_length + 1)
     with pytest.raises(ValueError, match="characters: far beyond"):
         enc.encode(huge, rewrite=False)
     with pytest.raises(ValueError, match="system prompt must be text"):

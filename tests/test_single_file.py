@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tiny_vlms import CHATML_TEMPLATE, QWEN25VL_TEMPLATE, _chatml_tokenizer, _randomize, _save
 from transformers import GenerationConfig
 
 import unifusion_core as uf
 from unifusion_core import encoders
-from unifusion_core.encoders import single_file
-from unifusion_core.vlm import VLMEncoder
-
-from tiny_vlms import CHATML_TEMPLATE, QWEN25VL_TEMPLATE, _chatml_tokenizer, _randomize, _save
+from unifusion_core.encoders import VLMEncoder, single_file
+from unifusion_core.encoders.gemma3_text import GEMMA_TURNS
+from unifusion_core.encoders.qwen3 import QWEN3_EXTRA_TOKENS
 
 COMFY_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "comfy" / "text_encoders" / "qwen25_tokenizer"
 TEXT = dict(hidden_size=256, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
@@ -36,7 +36,7 @@ def reference(path: Path, family: str) -> Path:
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tok = _chatml_tokenizer(specials, QWEN25VL_TEMPLATE if family == "qwen2_5_vl" else CHATML_TEMPLATE)
     if family == "qwen3":
-        tok.add_special_tokens({"additional_special_tokens": list(single_file.QWEN3_EXTRA_TOKENS)},
+        tok.add_special_tokens({"additional_special_tokens": list(QWEN3_EXTRA_TOKENS)},
                                replace_extra_special_tokens=False)
     ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
@@ -95,7 +95,7 @@ def to_comfy(folder: Path, out: Path, lm_head: bool = False, fp8: bool = False, 
 
 def same_pipeline(encoder: VLMEncoder, folder: Path) -> VLMEncoder:
     """The reference model behind the single-file encoder's own tokenizer and adapter."""
-    _, adapter = encoders.family(encoder.family)
+    adapter = encoders.family(encoder.family)
     ref = uf.load_vlm(folder).model
     return VLMEncoder(ref, encoder.tokenizer, adapter(ref, encoder.tokenizer), name="reference")
 
@@ -161,7 +161,7 @@ def test_text_only_one_file_llms(family, tmp_path):
 def test_a_file_without_its_lm_head_encodes_but_does_not_rewrite(qwen25vl, tmp_path, monkeypatch):
     """Qwen2.5-VL-7B's head is its own matrix: without lm_head.weight the file still encodes, and
     a rewrite is refused with the reason (instead of generating from the embeddings)."""
-    monkeypatch.setattr(single_file, "UNTIED_FROM", {"qwen2_5_vl": 256})  # as if the tiny model were 7B wide
+    monkeypatch.setattr(encoders.Qwen25VL, "untied_from", 256)  # as if the tiny model were 7B wide
     enc = uf.load_vlm(to_comfy(qwen25vl, tmp_path / "q.safetensors"), tokenizer=qwen25vl)
     assert enc.encode("a red circle", rewrite=False).num_tokens > 0
     for call in (lambda: enc.encode("a red circle", rewrite=True), lambda: enc.rewrite_batch(["a red circle"])):
@@ -207,7 +207,7 @@ def test_comfyuis_qwen_tokenizer_serves_qwen25vl_and_qwen3():
                                    tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n"
     q3 = single_file.load_tokenizer(Path("x"), layout("qwen3"), COMFY_TOKENIZER)
-    assert [q3.convert_tokens_to_ids(t) for t in single_file.QWEN3_EXTRA_TOKENS] == [151665, 151666, 151667, 151668]
+    assert [q3.convert_tokens_to_ids(t) for t in QWEN3_EXTRA_TOKENS] == [151665, 151666, 151667, 151668]
     assert q3("<|im_end|><think>")["input_ids"] == [151645, 151667] and len(q3) == 151669  # Qwen3's vocabulary
 
 
@@ -215,7 +215,7 @@ def test_gemma_turns_put_the_system_prompt_in_the_first_user_turn():
     """The template a Gemma tokenizer folder without one gets (Gemma has no system role)."""
     import jinja2
 
-    render = jinja2.Environment().from_string(single_file.GEMMA_TURNS).render
+    render = jinja2.Environment().from_string(GEMMA_TURNS).render
     system = [{"role": "system", "content": "Describe it."}]
     user = [{"role": "user", "content": "a red circle"}]
     assert render(bos_token="<bos>", messages=system + user, add_generation_prompt=True) == (

@@ -335,7 +335,7 @@ QWEN3VL_DEEPSTACK_LAYERS = tuple(range(1, tv.QWEN3VL_DEEPSTACK + 1))  # the bloc
 
 @pytest.fixture(scope="module")
 def encoders(folders):
-    from unifusion_core.vlm import load_vlm
+    from unifusion_core.encoders import load_vlm
 
     return {name: load_vlm(folders[name]) for name in ("qwen25vl", "qwen3vl")}
 

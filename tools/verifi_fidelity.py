@@ -58,11 +58,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from unifusion_core import load_vlm
+    from unifusion_core.assets import bundled_vlm
     from unifusion_core.eval.__main__ import pick_scenes
-    from unifusion_core.vlm import smollm2_gguf
 
     scenes = [s for split in ("train", "heldout") for s in pick_scenes(split, args.limit)]
-    vlm = load_vlm(args.vlm or smollm2_gguf())
+    vlm = load_vlm(args.vlm or bundled_vlm())
     t0 = time.perf_counter()
     rewrites = vlm.rewrite_batch([s.prompt for s in scenes], max_new_tokens=args.max_new_tokens, batch_size=16)
     seconds = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from .config import (
     every_nth_layer,
 )
 from .dit import UniFusionDiT
+from .encoders import VLMEncoder, load_vlm
 from .features import Features
 from .lap import LayerwiseAttentionPooling
 from .latents import LATENT_SPACES, LatentSpace, get_latent_space
@@ -22,7 +23,6 @@ from .presets import PRESETS, get_preset
 from .refiner import Refiner
 from .sampling import SAMPLERS
 from .tiling import TiledImage, tile_images
-from .vlm import VLMEncoder, load_vlm
 
 __all__ = [
     "Conditioning",

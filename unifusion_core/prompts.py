@@ -1,5 +1,7 @@
 """System prompts: the VERIFI rewriting instruction (Sec. 3.3)."""
 
+from __future__ import annotations
+
 # Written for this project. VERIFI trains and samples with the same system prompt; a checkpoint
 # records the one it was trained with (EncoderSpec.system_prompt), and users may replace it.
 VERIFI_SYSTEM_PROMPT = (
@@ -11,3 +13,8 @@ VERIFI_SYSTEM_PROMPT = (
     "riddle or a reference, name the concrete things it points to. Write in English, at most 120 "
     "words, and reply with the description only."
 )
+
+
+def system_prompt_or_default(system_prompt: str | None) -> str:
+    """The system prompt to use: VERIFI's default for None; any string as given ("" = none)."""
+    return VERIFI_SYSTEM_PROMPT if system_prompt is None else system_prompt

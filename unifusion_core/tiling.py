@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .pixels import pil_to_tensor
+
 ACCEPTED = "a ComfyUI IMAGE tensor [B, H, W, 3], an [H, W, 3] tensor, a PIL.Image, a file path, or a list of these"
 
 
@@ -99,11 +101,6 @@ def closest_grid(width: int, height: int, max_tiles: int, tile_size: int) -> tup
     return best
 
 
-def _to_tensor(im: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32 in 0..1."""
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-
-
 def tile_images(
     images: Any,
     max_tiles: int = 10,
@@ -119,12 +116,12 @@ def tile_images(
     out = []
     for im in to_pils(images):
         cols, rows = closest_grid(im.width, im.height, max_tiles, tile_size)
-        big = _to_tensor(im.resize((cols * tile_size, rows * tile_size), resample))  # (3, rows*T, cols*T)
+        big = pil_to_tensor(im.resize((cols * tile_size, rows * tile_size), resample))  # (3, rows*T, cols*T)
         tiles = big.unflatten(1, (rows, tile_size)).unflatten(3, (cols, tile_size))  # (3, rows, T, cols, T)
         tiles = tiles.permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile_size, tile_size)  # (rows*cols, 3, T, T)
         has_thumb = thumbnail and rows * cols > 1
         if has_thumb:
-            thumb = _to_tensor(im.resize((tile_size, tile_size), resample))  # (3, T, T)
+            thumb = pil_to_tensor(im.resize((tile_size, tile_size), resample))  # (3, T, T)
             tiles = torch.cat([tiles, thumb[None]])  # (rows*cols + 1, 3, T, T)
         out.append(TiledImage(tiles, (rows, cols), has_thumb, (im.width, im.height)))
     return out

