@@ -85,7 +85,8 @@ def measure(c: dict) -> dict:
     from unifusion_core import UniFusionModel
     from unifusion_core.presets import get_preset
     from unifusion_core.train import dist as udist
-    from unifusion_core.train.loop import TrainConfig, Trainer, _peak_flops
+    from unifusion_core.train.loop import TrainConfig, Trainer
+    from unifusion_core.train.throughput import peak_flops
 
     if c["what"] == "matmul":
         return matmul_ceiling(c["device"])
@@ -136,7 +137,7 @@ def measure(c: dict) -> dict:
     out.update(fits=True, loss=round(loss, 4), step_s=round(step_s, 4), samples_per_s=round(rows / step_s, 3),
                image_tokens_per_s=round(rows * trainer.image_tokens / step_s, 1),
                model_tflops_per_step=round(flops / 1e12, 2), achieved_tflops=round(flops / step_s / 1e12, 1))
-    peak = _peak_flops(device, c["precision"])
+    peak = peak_flops(device, c["precision"])
     if peak:
         out["mfu"] = round(flops / step_s / peak, 4)
     if device.type == "cuda":

@@ -41,6 +41,7 @@ from ..model import UniFusionModel
 from .data import BadSample, Sample
 from .dist import Dist, full, local, shard
 from .state import list_states, load_state, prune_states, read_meta, save_state, state_path
+from .throughput import parameter_counts, peak_flops, peak_memory_gib, progress, train_flops
 from .vae import to_latents
 
 log = logging.getLogger(__name__)
@@ -237,11 +238,7 @@ class Trainer:
         if cfg.adapter_lr == 0:  # a frozen adapter: no gradients computed for it at all
             for part in (model.lap, model.refiner):
                 part.requires_grad_(False)
-        self.counts = model.num_parameters() | {
-            "lap_blocks": sum(p.numel() for p in model.lap.blocks.parameters()),
-            # run once per row, not per token: the timestep embedder and the adaLN projections
-            "dit_per_row": sum(p.numel() for n, p in model.dit.named_parameters() if n.startswith(PER_ROW)),
-        }
+        self.counts = parameter_counts(model)
         self.flops_per_sample, self.image_tokens = 0.0, 0
         self.forward = TrainStep(model)
         if dist.sharded:
@@ -382,7 +379,7 @@ class Trainer:
         with autocast:
             v, cond_tokens = self.forward(interpolate(x0, noise, t), t, feats, drop, K)
         self.image_tokens = x0.shape[-2] * x0.shape[-1] // p**2
-        self.flops_per_sample = self._train_flops(self.image_tokens, cond_tokens, K)
+        self.flops_per_sample = train_flops(self.counts, model.config, self.image_tokens, cond_tokens, K)
         losses = flow_loss(v, x0, noise).float()  # (P_rank*K,)
         loss = losses.mean()  # FSDP averages the ranks' gradients: the gradient of the global mean
         self.optimizer.zero_grad(set_to_none=True)
@@ -411,7 +408,7 @@ class Trainer:
         bins = torch.zeros(4), torch.zeros(4)
         seen, t_start, t_log, losses = 0, time.perf_counter(), time.perf_counter(), []
         train_seconds = self.describe.get("train_seconds", 0.0)
-        bar = _progress(cfg.steps, self.step, enabled=main)
+        bar = progress(cfg.steps, self.step, enabled=main)
         last_val: dict = {}
         try:
             while self.step < cfg.steps:
@@ -494,66 +491,16 @@ class Trainer:
         log.info("validation at step %d: %s", self.step, json.dumps(result))
         return result
 
-    def _train_flops(self, image_tokens: int, cond_tokens: int, k: int) -> float:
-        """Training FLOPs of one (prompt, timestep) row, forward + backward (3x forward): 2 per
-        parameter and token in the matmuls, plus attention's 4 * S * D per token and block; LAP +
-        refiner run once per prompt, shared by its k rows, and LAP's blocks once for each of the
-        L layers of every token. (The PaLM appendix's count.)"""
-        c, dit = self.counts, self.model.config.dit
-        s = image_tokens + cond_tokens
-        dit_fwd = 2 * (c["dit"] - c["dit_per_row"]) * s + 2 * c["dit_per_row"] + 4 * dit.depth * s * s * dit.hidden_size
-        lap_per_token = c["lap_blocks"] * self.model.config.num_layers + (c["lap"] - c["lap_blocks"])
-        adapter_fwd = 2 * (lap_per_token + c["refiner"]) * cond_tokens / k
-        return 3 * (dit_fwd + adapter_fwd)
-
     def _throughput(self, samples_per_s: float) -> dict:
         """Tokens/s (image tokens through the DiT), MFU where the device's peak is known, and each
         rank's peak memory (GPU: allocated by torch; CPU: the process's resident set)."""
         out = {"tokens_per_s": round(samples_per_s * self.image_tokens, 1), "world_size": self.dist.world}
         out["tflops_per_s"] = round(samples_per_s * self.flops_per_sample / 1e12, 4)
-        peak = _peak_flops(self.device, self.cfg.precision)
+        peak = peak_flops(self.device, self.cfg.precision)
         if peak:
             out["mfu"] = round(samples_per_s * self.flops_per_sample / (peak * self.dist.world), 4)
-        if self.device.type == "cuda":
-            mem = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**30], device=self.device)
-        else:
-            import resource
-
-            mem = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
-        out["memory_gib_per_rank"] = [round(float(m), 2) for m in self.dist.gather(mem)]
+        out["memory_gib_per_rank"] = [round(float(m), 2) for m in self.dist.gather(peak_memory_gib(self.device))]
         return out
-
-
-PER_ROW = ("time_in.", "time_mod.", "final.adaLN.")  # DiT parameters applied once per row (to t)
-
-# Dense bf16 / fp32 peak of the GPUs users train on (vendor datasheets, without sparsity).
-_PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40S": (362e12, 91.6e12),
-          "B200": (2250e12, 80e12), "4090": (165e12, 82.6e12)}
-
-
-def _peak_flops(device: torch.device, precision: str) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, fp32) in _PEAKS.items():
-        if key in name:
-            return bf16 if precision == "bf16" else fp32
-    return None
-
-
-def _progress(total: int, initial: int, enabled: bool = True):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0,
-                    disable=not enabled)
-    except ImportError:  # tqdm comes with transformers; without it, log lines are the progress
-        class _Null:
-            def update(self, n): ...
-            def set_postfix(self, shown): log.info("%s", shown)
-            def close(self): ...
-
-        return _Null()
 
 
 def build_model(config: UniFusionConfig, init_from: str | None = None, reinit: tuple[str, ...] = ()) -> UniFusionModel:

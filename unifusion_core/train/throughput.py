@@ -1,0 +1,78 @@
+"""What the training loop reports about its speed: model FLOPs of a step, the device's peak (for
+MFU), peak memory, and the progress bar."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import UniFusionConfig
+from ..model import UniFusionModel
+
+log = logging.getLogger(__name__)
+
+PER_ROW = ("time_in.", "time_mod.", "final.adaLN.")  # DiT parameters applied once per row (to t)
+
+# Dense bf16 / fp32 peak of the GPUs users train on (vendor datasheets, without sparsity).
+PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40S": (362e12, 91.6e12),
+         "B200": (2250e12, 80e12), "4090": (165e12, 82.6e12)}
+
+
+def parameter_counts(model: UniFusionModel) -> dict[str, int]:
+    """model.num_parameters() plus what the FLOP count needs: LAP's blocks, and the DiT's per-row part."""
+    return model.num_parameters() | {
+        "lap_blocks": sum(p.numel() for p in model.lap.blocks.parameters()),
+        # run once per row, not per token: the timestep embedder and the adaLN projections
+        "dit_per_row": sum(p.numel() for n, p in model.dit.named_parameters() if n.startswith(PER_ROW)),
+    }
+
+
+def train_flops(counts: dict[str, int], config: UniFusionConfig, image_tokens: int, cond_tokens: int,
+                k: int) -> float:
+    """Training FLOPs of one (prompt, timestep) row, forward + backward (3x forward): 2 per
+    parameter and token in the matmuls, plus attention's 4 * S * D per token and block; LAP +
+    refiner run once per prompt, shared by its k rows, and LAP's blocks once for each of the
+    L layers of every token. (The PaLM appendix's count.) counts: `parameter_counts(model)`."""
+    c, dit = counts, config.dit
+    s = image_tokens + cond_tokens
+    dit_fwd = 2 * (c["dit"] - c["dit_per_row"]) * s + 2 * c["dit_per_row"] + 4 * dit.depth * s * s * dit.hidden_size
+    lap_per_token = c["lap_blocks"] * config.num_layers + (c["lap"] - c["lap_blocks"])
+    adapter_fwd = 2 * (lap_per_token + c["refiner"]) * cond_tokens / k
+    return 3 * (dit_fwd + adapter_fwd)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak FLOP/s at this precision; None when unknown (CPUs, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, fp32) in PEAKS.items():
+        if key in name:
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> torch.Tensor:
+    """(1,) this process's peak memory in GiB, on `device` (GPU: allocated by torch; CPU: the resident set)."""
+    if device.type == "cuda":
+        return torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+    import resource
+
+    return torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
+
+
+def progress(total: int, initial: int, enabled: bool = True):
+    """A tqdm bar over the steps; without tqdm, log lines are the progress."""
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0,
+                    disable=not enabled)
+    except ImportError:  # tqdm comes with transformers
+        class _Null:
+            def update(self, n): ...
+            def set_postfix(self, shown): log.info("%s", shown)
+            def close(self): ...
+
+        return _Null()
