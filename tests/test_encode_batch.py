@@ -79,7 +79,8 @@ def test_the_shared_prefix_runs_once_and_is_memoized(vlms):
     vlm = vlms["llama"]
     vlm.clear_prefix_memo()
     shapes = []
-    hook = vlm.model.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    hook = vlm.model.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                     with_kwargs=True)
     try:
         vlm.encode_batch(PROMPTS, system_prompt=SYSTEM, batch_size=4)
         first, shapes[:] = list(shapes), []

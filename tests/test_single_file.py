@@ -24,7 +24,8 @@ from unifusion_core.encoders import VLMEncoder, single_file
 from unifusion_core.encoders.gemma3_text import GEMMA_TURNS
 from unifusion_core.encoders.qwen3 import QWEN3_EXTRA_TOKENS
 
-COMFY_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "comfy" / "text_encoders" / "qwen25_tokenizer"
+COMFY_TOKENIZER = (Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "comfy" / "text_encoders"
+                   / "qwen25_tokenizer")
 TEXT = dict(hidden_size=256, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
             rms_norm_eps=1e-6)
 
@@ -38,16 +39,19 @@ def reference(path: Path, family: str) -> Path:
     if family == "qwen3":
         tok.add_special_tokens({"additional_special_tokens": list(QWEN3_EXTRA_TOKENS)},
                                replace_extra_special_tokens=False)
-    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               tie_word_embeddings=True)
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
     if family == "qwen2_5_vl":
         c = tok.convert_tokens_to_ids
         vision = dict(depth=2, hidden_size=160, num_heads=2, intermediate_size=32, patch_size=14, temporal_patch_size=2,
                       spatial_merge_size=2, out_hidden_size=256, window_size=112, fullatt_block_indexes=[])
         config = transformers.Qwen2_5_VLConfig(
-            text_config={**TEXT, **ids, "max_position_embeddings": 128000, "rope_parameters": {**rope, "mrope_section": [16, 24, 24]}},
+            text_config={**TEXT, **ids, "max_position_embeddings": 128000,
+                         "rope_parameters": {**rope, "mrope_section": [16, 24, 24]}},
             vision_config=vision, image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"),
-            vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"), tie_word_embeddings=True)
+            vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"),
+            tie_word_embeddings=True)
         cls = transformers.Qwen2_5_VLForConditionalGeneration
     elif family == "gemma3_text":
         config = transformers.Gemma3TextConfig(
@@ -56,7 +60,8 @@ def reference(path: Path, family: str) -> Path:
                              "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}})
         cls = transformers.Gemma3ForCausalLM
     elif family == "qwen3":
-        config = transformers.Qwen3Config(**TEXT, **ids, head_dim=64, max_position_embeddings=40960, rope_parameters=rope)
+        config = transformers.Qwen3Config(**TEXT, **ids, head_dim=64, max_position_embeddings=40960,
+                                          rope_parameters=rope)
         cls = transformers.Qwen3ForCausalLM
     else:
         config = transformers.Qwen2Config(**TEXT, **ids, max_position_embeddings=32768, rope_parameters=rope)
@@ -83,8 +88,8 @@ def to_comfy(folder: Path, out: Path, lm_head: bool = False, fp8: bool = False, 
             v = (v.float() / scale).to(torch.float8_e4m3fn)
         out_sd[prefix + k] = v
     if lm_head and "lm_head.weight" not in sd:  # a tied model saved no head: write it as its own matrix
-        out_sd[prefix + "lm_head.weight"] = sd["model.language_model.embed_tokens.weight" if "model.language_model.embed_tokens.weight"
-                                               in sd else "model.embed_tokens.weight"].clone()
+        embed = "model.language_model.embed_tokens.weight"
+        out_sd[prefix + "lm_head.weight"] = sd[embed if embed in sd else "model.embed_tokens.weight"].clone()
     if fp8:
         out_sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     if "model.layers.0.post_feedforward_layernorm.weight" in sd:  # Gemma: ComfyUI keeps the SentencePiece model inside
@@ -128,7 +133,8 @@ def test_qwen25vl_one_file_loads_the_same_model(qwen25vl, tmp_path):
 def test_fp8_scaled_weights_are_dequantised_with_their_scales(qwen25vl, tmp_path):
     """scaled_fp8 files: each fp8 matrix times its scale_weight, in the load dtype; the features
     then follow the full-precision model within fp8's rounding."""
-    path = to_comfy(qwen25vl, tmp_path / "q_fp8_scaled.safetensors", fp8=True, prefix="text_encoders.qwen25_7b.transformer.")
+    path = to_comfy(qwen25vl, tmp_path / "q_fp8_scaled.safetensors", fp8=True,
+                    prefix="text_encoders.qwen25_7b.transformer.")
     enc = uf.load_vlm(path, tokenizer=qwen25vl)
     raw = load_file(path)
     key = "text_encoders.qwen25_7b.transformer.model.layers.1.mlp.down_proj."
@@ -154,7 +160,8 @@ def test_text_only_one_file_llms(family, tmp_path):
     torch.testing.assert_close(a.hidden, b.hidden, rtol=0, atol=0)
     if family == "gemma3_text":
         return
-    rendered = enc.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    rendered = enc.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                 add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if family == "qwen3" else ""))
 
 
@@ -168,7 +175,8 @@ def test_a_file_without_its_lm_head_encodes_but_does_not_rewrite(qwen25vl, tmp_p
         with pytest.raises(ValueError, match="has no LM head .* cannot write a VERIFI rewrite; turn rewrite off"):
             call()
     with_head = uf.load_vlm(to_comfy(qwen25vl, tmp_path / "h.safetensors", lm_head=True), tokenizer=qwen25vl)
-    assert not with_head.no_lm_head and with_head.encode("a red circle", rewrite=True, max_new_tokens=2).text is not None
+    assert not with_head.no_lm_head
+    assert with_head.encode("a red circle", rewrite=True, max_new_tokens=2).text is not None
 
 
 def test_what_one_file_cannot_be(qwen25vl, tmp_path, monkeypatch):
@@ -200,7 +208,10 @@ def test_what_one_file_cannot_be(qwen25vl, tmp_path, monkeypatch):
 def test_comfyuis_qwen_tokenizer_serves_qwen25vl_and_qwen3():
     """The tokenizer ComfyUI ships for Qwen-Image: our ChatML writes Qwen2.5-VL's image tokens,
     and Qwen3's four extra tokens land on Qwen3's ids (151665-151668)."""
-    layout = lambda fam: single_file.Layout(fam, {}, "", False, False)  # noqa: E731
+
+    def layout(family: str) -> single_file.Layout:
+        return single_file.Layout(family, {}, "", False, False)
+
     tok = single_file.load_tokenizer(Path("x"), layout("qwen2_5_vl"), COMFY_TOKENIZER)
     assert tok.convert_tokens_to_ids("<|image_pad|>") == 151655
     text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],

@@ -6,17 +6,13 @@ family tests on Qwen3-VL (DeepStack capture, 3-axis RoPE positions, pixel parity
 import hashlib
 
 import pytest
+import tiny_vlms as tv
 import torch
-
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
-import tiny_vlms as tv  # noqa: E402
-from PIL import Image  # noqa: E402
-from test_vlm import SYSTEM, assert_rewrite_and_images_condition, gradient  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-from torch.testing import assert_close  # noqa: E402
-from transformers import (  # noqa: E402
+from PIL import Image
+from test_vlm import SYSTEM, assert_rewrite_and_images_condition, gradient
+from tokenizers import Tokenizer
+from torch.testing import assert_close
+from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -137,7 +133,8 @@ def test_chat_tokenizer_special_tokens(folders):
     assert config.image_token_id == tok.context_image_token_id
 
     tok = AutoTokenizer.from_pretrained(folders["gemma3"], local_files_only=True)
-    assert (tok.boi_token, tok.eoi_token, tok.image_token) == ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    assert (tok.boi_token, tok.eoi_token, tok.image_token) == (
+        "<start_of_image>", "<end_of_image>", "<image_soft_token>")
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
     assert tok("hi")["input_ids"][0] == tok.bos_token_id  # Gemma adds <bos> to plain text
     config = AutoConfig.from_pretrained(folders["gemma3"], local_files_only=True)
@@ -357,7 +354,8 @@ def _plain_forward(vlm, f, images):
     handles.append(blocks[-1].register_forward_hook(lambda m, a, out: reads.append(out)))
     try:
         with torch.no_grad():
-            out = vlm.model(input_ids=ids, **_pixel_inputs(vlm, ids, images), output_hidden_states=True, use_cache=False)
+            out = vlm.model(input_ids=ids, **_pixel_inputs(vlm, ids, images), output_hidden_states=True,
+                            use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -395,7 +393,8 @@ def test_qwen3vl_deepstack_layers_are_what_the_next_block_reads(encoders):
     reads, hs = _plain_forward(vlm, f, images)
     inputs = _pixel_inputs(vlm, ids, images)
     with torch.no_grad():
-        deepstack = vlm.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
+        image_features = vlm.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        deepstack = image_features.deepstack_features
     assert len(deepstack) == tv.QWEN3VL_DEEPSTACK == len(vlm.model.config.vision_config.deepstack_visual_indexes)
     is_image = ids[0] == vlm.model.config.image_token_id
     img, txt = f.positions[f.is_image], f.positions[~f.is_image]
@@ -427,7 +426,8 @@ def test_qwen3vl_is_a_registered_frozen_encoder(encoders):
     from unifusion_core import encoders as registry
 
     vlm = encoders["qwen3vl"]
-    assert vlm.family == "qwen3_vl" and type(vlm.adapter) is registry.Qwen3VL and "Qwen3-VL ('qwen3_vl')" in registry.SUPPORTED
+    assert vlm.family == "qwen3_vl" and type(vlm.adapter) is registry.Qwen3VL
+    assert "Qwen3-VL ('qwen3_vl')" in registry.SUPPORTED
     assert (vlm.adapter.patch, vlm.adapter.merge, vlm.adapter.frames) == (16, 2, 2)
     assert vlm.tokenizer.convert_tokens_to_ids("<|im_end|>") in vlm.stop_ids
     assert not vlm.model.training and not any(p.requires_grad for p in vlm.model.parameters())
@@ -450,8 +450,8 @@ def test_qwen_vl_image_tokens_get_3d_rope_positions(encoders, name):
     assert not torch.equal(rope[1], rope[2])  # height and width positions differ on the image
     flat = torch.arange(ids.shape[1]).expand(3, 1, -1)
     with torch.no_grad():
-        mrope, plain = (vlm.model.model(input_ids=ids, **inputs, position_ids=pos, output_hidden_states=True).hidden_states[3]
-                        for pos in (rope, flat))
+        mrope, plain = (vlm.model.model(input_ids=ids, **inputs, position_ids=pos,
+                                        output_hidden_states=True).hidden_states[3] for pos in (rope, flat))
     assert_close(f.hidden[:, 0], mrope[0, f.positions], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(f.hidden[:, 0], plain[0, f.positions], atol=1e-4)
 
@@ -467,7 +467,8 @@ def test_qwen3vl_pixels_match_transformers_processor(encoders, w, h, max_tiles):
     img = Image.fromarray((torch.rand(h, w, 3, generator=torch.Generator().manual_seed(w)) * 255).byte().numpy())
     ours = vlm.adapter.pixel_inputs(vlm.tile([img], max_tiles), torch.float32, torch.device("cpu"))
     ref = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
-                                   image_std=[0.5] * 3, size={"shortest_edge": 65536, "longest_edge": max_tiles * 448 * 448},
+                                   image_std=[0.5] * 3,
+                                   size={"shortest_edge": 65536, "longest_edge": max_tiles * 448 * 448},
                                    )(images=[img], return_tensors="pt")
     assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
     assert_close(ours["pixel_values"], ref["pixel_values"], atol=1e-5, rtol=1e-5)

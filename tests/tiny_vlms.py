@@ -439,9 +439,9 @@ def make_tiny_qwen25vl(path) -> Path:
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_INTERMEDIATE, "num_heads": VISION_HEADS,
-              "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-              "out_hidden_size": TEXT_HIDDEN, "fullatt_block_indexes": [1]}
+    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_INTERMEDIATE,
+              "num_heads": VISION_HEADS, "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "window_size": 56, "out_hidden_size": TEXT_HIDDEN, "fullatt_block_indexes": [1]}
     return _make_tiny_qwen_vl(path, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision,
                               {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 1, 1]})
 
@@ -464,9 +464,9 @@ def make_tiny_qwen3vl(path) -> Path:
     """
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_INTERMEDIATE, "num_heads": VISION_HEADS,
-              "patch_size": QWEN3VL_PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2,
-              "out_hidden_size": TEXT_HIDDEN, "num_position_embeddings": 16,
+    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": VISION_INTERMEDIATE,
+              "num_heads": VISION_HEADS, "patch_size": QWEN3VL_PATCH_SIZE, "spatial_merge_size": 2,
+              "temporal_patch_size": 2, "out_hidden_size": TEXT_HIDDEN, "num_position_embeddings": 16,
               "deepstack_visual_indexes": list(range(QWEN3VL_DEEPSTACK))}
     return _make_tiny_qwen_vl(path, Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision,
                               {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [2, 1, 1],

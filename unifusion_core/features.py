@@ -74,7 +74,10 @@ class Features:
             raise ValueError("these Features do not record which tokens are image tokens")
         if not bool(keep.any()):
             raise ValueError(f"these features have no {kind} tokens ({hint})")
-        pick = lambda t: None if t is None else t[keep]  # noqa: E731
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[keep]
+
         return Features(
             self.hidden[keep], self.layers, self.encoder, self.text, self.sequence_ids,
             pick(self.positions), pick(self.is_image), pick(self.image_index),

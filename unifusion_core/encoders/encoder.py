@@ -80,7 +80,7 @@ class VLMEncoder:
 
     # --- the pieces, public for benchmarks and tests ---------------------------------------------
 
-    def prepare_prompt(self, prompt: str, tiled: list[TiledImage] = (), system_prompt: str | None = None,
+    def prepare_prompt(self, prompt: str, tiled: Sequence[TiledImage] = (), system_prompt: str | None = None,
                        generation_prompt: bool = True) -> chat.PreparedPrompt:
         """The templated turn as the model reads it: token ids, the user's text tokens, the image
         tokens' image index, and the pixel inputs of the (already tiled) images."""
