@@ -11,7 +11,7 @@ from torch import Tensor
 
 def pil_to_tensor(im: Image.Image) -> Tensor:
     """RGB PIL image -> (3, H, W) float32 in 0..1."""
-    return uint8_to_unit(np.array(im, dtype=np.uint8))  # a copy: PIL's own buffer is read-only
+    return uint8_to_unit(np.asarray(im, dtype=np.uint8))
 
 
 def uint8_to_unit(arr: np.ndarray) -> Tensor:
