@@ -26,7 +26,7 @@ def bench_dit(argv: list[str]) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
     dtype, device = getattr(torch, args.dtype), args.device
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)  # noqa: E731
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     model = UniFusionModel.from_preset(args.preset, dtype=dtype, device=device).eval()
     cfg = model.config

@@ -106,10 +106,10 @@ def sampler_steps(dit, cfg, size: int, T: int, dtype, device):
     _, _, H, W = latent_grid(cfg, size, size)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, cfg.latent.channels, H, W, generator=g).to(device, dtype)
-    ones = lambda n: torch.ones(1, n, dtype=torch.bool, device=device)  # noqa: E731
+    ones = lambda n: torch.ones(1, n, dtype=torch.bool, device=device)
     cond = Conditioning(torch.randn(1, T, cfg.dit.hidden_size, generator=g).to(device, dtype), ones(T))
     both = Conditioning.cat([cond, Conditioning(dit.null_cond[None], ones(1))])
-    fn = lambda x, t, c: dit(x, t, c.tokens, c.mask)  # noqa: E731
+    fn = lambda x, t, c: dit(x, t, c.tokens, c.mask)
     return (lambda: guided_velocity(fn, x, 0.5, both.by_length(MAX_PADDING), 4.0),
             lambda: guided_velocity(fn, x, 0.5, [(None, both)], 4.0))
 
@@ -122,7 +122,7 @@ def profile(fn, device, top: int = 15) -> list[dict]:
     cuda = device.type == "cuda"
     with prof(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
         fn()
-    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     rows = sorted(p.key_averages(), key=own, reverse=True)
     total = sum(own(e) for e in rows)
     return [{"op": e.key, "self_ms": round(own(e) / 1e3, 2), "share_pct": round(100 * own(e) / total, 1),
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     dit, cfg = ours(args.preset, args.depth, dtype, device)
     models = {"ours": dit}

@@ -100,7 +100,7 @@ def bench_train(argv: list[str]) -> None:
         cfg = TrainConfig(out=out, steps=10_000, prompts_per_step=prompts_per_step, timesteps_per_prompt=k, warmup=10)
         return Trainer(cfg, m, mixture, {"t2i": src}, feats)
 
-    mix = lambda: TaskMixture({"t2i": src}, {"t2i": 1.0}, seed=0)  # noqa: E731
+    mix = lambda: TaskMixture({"t2i": src}, {"t2i": 1.0}, seed=0)
     amortised = trainer(model, P, K, mix())
     plain = trainer(copy.deepcopy(model), P * K, 1, _EachKTimes(mix(), K))
     loops = {"amortised": amortised, "plain": plain}

@@ -104,7 +104,7 @@ def list_vlms() -> list[str]:
                 continue
             try:
                 single_file.read_layout(path)
-            except Exception:  # noqa: BLE001  (not an LLM we load, or unreadable: not listed)
+            except Exception:
                 continue
             names.add(path.relative_to(folder).as_posix())
     return sorted(names)

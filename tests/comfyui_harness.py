@@ -71,7 +71,9 @@ def build_base(base: Path, work: Path) -> None:
     uf.save_model(model, models / "unifusion" / "tiny.safetensors")
     # A checkpoint trained against another encoder (a text-only Qwen2, kept outside the model
     # folders): LAP Encode must refuse tiny-internvl's features with it.
-    other = randomize(uf.UniFusionModel.from_preset("tiny", vlm=uf.load_vlm(tiny_vlms.make_tiny_causal_lm(work / "tiny-qwen2"))), std=0.1)
+    other = randomize(
+        uf.UniFusionModel.from_preset("tiny", vlm=uf.load_vlm(tiny_vlms.make_tiny_causal_lm(work / "tiny-qwen2"))),
+        std=0.1)
     uf.save_model(other, models / "unifusion" / "tiny-qwen2.safetensors")
     write_one_file_encoder(models, Path(os.environ["COMFYUI_ROOT"]))
     write_bad_files(models, work)
@@ -97,7 +99,8 @@ def write_one_file_encoder(models: Path, comfyui_root: Path) -> None:
                          num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True)
     lm = Qwen2ForCausalLM(config)
     path = models / "text_encoders" / ONE_FILE_VLM
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"}, str(path))
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"},
+              str(path))
     vlm = uf.load_vlm(path, tokenizer=comfyui_root / "comfy" / "text_encoders" / "qwen25_tokenizer")
     model = randomize(uf.UniFusionModel.from_preset("tiny", vlm=vlm), std=0.1)
     uf.save_model(model, models / "unifusion" / "tiny-qwen-file.safetensors")
@@ -213,7 +216,8 @@ def messages(entry: dict) -> dict:
 
 def assert_success(server: Server, entry: dict) -> None:
     assert entry["status"]["status_str"] == "success", (
-        json.dumps(messages(entry).get("execution_error", entry["status"]), indent=1)[:4000] + "\n" + server.log_tail(30)
+        json.dumps(messages(entry).get("execution_error", entry["status"]), indent=1)[:4000]
+        + "\n" + server.log_tail(30)
     )
 
 
@@ -249,7 +253,8 @@ def saved_images(server: Server, entry: dict) -> list[Image.Image]:
         for ref in out.get("images", []):
             if ref.get("type") != "output":
                 continue
-            query = urllib.parse.urlencode({"filename": ref["filename"], "subfolder": ref.get("subfolder", ""), "type": "output"})
+            query = urllib.parse.urlencode(
+                {"filename": ref["filename"], "subfolder": ref.get("subfolder", ""), "type": "output"})
             data = server.get(f"/view?{query}", raw=True)
             assert data.startswith(b"\x89PNG\r\n\x1a\n"), ref
             img = Image.open(io.BytesIO(data))

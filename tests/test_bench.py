@@ -79,5 +79,6 @@ def test_dit_against_diffusers_compares_equal_work(capsys):
     ours = row["ours"]
     assert ours["gflop"] < ours["sampler_step_gflop"] < 2 * ours["gflop"]
     assert ours["sampler_step_ms"] > 0 and ours["padded_sampler_step_ms"] > 0
-    assert row["unpadded_vs_padded"] == pytest.approx(ours["sampler_step_ms"] / ours["padded_sampler_step_ms"], abs=1e-3)
+    assert row["unpadded_vs_padded"] == pytest.approx(
+        ours["sampler_step_ms"] / ours["padded_sampler_step_ms"], abs=1e-3)
 

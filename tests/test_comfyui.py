@@ -13,7 +13,34 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
+import torch
+from comfyui_harness import (
+    BAD_MODELS,
+    BAD_VLMS,
+    ONE_FILE_VLM,
+    OUR_NODES,
+    PACK,
+    RUN_TIMEOUT,
+    SCENES_TIMEOUT,
+    SIZE,
+    WF,
+    Events,
+    Server,
+    assert_success,
+    build_base,
+    messages,
+    node_id,
+    saved_images,
+    tiny_prompt,
+    widget_count,
+)
+
+import unifusion_core as uf
+import unifusion_core.scenes  # (uf.scenes)
+from unifusion_core.eval import detect, score
+from unifusion_core.generate import generate
 
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 if not COMFYUI_ROOT:
@@ -22,19 +49,6 @@ if not COMFYUI_ROOT:
         "to run the integration tests against a real headless ComfyUI",
         allow_module_level=True,
     )
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from comfyui_harness import (  # noqa: E402
-    BAD_MODELS, BAD_VLMS, ONE_FILE_VLM, OUR_NODES, PACK, RUN_TIMEOUT, SCENES_TIMEOUT, SIZE, WF, Events, Server, assert_success,
-    build_base, messages, node_id, saved_images, tiny_prompt, widget_count,
-)
-
-import unifusion_core as uf  # noqa: E402
-import unifusion_core.scenes  # noqa: E402, F401  (uf.scenes)
-from unifusion_core.eval import detect, score  # noqa: E402
-from unifusion_core.generate import generate  # noqa: E402
-
 
 T2I = "UniFusion text to image"
 
@@ -62,20 +76,23 @@ def object_info(server):
 def test_pack_imports_and_registers_its_nodes(server, object_info):
     folder = str(server.base / "custom_nodes" / PACK)
     lines = server.log().splitlines()
-    assert not [l for l in lines if "IMPORT FAILED" in l and folder in l], server.log_tail()
-    assert any(l.strip().endswith(f"seconds: {folder}") for l in lines), server.log_tail()
+    assert not [line for line in lines if "IMPORT FAILED" in line and folder in line], server.log_tail()
+    assert any(line.strip().endswith(f"seconds: {folder}") for line in lines), server.log_tail()
     ours = {k for k, v in object_info.items() if v.get("category") == "UniFusion"}
     assert ours == OUR_NODES
     req = {k: object_info[k]["input"]["required"] for k in OUR_NODES}
     # The bundled files (where present; ComfyUI runs on this Python) are listed beside the folders'.
     vlm, model = uf.bundled_vlm(), uf.bundled_model()
     # Files that cannot load are listed too (chosen, they fail with a message: see the bad-input cases).
-    assert req["UniFusionVLMLoad"]["vlm_name"][0] == sorted(["tiny-internvl", ONE_FILE_VLM] + BAD_VLMS + ([vlm.name] if vlm else []))
+    assert req["UniFusionVLMLoad"]["vlm_name"][0] == sorted(
+        ["tiny-internvl", ONE_FILE_VLM] + BAD_VLMS + ([vlm.name] if vlm else []))
     assert req["UniFusionModelLoad"]["model_name"][0] == sorted(
-        ["tiny-qwen-file.safetensors", "tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS + ([model.name] if model else []))
+        ["tiny-qwen-file.safetensors", "tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS
+        + ([model.name] if model else []))
     # ... read in place: nothing is copied into the models folder.
     models = server.base / "models"
-    assert sorted(p.name for p in (models / "unifusion").iterdir()) == sorted(["tiny-qwen-file.safetensors", "tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS)
+    assert sorted(p.name for p in (models / "unifusion").iterdir()) == sorted(
+        ["tiny-qwen-file.safetensors", "tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS)
     assert sorted(p.name for p in models.rglob("*.gguf")) == ["corrupt.gguf", "empty.gguf"]  # ours, for the error paths
     assert "pixel_space" in object_info["VAELoader"]["input"]["required"]["vae_name"][0]
 
@@ -237,7 +254,8 @@ def both(*changes):
     return lambda p: [change(p) for change in changes]
 
 
-V, S, L, R, M = "UniFusionVLMLoad", "UniFusionSample", "UniFusionLAPEncode", "UniFusionVERIFIRewrite", "UniFusionModelLoad"
+V, S, L, R, M = (
+    "UniFusionVLMLoad", "UniFusionSample", "UniFusionLAPEncode", "UniFusionVERIFIRewrite", "UniFusionModelLoad")
 # (id, change to the tiny text-to-image prompt, expected): ("refused", error type) is ComfyUI's own
 # validation (HTTP 400, the prompt never runs); (node, message) is an error raised by that node.
 BAD_INPUTS = [
@@ -252,13 +270,16 @@ BAD_INPUTS = [
     ("cfg-infinite", sets(S, cfg=float("inf")), ("refused", "value_bigger_than_max")),  # NaN passes: see above
     ("switch_at-nan", both(link_from(S, "second_conditioning", L), sets(S, switch_at=float("nan"))),
      (S, "switch_at must be a finite number, got nan")),
-    ("number-for-conditioning", sets(S, conditioning=5), (S, "conditioning must be the output of UniFusion LAP Encode")),
-    ("batch-too-large", sets(S, width=4096, height=4096, batch_size=64), (S, "GiB is free; lower width/height or batch_size")),
+    ("number-for-conditioning", sets(S, conditioning=5),
+     (S, "conditioning must be the output of UniFusion LAP Encode")),
+    ("batch-too-large", sets(S, width=4096, height=4096, batch_size=64),
+     (S, "GiB is free; lower width/height or batch_size")),
     ("empty-prompt", sets(R, prompt=" ", rewrite=False), (R, "empty prompt and no image")),
     ("empty-rewrite", sets(R, sample=False), (R, "wrote an empty rewrite (only whitespace)")),
     ("lone-surrogate", sets(R, prompt="a cat \ud800"), (R, "not valid Unicode")),
     ("prompt-of-20000-characters", sets(R, prompt="a " * 10000), (R, "the prompt is 20,000 characters")),
-    ("rewrite-beyond-context", sets(R, max_new_tokens=4096), (R, "beyond tiny-internvl's context window of 512 tokens")),
+    ("rewrite-beyond-context", sets(R, max_new_tokens=4096),
+     (R, "beyond tiny-internvl's context window of 512 tokens")),
     ("layer-drop-out-of-range", sets(L, layer_drop="999"), (L, "layer_drop [999] not among the model's VLM layers")),
     ("image-tokens-without-images", sets(L, tokens="image"), (L, "no image tokens (no reference images were encoded")),
     ("vlm-without-tokenizer", sets(V, vlm_name="no-tokenizer"), (V, "has no tokenizer files")),
@@ -298,7 +319,8 @@ def test_progress_reaches_the_websocket(server):
     events = Events(server, "unifusion-ws")
     try:
         pid = server.queue(prompt, client_id="unifusion-ws")
-        seen = events.until(lambda e: e["type"] in ("execution_success", "execution_error") and e["data"].get("prompt_id") == pid)
+        seen = events.until(
+            lambda e: e["type"] in ("execution_success", "execution_error") and e["data"].get("prompt_id") == pid)
     finally:
         events.close()
     types = [e["type"] for e in seen]

@@ -67,3 +67,22 @@ def test_relative_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no heading #{anchor} in {dest.name})")
     assert not broken, f"{page.relative_to(ROOT)} has broken links: {broken}"
+
+
+def test_the_module_tables_name_every_file_of_the_core_and_no_other():
+    """docs/python.md's tables of unifusion_core/, encoders/ and train/ list what is there."""
+    text = (ROOT / "docs" / "python.md").read_text()
+    named = set(re.findall(r"`([a-z_0-9]+\.py)`", text))
+    for folder in ("unifusion_core", "unifusion_core/encoders", "unifusion_core/train"):
+        files = {p.name for p in (ROOT / folder).glob("*.py") if not p.name.startswith("__")}
+        assert files <= named, f"{folder}: not in docs/python.md: {sorted(files - named)}"
+    every = {p.name for p in (ROOT / "unifusion_core").rglob("*.py")}
+    assert named <= every | {"__init__.py", "__main__.py"}, f"docs/python.md names files that are gone: {named - every}"
+
+
+def test_the_encoder_families_table_lists_every_registered_model_type():
+    from unifusion_core.encoders.registry import FAMILIES
+
+    text = (ROOT / "docs" / "encoders.md").read_text()
+    missing = [t for f in FAMILIES for t in f.model_types if f"`{t}`" not in text]
+    assert not missing, f"docs/encoders.md's families table lacks {missing}"

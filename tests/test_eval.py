@@ -176,7 +176,7 @@ def test_benchmark_numbers_by_hand():
     r = run_benchmark(gen, [A, B, C, D])
     assert r["seeds"] == [0, 1, 2, 3] and r["prompts"] == 4
     assert r["train"]["prompts"] == r["heldout"]["prompts"] == 2
-    approx = lambda d: pytest.approx(d, abs=1e-12)  # noqa: E731
+    approx = lambda d: pytest.approx(d, abs=1e-12)
     assert r["train"]["avg"] == approx({"color": 0.5625, "shape": 0.75, "count": 0.75, "position": 0.5, "relation": 1.0,
                                         "micro": 0.375, "macro": 0.7125})
     assert r["train"]["best_of_4"] == approx({"color": 1, "shape": 1, "count": 1, "position": 1, "relation": 1,

@@ -60,7 +60,8 @@ def test_round_trip_in_fp16_shards(tmp_path, vlm, spec):
     again = FeatureCache.open(tmp_path / "feats", spec, rewrite=False)
     assert len(again) == len(ITEMS) and "scene-3" in again and "scene-99" not in again
     for cid, prompt in ITEMS:
-        assert_stored(again.get(cid), vlm.encode(prompt, rewrite=False, system_prompt=SYSTEM, layers=LAYERS), spec, exact=False)
+        assert_stored(again.get(cid), vlm.encode(prompt, rewrite=False, system_prompt=SYSTEM, layers=LAYERS), spec,
+                      exact=False)
     with pytest.raises(KeyError, match="scene-99"):
         again.get("scene-99")
 
@@ -108,8 +109,10 @@ def test_a_cache_of_another_setting_is_refused(tmp_path, vlm, spec):
     others = {
         "rewrite": (spec, False, 6, r"rewrite=True, this run uses .* rewrite=False"),
         "layers": (dataclasses.replace(spec, layers=(0, 6)), True, 6, r"layers \[0, 3, 6\] vs \[0, 6\]"),
-        "system prompt": (dataclasses.replace(spec, system_prompt="Draw it."), True, 6, r"system prompt .* vs 'Draw it.'"),
-        "encoder": (dataclasses.replace(spec, name="SmolLM2", hidden_size=576), True, 6, r"encoder 'qwen2/qwen2' vs 'qwen2/SmolLM2'"),
+        "system prompt": (dataclasses.replace(spec, system_prompt="Draw it."), True, 6,
+                          r"system prompt .* vs 'Draw it.'"),
+        "encoder": (dataclasses.replace(spec, name="SmolLM2", hidden_size=576), True, 6,
+                    r"encoder 'qwen2/qwen2' vs 'qwen2/SmolLM2'"),
         "length": (spec, True, 64, r"max_new_tokens 6 vs 64"),
     }
     for what, (other, rewrite, n, match) in others.items():
@@ -120,7 +123,8 @@ def test_a_cache_of_another_setting_is_refused(tmp_path, vlm, spec):
     with pytest.raises(ValueError, match="holds rewrite=True features, asked to build rewrite=False"):
         cache.build(vlm, ITEMS, rewrite=False)
     with pytest.raises(ValueError, match=r"holds .* but the encoder given is .*layers \[0, 2, 4, 6\]"):
-        FeatureCache.create(tmp_path / "other", dataclasses.replace(spec, layers=(0, 2, 4, 6), name="x"), False).build(vlm, ITEMS)
+        FeatureCache.create(
+            tmp_path / "other", dataclasses.replace(spec, layers=(0, 2, 4, 6), name="x"), False).build(vlm, ITEMS)
     with pytest.raises(FileNotFoundError, match="FeatureCache.create"):
         FeatureCache.open(tmp_path / "nowhere", spec, rewrite=False)
 

@@ -219,7 +219,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
     # the loss curve continues exactly
     la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    last = lambda rows: [r["loss"] for r in rows if "loss" in r][-1]  # noqa: E731
+    last = lambda rows: [r["loss"] for r in rows if "loss" in r][-1]
     assert last(la) == last(lb)
     # a finished run refuses to start over in the same folder
     again = run_cli(tmp_path / "a", scene_features, *steps, check=False)

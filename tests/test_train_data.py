@@ -435,7 +435,7 @@ def test_vae_posterior_sample_per_row_is_independent_of_the_batch(tiny_vae_dir):
     processes share the batch), and it is a real sample: mean + std * noise, not the mean."""
     vae = load_vae(tiny_vae_dir, SPACE)
     x = torch.rand(3, 3, 16, 16)
-    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
     together = vae.encode(x, generator=gens([1, 2, 3]))
     alone = torch.cat([vae.encode(x[i : i + 1], generator=gens([s])) for i, s in enumerate([1, 2, 3])])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)

@@ -1,18 +1,16 @@
 """The bundled workflows against the nodes' schemas, in both formats, without ComfyUI."""
 
 import json
-import sys
 from pathlib import Path
 
+import make_workflows as mw  # tools/ (on pytest's pythonpath)
 import pytest
 from PIL import Image
 
 import unifusion_core as uf
-import unifusion_core.scenes  # noqa: F401  (uf.scenes)
+import unifusion_core.scenes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import make_workflows as mw  # noqa: E402
 
 WF = ROOT / "workflows"
 NAMES = sorted(p.stem for p in WF.glob("*.json"))

@@ -24,7 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--vlm", help="default: the embedded SmolLM2-135M-Instruct GGUF")
-    ap.add_argument("--rewrite", action="store_true", help="VERIFI rewrites (greedy, generated once) instead of the prompts' own tokens")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="VERIFI rewrites (greedy, generated once) instead of the prompts' own tokens")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
 

@@ -15,7 +15,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from unifusion_core import scenes  # noqa: E402
+from unifusion_core import scenes
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import nodes  # noqa: E402  (the pack's nodes, imported without ComfyUI)
-from unifusion_core import assets  # noqa: E402
+import nodes  # the pack's nodes, imported without ComfyUI
+from unifusion_core import assets
 
 VLM_NAME = "InternVL3-8B-hf"
 MODEL_NAME = "unifusion.safetensors"
@@ -79,10 +79,12 @@ def common(prompt: str, width: int, height: int, images: str | None, vlm: str = 
     if images:
         verifi["images"] = [images, 0]
     return {
-        "1": {"class_type": "UniFusionVLMLoad", "inputs": {"vlm_name": vlm, "dtype": "auto", "device": "default", "tokenizer": "auto"}},
+        "1": {"class_type": "UniFusionVLMLoad",
+              "inputs": {"vlm_name": vlm, "dtype": "auto", "device": "default", "tokenizer": "auto"}},
         "2": {"class_type": "UniFusionVERIFIRewrite", "inputs": verifi},
         "3": {"class_type": "UniFusionModelLoad", "inputs": {"model_name": model, "weight_dtype": "default"}},
-        "4": {"class_type": "UniFusionLAPEncode", "inputs": {"model": ["3", 0], "features": ["2", 0], "tokens": "all", "layer_drop": ""}},
+        "4": {"class_type": "UniFusionLAPEncode",
+              "inputs": {"model": ["3", 0], "features": ["2", 0], "tokens": "all", "layer_drop": ""}},
         "5": {"class_type": "UniFusionSample", "inputs": {
             "model": ["3", 0], "conditioning": ["4", 0], "width": width, "height": height, "steps": steps,
             "cfg": cfg, "shift": 0.0, "sampler": "euler", "seed": 0, "batch_size": 1, "switch_at": 0.2}},
@@ -180,8 +182,8 @@ MARGIN = 12  # screen pixels kept free around the nodes
 BADGE_H = 24  # and above them: the frontend draws the pack's name ("unifusion") over each node's title
 # Chosen sizes: wide enough for the widgets' labels and values (the frontend's minimum is 210 for a
 # node with widgets); text areas get room above their minimum to show a few lines.
-WIDTHS = {"UniFusionVERIFIRewrite": 360, "UniFusionModelLoad": 260, "PreviewAny": 280, "UniFusionSample": 270, "LoadImage": 260,
-          "SaveImage": 260, "VAEDecode": 160}
+WIDTHS = {"UniFusionVERIFIRewrite": 360, "UniFusionModelLoad": 260, "PreviewAny": 280, "UniFusionSample": 270,
+          "LoadImage": 260, "SaveImage": 260, "VAEDecode": 160}
 NODE_WIDTH = 240
 EXTRA_H = {"UniFusionVERIFIRewrite": 100, "PreviewAny": 60}  # 50 more per text area
 COL_GAP, ROW_GAP = 50, 30  # canvas units between columns, and between a node and the next one's title
@@ -216,9 +218,9 @@ def screen_rects(ui: dict) -> dict[int, tuple[float, float, float, float]]:
 
 def fits(rects) -> bool:
     """Inside the canvas (less the margin) and clear of what covers it."""
-    l, t, r, b = CANVAS_BOX
+    left, top, right, bottom = CANVAS_BOX
     for x0, y0, x1, y1 in rects:
-        if x0 < l + MARGIN or y0 < t + MARGIN + BADGE_H or x1 > r - MARGIN or y1 > b - MARGIN:
+        if x0 < left + MARGIN or y0 < top + MARGIN + BADGE_H or x1 > right - MARGIN or y1 > bottom - MARGIN:
             return False
         if any(x1 > cx0 - MARGIN and x0 < cx1 and y1 > cy0 - MARGIN and y0 < cy1 for cx0, cy0, cx1, cy1 in COVERED):
             return False
@@ -244,7 +246,8 @@ def view(ui: dict) -> dict:
     scale = 1.0
     while True:
         # offset in canvas units: screen = canvas box origin + (pos + offset) * scale
-        ui["extra"]["ds"] = {"scale": scale, "offset": [math.ceil(MARGIN / scale), math.ceil((MARGIN + BADGE_H) / scale)]}
+        ui["extra"]["ds"] = {"scale": scale,
+                             "offset": [math.ceil(MARGIN / scale), math.ceil((MARGIN + BADGE_H) / scale)]}
         if fits(screen_rects(ui).values()):
             return ui["extra"]["ds"]
         assert scale > 0.5, "the graph does not fit the screen at a readable scale: lay it out anew"
@@ -412,7 +415,8 @@ def build() -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Write workflows/*.json, workflows/api/*.json and the thumbnails.")
-    ap.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_ROOT", ROOT.parent / "shared" / "comfyui")),
+    ap.add_argument("--comfyui", type=Path,
+                    default=Path(os.environ.get("COMFYUI_ROOT", ROOT.parent / "shared" / "comfyui")),
                     help="a ComfyUI checkout, for its input/example.png in the thumbnails")
     ap.add_argument("--no-thumbnails", action="store_true", help="JSON only (thumbnails run the scenes model: ~1 min)")
     args = ap.parse_args()

@@ -45,7 +45,8 @@ def counts(depth: int, mlp_ratio: float) -> dict:
         model = UniFusionModel(config, device="meta")
     n = model.num_parameters()
     block = sum(p.numel() for p in model.dit.blocks[0].parameters())
-    in_blocks = sum(p.numel() for part in (model.lap, model.refiner, model.dit) for b in part.blocks for p in b.parameters())
+    in_blocks = sum(p.numel() for part in (model.lap, model.refiner, model.dit)
+                    for b in part.blocks for p in b.parameters())
     return {"total": n["total"], "dit": n["dit"], "lap": n["lap"], "refiner": n["refiner"], "dit_block": block,
             "root": n["total"] - in_blocks, "width": config.dit.hidden_size, "depth": depth}
 
@@ -73,7 +74,8 @@ def main() -> None:
     rows = [
         {"cluster": "8 GPUs, 1 node, fully sharded", **plan(c, 8, args.gpu_gib)},
         {"cluster": "64 GPUs, 8 nodes, fully sharded", **plan(c, 64, args.gpu_gib)},
-        {"cluster": "64 GPUs, 8 nodes, HSDP 8 replicas x 8 shards (all-gathers stay in the node)", **plan(c, 8, args.gpu_gib)},
+        {"cluster": "64 GPUs, 8 nodes, HSDP 8 replicas x 8 shards (all-gathers stay in the node)",
+         **plan(c, 8, args.gpu_gib)},
         {"cluster": "1 GPU (no sharding)", **plan(c, 1, args.gpu_gib)},
     ]
     print(json.dumps({"parameters": c, "gpu_gib": args.gpu_gib, "plans": rows}, indent=1))

@@ -47,8 +47,8 @@ def main() -> None:
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     tmax = max(r["train_seconds"] for r in rows) or 1
-    x = lambda t: pad + (W - 2 * pad) * t / tmax  # noqa: E731
-    y = lambda v: H - pad - (H - 2 * pad) * v  # noqa: E731  (0..1)
+    x = lambda t: pad + (W - 2 * pad) * t / tmax
+    y = lambda v: H - pad - (H - 2 * pad) * v
     d.rectangle([pad, pad, W - pad, H - pad], outline=(0, 0, 0))
     for v in (0.25, 0.5, 0.75):
         d.line([pad, y(v), W - pad, y(v)], fill=(225, 225, 225))
@@ -57,7 +57,8 @@ def main() -> None:
     d.line([(x(r["train_seconds"]), y(r["loss"] / lmax)) for r in losses], fill=(160, 160, 160), width=1)
     legend = [("loss (scaled)", (160, 160, 160))]
     for (split, key), colour in SERIES.items():
-        pts = [(x(r["train_seconds"]), y(r["validation"][split][key])) for r in vals if key in r["validation"].get(split, {})]
+        pts = [(x(r["train_seconds"]), y(r["validation"][split][key]))
+               for r in vals if key in r["validation"].get(split, {})]
         if len(pts) > 1:
             d.line(pts, fill=colour, width=2)
         for p in pts:
@@ -66,7 +67,8 @@ def main() -> None:
     for i, (name, colour) in enumerate(legend):
         d.rectangle([W - pad - 150, pad + 8 + 14 * i, W - pad - 140, pad + 18 + 14 * i], fill=colour)
         d.text((W - pad - 135, pad + 6 + 14 * i), name, fill=(0, 0, 0))
-    d.text((pad, H - pad + 10), f"training time: 0 .. {tmax / 60:.0f} min (validation and checkpoints excluded)", fill=(0, 0, 0))
+    d.text((pad, H - pad + 10), f"training time: 0 .. {tmax / 60:.0f} min (validation and checkpoints excluded)",
+           fill=(0, 0, 0))
     d.text((pad, 15), f"{args.run.name}: validation scores (exact detector) and loss", fill=(0, 0, 0))
     out = args.out or args.run / "score_vs_time.png"
     img.save(out)

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from comfyui_harness import Server, build_base, messages, node_id, tiny_prompt  # noqa: E402
+from comfyui_harness import Server, build_base, messages, node_id, tiny_prompt
 
 PROMPTS = ("UniFusion text to image", "UniFusion edit an image")
 BAD = (("UniFusionSample", "cfg", float("nan")), ("UniFusionLAPEncode", "layer_drop", "999"),
@@ -50,7 +50,8 @@ def one(server: Server, i: int) -> str | None:
     err = messages(entry).get("execution_error") or {}
     if (status == "error" and err.get("node_type") == bad[0]) if bad else status == "success":
         return None
-    return f"run {i} ({PROMPTS[i % 2]}{', bad ' + bad[1] if bad else ''}): {status}: {err.get('exception_message', '')[:160]}"
+    return (f"run {i} ({PROMPTS[i % 2]}{', bad ' + bad[1] if bad else ''}): {status}: "
+            f"{err.get('exception_message', '')[:160]}")
 
 
 def main() -> None:

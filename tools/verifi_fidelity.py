@@ -75,8 +75,8 @@ def main() -> None:
                "hit_token_limit": sum(r["tokens"] >= args.max_new_tokens for r in rows)}
     for split in ("train", "heldout", None):
         part = [r for r in rows if split is None or r["split"] == split]
-        summary[split or "overall"] = {k: round(sum(r[k] for r in part if k in r) / max(1, sum(k in r for r in part)), 4)
-                                       for k in keys}
+        summary[split or "overall"] = {
+            k: round(sum(r[k] for r in part if k in r) / max(1, sum(k in r for r in part)), 4) for k in keys}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rewrites.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
     print(json.dumps(summary, indent=2))

@@ -120,7 +120,8 @@ def start_comfyui(comfyui: Path, python: str, base: Path, log: Path) -> tuple[su
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_ROOT", ROOT.parent / "shared" / "comfyui")))
+    ap.add_argument("--comfyui", type=Path,
+                    default=Path(os.environ.get("COMFYUI_ROOT", ROOT.parent / "shared" / "comfyui")))
     ap.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON", sys.executable))
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "unifusion-screenshots")

@@ -60,7 +60,7 @@ class DiTBlock(nn.Module):
         self.norm1 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **kw)
         self.attn = SelfAttention(dim, heads, qk_norm=qk_norm, operations=operations, **kw)
         self.norm2 = operations.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **kw)
-        # Exact (erf) GELU: the same cost as the tanh approximation on GPUs, 4x cheaper on CPUs.
+        # Exact (erf) GELU: no dearer than the tanh approximation on GPUs, cheaper on CPUs (docs/python.md).
         act = nn.GELU()
         self.mlp = FeedForward(dim, round(dim * mlp_ratio), act, operations=operations, **kw)
         # Per-block offsets to the shared modulation: shift/scale/gate for attention and MLP.

@@ -67,7 +67,8 @@ class LayerwiseAttentionPooling(nn.Module):
         x = x.to(dtype) + self.layer_embed.to(dev)  # (B*T, L, D)
         ac = int(self.gradient_checkpointing)  # 0: none; N: every N-th block (True: every block)
         for i, block in enumerate(self.blocks):
-            x = checkpoint(block, x, use_reentrant=False) if ac and i % ac == 0 and torch.is_grad_enabled() else block(x)
+            x = (checkpoint(block, x, use_reentrant=False) if ac and i % ac == 0 and torch.is_grad_enabled()
+                 else block(x))
         if layer_drop:
             # Fig. 12: drop layers by zeroing their contribution to the pooling FC.
             keep = torch.ones(L, 1, device=x.device, dtype=x.dtype)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .conditioning import Conditioning
 from .config import UniFusionConfig
-from .flow import resolution_shift, time_shift  # noqa: F401  (re-exported: the sampler's schedule)
+from .flow import resolution_shift, time_shift
 from .guard import ensure_memory, require_finite, require_finite_number
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 # No tokenizer packs text this densely (whitespace runs and long words stay under ~16 characters
 # a token): text longer than this many characters per context token cannot fit, and is refused
-# before tokenizing it (a 20 MB prompt took 51 s and 4 GB to tokenize).
+# before tokenizing it (tokenizing a prompt of many megabytes takes minutes and gigabytes).
 MAX_CHARS_PER_TOKEN = 32
 
 MARKER = "UNIFUSIONUSERTEXT"  # rendered in place of the user's text to find where it lands

@@ -38,7 +38,7 @@ def pick_scenes(split: str, limit: int | None) -> list[sc.Scene]:
         return pool
     if limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    by_hash = lambda s: hashlib.sha256(s.prompt.encode()).hexdigest()  # noqa: E731
+    by_hash = lambda s: hashlib.sha256(s.prompt.encode()).hexdigest()
     single = sorted((s for s in pool if s.kind == "single"), key=by_hash)
     pair = sorted((s for s in pool if s.kind == "pair"), key=by_hash)
     k = round(limit * len(single) / len(pool))

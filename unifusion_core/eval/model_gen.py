@@ -82,7 +82,7 @@ def load_features(path: str | os.PathLike, encoder: EncoderSpec) -> dict[str, Fe
     table, spec = read_features_file(path)
     stored = encoder.layers
     if spec is not None:
-        identity = lambda e: (e.family, e.hidden_size, e.num_layers)  # noqa: E731
+        identity = lambda e: (e.family, e.hidden_size, e.num_layers)
         if identity(spec) != identity(encoder):
             raise ValueError(f"{path}: features of {spec.name!r} ({spec.family}, hidden {spec.hidden_size}, "
                              f"{spec.num_layers} layers), but the model was trained against {encoder.name!r} "

@@ -230,8 +230,7 @@ class Trainer:
         if cfg.compile:
             # Module.compile keeps the parameter names (checkpoints unchanged) and the module that
             # FSDP2 shards. LAP too, though its batch (every token of the step) changes shape each
-            # step: after the first recompile dynamo compiles it for any size. (On an H200 the step
-            # compiled this way took 0.64-0.69 s, with the DiT's blocks alone 0.77 s; separate runs.)
+            # step: after the first recompile dynamo compiles it for any size (measured: docs/benchmarks.md).
             for part in (model.lap, model.refiner, model.dit):
                 for block in part.blocks:
                     block.compile()
@@ -481,7 +480,7 @@ class Trainer:
         if self.dist.main:
             try:
                 result = self.validate(model, self.step, self.out)
-            except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+            except Exception as e:
                 failed = e
         if self.dist.sum_(torch.tensor([float(failed is not None)])).item():  # every rank stops, none waits
             raise RuntimeError(f"validation at step {self.step} failed on rank 0") from failed
