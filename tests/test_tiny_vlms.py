@@ -222,6 +222,21 @@ def test_image_tokens_per_tile(folders):
     assert feats.pooler_output.shape == (2, 9, model.config.text_config.hidden_size)
 
 
+def assert_image_reaches_text_and_generates(model, tok, enc, pixels) -> None:
+    """Finite logits over the vocabulary at every position; the image reaches the text (the last
+    token sees different pixels); greedy generation of 4 tokens runs."""
+    n = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model(**enc, pixel_values=pixels)
+        other = model(**enc, pixel_values=pixels.flip(-1))
+    assert out.logits.shape == (1, n, len(tok))
+    assert torch.isfinite(out.logits).all()
+    assert not torch.allclose(out.logits[0, -1], other.logits[0, -1])
+    with torch.no_grad():
+        gen = model.generate(**enc, pixel_values=pixels, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert gen.shape == (1, n + 4)
+
+
 def test_internvl_forward_and_generate(folders):
     model, tok = load(folders["internvl"], "internvl")
     enc, pixels = internvl_inputs(tok, num_tiles=2)
@@ -229,19 +244,9 @@ def test_internvl_forward_and_generate(folders):
     start = ids.index(tok.start_image_token_id)
     assert ids[start + 1 : start + 9] == [tok.context_image_token_id] * 8
     assert ids[start + 9] == tok.end_image_token_id
-    with torch.no_grad():
-        out = model(**enc, pixel_values=pixels)
-        other = model(**enc, pixel_values=pixels.flip(-1))
-    assert out.logits.shape == (1, len(ids), len(tok))
-    assert torch.isfinite(out.logits).all()
-    # The image reaches the text: tokens after it see different pixels.
-    assert not torch.allclose(out.logits[0, -1], other.logits[0, -1])
+    assert_image_reaches_text_and_generates(model, tok, enc, pixels)
     with pytest.raises(ValueError):  # one tile too few for the placeholders
         model(**enc, pixel_values=pixels[:1])
-
-    with torch.no_grad():
-        gen = model.generate(**enc, pixel_values=pixels, max_new_tokens=4, do_sample=False, min_new_tokens=4)
-    assert gen.shape == (1, len(ids) + 4)
 
 
 def test_gemma3_forward_and_generate(folders):
@@ -249,16 +254,7 @@ def test_gemma3_forward_and_generate(folders):
     enc, pixels = gemma3_inputs(tok, num_images=1)
     ids = enc["input_ids"][0].tolist()
     assert ids.count(tok.image_token_id) == 9 and ids.count(tok.boi_token_id) == 1
-    with torch.no_grad():
-        out = model(**enc, pixel_values=pixels)
-        other = model(**enc, pixel_values=pixels.flip(-1))
-    assert out.logits.shape == (1, len(ids), len(tok))
-    assert torch.isfinite(out.logits).all()
-    assert not torch.allclose(out.logits[0, -1], other.logits[0, -1])
-
-    with torch.no_grad():
-        gen = model.generate(**enc, pixel_values=pixels, max_new_tokens=4, do_sample=False, min_new_tokens=4)
-    assert gen.shape == (1, len(ids) + 4)
+    assert_image_reaches_text_and_generates(model, tok, enc, pixels)
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama"])

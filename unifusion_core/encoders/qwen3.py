@@ -7,9 +7,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .base import LAYER0, Layout, TextOnly, text_settings
+from .base import LAYER0, Layout, text_settings
 from .chat import chatml
-from .qwen2 import ROPE, TOKENIZER_HINT
+from .qwen2 import ROPE, Qwen2
 
 # Qwen3's tokens beyond Qwen2.5's 151665 (ids 151665-151668 in Qwen3's tokenizer). ComfyUI's
 # qwen25_tokenizer holds other tokens there (Qwen-Image's <|img|>, <|endofimg|>, <|meta|>, <|endofmeta|>).
@@ -17,14 +17,13 @@ QWEN2_5_VOCAB = 151665
 QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 
 
-class Qwen3(TextOnly):
-    """Qwen3: per-head query/key norms; its one-file template asks for a direct answer (an empty
-    reasoning block, its non-thinking mode)."""
+class Qwen3(Qwen2):
+    """Qwen3: Qwen2's tokenizer folder and RoPE base, per-head query/key norms; its one-file
+    template asks for a direct answer (an empty reasoning block, its non-thinking mode)."""
 
     label = "Qwen3"
     model_types = ("qwen3",)
     one_file_class = "Qwen3ForCausalLM"
-    tokenizer_folder, tokenizer_hint = "qwen", TOKENIZER_HINT
     untied_from = 4096  # 8B and up
 
     @classmethod
