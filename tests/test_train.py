@@ -511,3 +511,13 @@ def test_train_flops_match_a_flop_counter(tmp_path):
         out = trainer.train_step()
     counted = counter.get_total_flops()
     assert trainer.flops_per_sample * out["samples"] == pytest.approx(counted, rel=0.03)
+
+
+def test_layers_flag_goes_through_the_one_layer_check():
+    from unifusion_core.train.setup import layers_flag
+
+    assert layers_flag("last", 30) == (30,)
+    assert layers_flag("3", 30) == every_nth_layer(30)
+    assert layers_flag("18,0,9,9", 30) == (0, 9, 18)
+    with pytest.raises(ValueError, match=r"--layers.*0\.\.30"):
+        layers_flag("0,31", 30)

