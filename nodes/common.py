@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,9 @@ if __package__ and "." in __package__:
     uf = importlib.import_module(__package__.rsplit(".", 1)[0] + ".unifusion_core")
 else:
     uf = importlib.import_module("unifusion_core")
+importlib.import_module(uf.__name__ + ".advice")  # uf.advice: what a checkpoint was not trained for
+
+log = logging.getLogger(__name__)
 
 CATEGORY = "UniFusion"
 
@@ -40,6 +44,21 @@ def parse_layers(text: str) -> list[int]:
     except ValueError:
         raise ValueError(f"layer_drop must be VLM layer indices separated by commas, e.g. '0, 27'; "
                          f"got {text!r}") from None
+
+
+# --- advice: what the checkpoint was not trained for ---------------------------------------------
+
+
+def advise(node: str, notes: list[str]) -> list[str]:
+    """notes (uf.advice's sentences), each logged as a warning of `node` (ComfyUI's log)."""
+    for note in notes:
+        log.warning("%s: %s", node, note)
+    return notes
+
+
+def with_notes(result: tuple, notes: list[str]):
+    """A node's return value, with its notes as UI text (kept in ComfyUI's history) when there are any."""
+    return {"ui": {"text": notes}, "result": result} if notes else result
 
 
 # --- inputs as they arrive ------------------------------------------------------------------------

@@ -264,6 +264,25 @@ def interrupt_check():
     return mm.throw_exception_if_processing_interrupted if IN_COMFYUI else None
 
 
+_showing: set[str] = set()  # nodes with text shown, cleared by their next run that has none
+
+
+def show_text(node_id: str | None, lines: list[str]) -> None:
+    """Lines of text on the node itself, under its widgets (ComfyUI's progress text), where the
+    user looks while it runs; nothing without ComfyUI, a node id or older ComfyUI."""
+    if not IN_COMFYUI or node_id is None or not (lines or node_id in _showing):
+        return
+    from server import PromptServer
+
+    send = getattr(PromptServer.instance, "send_progress_text", None)
+    if send is not None:
+        send("\n".join(lines) or " ", node_id)  # the frontend skips empty text: a space clears the last
+        if lines:
+            _showing.add(node_id)
+        else:
+            _showing.discard(node_id)
+
+
 _LATENT_FORMATS = {"flux": "Flux", "sd3": "SD3", "sdxl": "SDXL"}  # ComfyUI's classes, same scale/shift
 
 

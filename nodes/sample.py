@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import host
-from .common import CATEGORY, COND, MODEL, expect, uf
+from .common import CATEGORY, COND, MODEL, advise, expect, uf, with_notes
 
 MAX_RESOLUTION = 16384
 
@@ -13,7 +13,9 @@ class UniFusionSample:
         "Generates latents with the UniFusion DiT from LAP Encode conditioning, with classifier-free "
         "guidance against the model's learned empty conditioning (or a negative). The result is a "
         "plain LATENT in the VAE's own space: decode it with the stock VAE Decode and the VAE the "
-        "checkpoint was trained with (pixel_space for pixel models)."
+        "checkpoint was trained with (pixel_space for pixel models). A size far from the checkpoint's "
+        "training size is warned about (in the log and on the node) with the run's estimated time after "
+        "its first step."
     )
     CATEGORY = CATEGORY
     FUNCTION = "sample"
@@ -56,11 +58,12 @@ class UniFusionSample:
                                         "tooltip": "Fraction of the steps conditioned on `conditioning` before "
                                                    "switching to `second_conditioning`."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, model, conditioning, width: int, height: int, steps: int, cfg: float, shift: float,
                sampler: str, seed: int, batch_size: int = 1, negative=None, second_conditioning=None,
-               switch_at: float = 0.2):
+               switch_at: float = 0.2, unique_id=None):
         expect(model, host.Managed, "model", "UniFusion Model Load", uf.UniFusionModel)
         conds = {"conditioning": conditioning, "negative": negative, "second_conditioning": second_conditioning}
         for name, c in conds.items():  # which socket is miswired; the sampler checks the values themselves
@@ -68,16 +71,20 @@ class UniFusionSample:
                 expect(c, uf.Conditioning, name, "UniFusion LAP Encode")
         tokens = max(c.tokens.shape[1] for c in conds.values() if c is not None)
         net = model.load(memory_required=model.obj.memory_required(batch_size, tokens, width, height, cfg != 1))
+        notes = advise("UniFusion Sample", uf.advice.advice(net.config, width=width, height=height))
+        host.show_text(unique_id, notes)
         progress = host.Progress(steps)
         previewer = host.previewer(net.config.latent.name, model.device)
 
         def callback(step, total, x, x0):
             progress.update(step + 1, total, previewer(x0) if previewer else None)
 
+        timed = uf.advice.timed(callback, net.config, width, height, sampler,
+                                report=lambda estimate: host.show_text(unique_id, [*notes, estimate]))
         with uf.guard.interruptible(host.interrupt_check()):  # Cancel between DiT blocks too, not only between steps
             latent = net.sample(
                 conditioning, width, height, steps=steps, cfg=cfg, seed=seed, shift=shift or None,
-                sampler=sampler, negative=negative, batch_size=batch_size, callback=callback,
+                sampler=sampler, negative=negative, batch_size=batch_size, callback=timed,
                 next_cond=second_conditioning, switch_at=switch_at, device=model.device,
             )
-        return ({"samples": latent.to(host.intermediate_device())},)
+        return with_notes(({"samples": latent.to(host.intermediate_device())},), notes)

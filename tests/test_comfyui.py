@@ -424,3 +424,17 @@ def test_a_one_file_qwen_encoder_runs_with_comfyuis_tokenizer(server, object_inf
     prompt[node_id(prompt, "UniFusionVERIFIRewrite")]["inputs"]["rewrite"] = False
     prompt[node_id(prompt, "UniFusionModelLoad")]["inputs"]["model_name"] = "tiny-qwen-file.safetensors"
     assert len(saved_images(server, server.run(prompt))) == 1
+
+
+def test_a_prompt_outside_the_bundled_models_grammar_is_warned_about(server, scenes_run):
+    """The bundled scenes workflow with a prompt its model never learned: LAP Encode's warning
+    reaches ComfyUI's log and the node's entry in the history (and the run still makes its picture)."""
+    prompt = json.loads((WF / "api" / "UniFusion scenes on CPU.json").read_text())
+    node(prompt, R)["prompt"] = "a fox in the snow"
+    entry = server.wait(server.queue(prompt), timeout=SCENES_TIMEOUT)
+    assert_success(server, entry)
+    (note,) = entry["outputs"][node_id(prompt, L)]["text"]
+    assert note.startswith("'a fox in the snow' is not a prompt of the synthetic-scene grammar") and "blank" in note
+    assert f"UniFusion LAP Encode: {note}" in server.log()
+    assert "text" not in entry["outputs"].get(node_id(prompt, S), {})  # 64 x 64, its training size: nothing to say
+    assert [im.size for im in saved_images(server, entry)] == [(64, 64)]

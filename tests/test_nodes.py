@@ -1,6 +1,8 @@
 """The ComfyUI nodes, called directly (no ComfyUI): schemas, model folders, the whole chain."""
 
 import dataclasses
+import logging
+import re
 import shutil
 
 import pytest
@@ -51,15 +53,20 @@ def image(w=64, h=48, seed=0):
     return torch.rand(1, h, w, 3, generator=torch.Generator().manual_seed(seed))
 
 
+def result(out):
+    """A node's outputs without its UI part (a node with notes returns {"ui": ..., "result": ...})."""
+    return out["result"] if isinstance(out, dict) else out
+
+
 def run_chain(prompt="a fox", refs=None, rewrite=True, **sample):
     (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
     # Seeded sampling: greedy, the random tiny VLM writes only whitespace (an empty rewrite, refused).
     feats, text = N["UniFusionVERIFIRewrite"]().encode(vlm, prompt, rewrite, uf.prompts.VERIFI_SYSTEM_PROMPT, 6, True,
                                                        0, refs)
     (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
-    (cond,) = N["UniFusionLAPEncode"]().encode(model, feats)
+    (cond,) = result(N["UniFusionLAPEncode"]().encode(model, feats))  # rewrite off warns: the tiny model had it on
     args = dict(width=16, height=8, steps=3, cfg=3.0, shift=0.0, sampler="euler", seed=1) | sample
-    (latent,) = N["UniFusionSample"]().sample(model, cond, **args)
+    (latent,) = result(N["UniFusionSample"]().sample(model, cond, **args))
     return vlm, feats, text, model, cond, latent
 
 
@@ -68,7 +75,7 @@ def test_every_node_documents_itself():
         assert cls.CATEGORY == "UniFusion" and len(cls.DESCRIPTION) > 40, name
         assert name in nodes.NODE_DISPLAY_NAME_MAPPINGS
         spec = cls.INPUT_TYPES()
-        for section in spec.values():
+        for section in (spec["required"], spec.get("optional", {})):  # hidden inputs: ComfyUI's, never shown
             for input_name, (kind, opts) in section.items():
                 assert opts.get("tooltip"), f"{name}.{input_name} has no tooltip"
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
@@ -289,3 +296,117 @@ def test_an_empty_rewrite_is_refused(caplog):
         node.encode(vlm, "make it snow", True, "Describe.", 6, False, 0, refs)
     feats, text = node.encode(vlm, "a fox", True, "Describe.", 6, True, 0)  # seeded sampling writes words
     assert text.strip() and feats.text == text
+
+
+# --- advice: what the checkpoint was not trained for ---------------------------------------------
+
+needs_bundled = pytest.mark.skipif(uf.bundled_model() is None, reason="no bundled checkpoint "
+                                   "(unifusion_core/assets/unifusion-scenes-64.safetensors)")
+
+
+@pytest.fixture
+def shown(monkeypatch):
+    """What the nodes put on themselves as text (ComfyUI's progress text): [(node id, lines)]."""
+    calls = []
+    monkeypatch.setattr(nodes.host, "show_text", lambda node_id, lines: calls.append((node_id, lines)))
+    return calls
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def features_of(spec: uf.EncoderSpec, text: str, rewrite: bool, tokens: int = 6) -> uf.Features:
+    """Features laid out as the VLM hands them over: the prompt's own words inside its chat turn
+    (end-of-turn tokens after them), or a rewrite's words ending the sequence."""
+    n = 30
+    start = n - tokens if rewrite else n - tokens - 3
+    hidden = torch.randn(tokens, len(spec.layers), spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    return uf.Features(hidden, encoder=spec, text=text, sequence_ids=list(range(n)),
+                       positions=torch.arange(start, start + tokens), is_image=torch.zeros(tokens, dtype=torch.bool),
+                       image_index=torch.full((tokens,), -1))
+
+
+def test_lap_encode_warns_when_rewrite_is_not_what_the_checkpoint_was_trained_with(caplog, shown):
+    """The tiny checkpoint was trained on rewrites (its config says so); the features of a rewrite
+    and of the prompt's own words tell themselves apart by where their words sit in the sequence."""
+    (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
+    (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
+    assert model.obj.config.sampling.rewrite and not uf.advice.knows_scenes(model.obj.config)
+    verifi, enc = N["UniFusionVERIFIRewrite"](), N["UniFusionLAPEncode"]()
+    on, _ = verifi.encode(vlm, "a fox", True, "Describe.", 6, True, 0)
+    off, _ = verifi.encode(vlm, "a fox", False, "Describe.", 6, True, 0)
+    assert (uf.advice.rewrite_of(on), uf.advice.rewrite_of(off)) == (True, False)
+    with caplog.at_level(logging.WARNING):
+        assert isinstance(enc.encode(model, on, unique_id="4"), tuple)  # as trained, and no grammar to know
+        out = enc.encode(model, off, unique_id="4")
+    (note,) = out["ui"]["text"]
+    assert note.startswith("this checkpoint was trained on VERIFI rewrites (rewrite on), but this conditioning is "
+                           "the prompt's own words: turn rewrite on")
+    assert warnings(caplog) == [f"UniFusion LAP Encode: {note}"]
+    assert shown == [("4", []), ("4", [note])]
+    assert torch.equal(out["result"][0].tokens, enc.encode(model, off)["result"][0].tokens)  # advice only
+
+
+@needs_bundled
+def test_lap_encode_warns_of_what_the_scenes_model_never_learned(caplog, shown):
+    (model,) = N["UniFusionModelLoad"]().load(uf.bundled_model().name)
+    spec, enc = model.obj.config.encoder, N["UniFusionLAPEncode"]()
+    assert uf.advice.knows_scenes(model.obj.config) and not model.obj.config.sampling.rewrite
+    assert isinstance(enc.encode(model, features_of(spec, "A red circle on the left ", rewrite=False)), tuple)
+    with caplog.at_level(logging.WARNING):
+        outside = enc.encode(model, features_of(spec, "a fox in the snow", rewrite=False), unique_id="4")
+        rewritten = enc.encode(model, features_of(spec, "a red circle on the left", rewrite=True), unique_id="4")
+    (grammar,), (rewrite,) = outside["ui"]["text"], rewritten["ui"]["text"]
+    assert grammar.startswith("'a fox in the snow' is not a prompt of the synthetic-scene grammar: 'a <colour> "
+                              "<shape> <position>'")
+    assert grammar.endswith("this checkpoint knows only that grammar: expect a blank or meaningless picture "
+                            "(e.g. 'a red circle to the left of a blue square')")
+    assert rewrite.startswith("this checkpoint was trained on the prompt's own words (rewrite off), but this "
+                              "conditioning is a VERIFI rewrite")
+    assert warnings(caplog) == [f"UniFusion LAP Encode: {grammar}", f"UniFusion LAP Encode: {rewrite}"]
+    assert shown[1:] == [("4", [grammar]), ("4", [rewrite])]
+
+
+@needs_bundled
+def test_sample_warns_of_a_size_far_from_the_training_size_and_estimates_the_run(caplog, shown):
+    (model,) = N["UniFusionModelLoad"]().load(uf.bundled_model().name)
+    (cond,) = N["UniFusionLAPEncode"]().encode(model, features_of(model.obj.config.encoder, "a red circle on the left",
+                                                                  rewrite=False))
+    sample, args = N["UniFusionSample"](), dict(steps=2, cfg=3.0, shift=0.0, sampler="euler", seed=0)
+    with caplog.at_level(logging.INFO):
+        assert isinstance(sample.sample(model, cond, 64, 64, **args, unique_id="5"), tuple)  # its training size
+        assert not warnings(caplog)
+        out = sample.sample(model, cond, 128, 128, **args, unique_id="5")
+    (note,) = out["ui"]["text"]
+    assert note.startswith("128x128 is far from the 64x64 this checkpoint was trained at: 4.0x the pixels, so 4.0x "
+                           "the image tokens and up to 16x the attention work per step")
+    assert out["result"][0]["samples"].shape == (1, 3, 128, 128)
+    estimate = shown[-1][1][-1]
+    assert shown[1:] == [("5", []), ("5", [note]), ("5", [note, estimate])]  # the estimate joins the note
+    assert re.fullmatch(r"sampling 128x128 will take about [\d.]+ s for 2 steps \(until about \d\d:\d\d\), from "
+                        r"its first model call, which took [\d.]+ s", estimate), estimate
+    assert warnings(caplog) == [f"UniFusion Sample: {note}", estimate]  # before sampling, then after its first step
+
+
+@needs_bundled
+def test_the_demo_cli_says_what_the_nodes_say(monkeypatch, caplog, tmp_path):
+    """Same checkpoint, prompt and rewrite: the CLI logs the sentences LAP Encode logs and shows
+    (one function, uf.advice.advice, makes both)."""
+    import numpy as np
+
+    from unifusion_core import __main__ as cli
+    from unifusion_core.generate import Generation
+
+    (model,) = N["UniFusionModelLoad"]().load(uf.bundled_model().name)
+    feats = features_of(model.obj.config.encoder, "a fox", rewrite=True)
+    said = N["UniFusionLAPEncode"]().encode(model, feats)["ui"]["text"]
+    assert len(said) == 2  # rewrite on for a rewrite-off checkpoint; outside the grammar
+    made = Generation(torch.zeros(1, 3, 64, 64), feats, [np.zeros((64, 64, 3), dtype=np.uint8)])
+    monkeypatch.setattr(cli, "bundled_vlm", uf.bundled_model)  # any file: the VLM is not loaded
+    monkeypatch.setattr(cli, "load_vlm", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "generate", lambda *a, **k: made)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        summary = cli.main(["--prompt", "a fox", "--rewrite", "--out", str(tmp_path)])
+    assert warnings(caplog) == said and "score" not in summary

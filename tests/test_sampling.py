@@ -8,7 +8,7 @@ from conftest import tiny_features
 from torch.testing import assert_close
 
 import unifusion_core as uf
-from unifusion_core import sampling
+from unifusion_core import advice, sampling
 from unifusion_core.sampling import (
     get_schedule,
     latent_grid,
@@ -336,3 +336,63 @@ def test_sampler_errors(tiny, cond):
         uf.UniFusionModel.from_preset("tiny", latent="flux").sample(cond, 4, 64, steps=1)
     with pytest.raises(ValueError, match="switch_at must be in"):
         tiny.sample(cond, 8, 8, steps=2, next_cond=cond, switch_at=1.5)
+
+
+# --- the estimate of a run's time, after its first step -----------------------------------------
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake time.monotonic (restored after the test): advance it with clock[0] += seconds."""
+    now = [1000.0]
+    monkeypatch.setattr(advice.time, "monotonic", lambda: now[0])
+    return now
+
+
+def estimate_of(clock, caplog, first: float, width: int, sampler: str = "euler", steps: int = 28):
+    """What timed() logs and reports when the first model call of a width x width run takes `first` s."""
+    config = uf.get_preset("tiny").replace(sampling={"size": (64, 64)})
+    reported, steps_seen = [], []
+    callback = advice.timed(lambda step, *_: steps_seen.append(step), config, width, width, sampler,
+                               report=reported.append)
+    clock[0] += first
+    caplog.clear()
+    with caplog.at_level("INFO", logger="unifusion_core.advice"):
+        for step in range(steps):
+            callback(step, steps, torch.zeros(1), torch.zeros(1))
+    assert steps_seen == list(range(steps))  # the wrapped callback still runs at every step
+    assert [r.getMessage() for r in caplog.records] == reported
+    return [(r.levelname, r.getMessage()) for r in caplog.records]
+
+
+def test_a_long_run_is_estimated_after_its_first_model_call(clock, caplog):
+    ((level, text),) = estimate_of(clock, caplog, 40.0, 64, "heun")  # two model calls per Heun step
+    assert level == "INFO" and text.startswith("sampling 64x64 will take about 37 min for 28 steps (until about ")
+    assert text.endswith("from its first model call, which took 40.0 s")
+    assert estimate_of(clock, caplog, 1.0, 64) == []  # a short run at the trained size: nothing to say
+    ((level, text),) = estimate_of(clock, caplog, 1.0, 256, steps=2)  # far above the trained size: always said
+    assert level == "WARNING" and text.startswith("sampling 256x256 will take about 2.0 s for 2 steps")
+    ((_, text),) = estimate_of(clock, caplog, 300.0, 64)
+    assert "about 2.3 h for 28 steps" in text
+
+
+def test_advice_says_nothing_it_cannot_know():
+    """No training size recorded: no size advice; features without a record of the sequence (a
+    features file) or without text tokens: no rewrite advice; not the scenes model: no grammar."""
+    tiny = uf.get_preset("tiny")
+    assert tiny.sampling.size is None and tiny.sampling.rewrite
+    plain = uf.Features(torch.zeros(3, len(tiny.encoder.layers), 32), encoder=tiny.encoder, text="a fox")
+    images = uf.Features(torch.zeros(2, len(tiny.encoder.layers), 32), encoder=tiny.encoder, sequence_ids=[1, 2, 3],
+                         positions=torch.tensor([1, 2]), is_image=torch.ones(2, dtype=torch.bool))
+    assert advice.rewrite_of(plain) is None and advice.rewrite_of(images) is None
+    assert advice.advice(tiny, features=plain, width=4096, height=4096) == []
+    sized = tiny.replace(sampling={"size": (512, 512)})
+    assert advice.advice(sized, width=1024, height=768) == []  # 3x the pixels: near enough
+    assert advice.advice(sized, prompt="a fox", rewrite=False, width=1024, height=1024) == [
+        "1024x1024 is far from the 512x512 this checkpoint was trained at: 4.0x the pixels, so 4.0x the image tokens "
+        "and up to 16x the attention work per step (tokens grow with the area, attention with its square); it has "
+        "not learned this size (expect a worse picture) and runs that much slower: the whole run's time is estimated "
+        "after its first step. Use 512x512 for what it was trained on",
+        "this checkpoint was trained on VERIFI rewrites (rewrite on), but this conditioning is the prompt's own words: "
+        "turn rewrite on, or expect a picture that follows the prompt less well",
+    ]

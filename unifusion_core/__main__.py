@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from . import scenes
+from .advice import advice, knows_scenes
 from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model
 from .encoders import gguf_cache, load_vlm
@@ -31,7 +32,7 @@ log = logging.getLogger("unifusion_core")
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompt", default="a red circle to the left of a blue square")
+    ap.add_argument("--prompt", default=scenes.EXAMPLE)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--model", type=Path, help="a UniFusion .safetensors (default: the embedded scenes model)")
@@ -58,9 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
     default_cache = gguf_cache.GGUF_CACHE or Path.home() / ".cache" / "unifusion" / "gguf"
     cache = None if args.no_vlm_cache else (args.vlm_cache or default_cache)
     vlm = load_vlm(vlm_path, cache_dir=cache)
-    known = model_path == bundled_model()
-    if known:
+    if knows_scenes(model.config):
         log.info("the embedded model knows: %s", scenes.describe_vocabulary())
+    for note in advice(model.config, prompt=args.prompt, rewrite=args.rewrite):  # what the nodes say too
+        log.warning(note)
     out = generate(vlm, model, args.prompt, rewrite=args.rewrite, steps=args.steps, cfg=args.cfg, seed=args.seed)
     if out.images is None:
         raise SystemExit(f"{model_path.name} is a {model.config.latent.name!r}-space model: decode its latents "
@@ -79,11 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     try:
         scene = scenes.parse_prompt(args.prompt)
-    except ValueError:
-        if known:
-            log.warning("%r is outside the embedded model's grammar; it knows %s", args.prompt,
-                        scenes.describe_vocabulary())
-    else:
+    except ValueError:  # nothing to score (advice warned above, for a checkpoint that knows the grammar)
+        scene = None
+    if scene is not None:
         from .eval import detect, score
 
         summary["score"] = score(scene, detect(out.images[0]))

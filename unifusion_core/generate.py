@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .advice import timed
 from .config import UniFusionConfig
 from .features import Features
 from .model import UniFusionModel
@@ -51,6 +52,7 @@ def generate(
 
     rewrite=None encodes as the model was trained (its config's sampling.rewrite); pass
     `features` to skip the VLM. width/height default to the checkpoint's training size, else 1024.
+    A long run logs its estimated time after its first step (advice.timed).
     """
     s = model.config.sampling
     if features is None:
@@ -61,8 +63,9 @@ def generate(
         features = vlm.encode(prompt, images=images, rewrite=rewrite, system_prompt=system or None,
                               max_new_tokens=max_new_tokens, layers=model.config.encoder.layers)
     width, height = image_size(model.config, width, height)
-    latent = sample(model, model.encode(features), width, height, steps=steps, cfg=cfg, seed=seed,
-                    sampler=sampler, batch_size=batch_size, callback=callback)
+    cond = model.encode(features)
+    latent = sample(model, cond, width, height, steps=steps, cfg=cfg, seed=seed, sampler=sampler,
+                    batch_size=batch_size, callback=timed(callback, model.config, width, height, sampler))
     return Generation(latent, features, to_rgb(latent) if model.config.latent.name == "pixel" else None)
 
 

@@ -66,6 +66,8 @@ SAMPLERS: dict[str, Callable[[Velocity, Tensor, Tensor, Callback | None], Tensor
     "euler": sample_euler,
     "heun": sample_heun,
 }
+# Model calls per step of each sampler (for estimates of a run's time).
+MODEL_CALLS = {"euler": 1, "heun": 2}
 
 
 def get_sampler(name: str):

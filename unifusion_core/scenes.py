@@ -45,6 +45,7 @@ RELATIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 OBJECT_SIZE = 0.30  # side of an object's bounding box, as a fraction of the canvas
 JITTER = 0.05  # uniform jitter of each centre, as a fraction of the canvas
 HELDOUT_FRACTION = 0.1
+EXAMPLE = "a red circle to the left of a blue square"  # a prompt of the grammar, for help texts
 
 
 @dataclass(frozen=True)
