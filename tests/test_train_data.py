@@ -77,6 +77,21 @@ def test_image_folder(tmp_path):
         load_sources(tmp_path / "nothing.csv", 16)
 
 
+def test_an_image_folder_without_images_says_what_it_expects(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no images in '.*empty' or its subfolders \(it is empty\); expected "
+                                         r"\.png/\.jpg/\.jpeg/\.webp files, each with a same-stem \.txt caption "
+                                         r"beside it \(cat\.png \+ cat\.txt\)"):
+        load_sources(tmp_path / "empty", 16)
+    write(tmp_path / "other/a.gif", b"GIF89a")
+    write(tmp_path / "other/a.txt", "a caption")
+    with pytest.raises(ValueError, match=r"it holds 2 other files, e\.g\. \['a\.gif', 'a\.txt'\]"):
+        ImageFolder(tmp_path / "other", 16)
+    with pytest.raises(ValueError, match=r"the sources of \['t2i'\] hold no samples but have a ratio > 0: give them "
+                                         "data, or set their ratio to 0"):
+        TaskMixture({"t2i": Numbers(0)}, {"t2i": 1.0})
+
+
 def test_image_folder_same_stem_is_refused(tmp_path):
     write(tmp_path / "x.png", image_bytes())
     write(tmp_path / "x.jpg", image_bytes("JPEG"))

@@ -22,13 +22,27 @@ from ..latents import get_latent_space
 from ..presets import get_preset
 from .loop import TrainConfig, Trainer, build_model
 from .setup import ConfigError, make_data, make_features, make_latents, make_validation
+from .state import NonFiniteError, StateError, list_states
 from .tasks import PAPER_RATIOS
 
 log = logging.getLogger("unifusion_core.train")
 
+# Exit statuses besides 0, 1 (an error message) and argparse's 2; listed in EPILOG.
+EXIT_NONFINITE, EXIT_STATE = 3, 4
+
+EPILOG = """exit status:
+  0  trained to --steps, or stopped at --time-limit with the state saved (--resume continues)
+  1  bad settings or data, or --resume with no state to continue (the message says what to change)
+  2  a command-line usage error (argparse's own status)
+  3  stopped on a non-finite loss or gradient norm (--nonfinite stop, or more than --max-nonfinite
+     skipped steps): nothing was written after the last good step; the message names the step
+  4  a training state refused: damaged or modified since it was written (its checksums), incomplete,
+     or holding NaN/inf; the message names it and the state before it (--resume PATH)"""
+
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m unifusion_core.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m unifusion_core.train", description=__doc__.splitlines()[0],
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--config", type=Path, help="JSON file with any of these settings")
     a("--out", help="run directory (states, metrics, grids, the exported model)")
@@ -78,7 +92,11 @@ def parser() -> argparse.ArgumentParser:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             a(flag, type=typ, default=None)
     a("--resume", nargs="?", const="auto",
-      help="continue the run: 'auto' (newest state in --out) or a state folder (checkpoints/step-N)")
+      help="continue the run: 'auto' (newest state in --out) or a state folder (checkpoints/step-N); "
+      "refused when there is none (leave it out to start a new run)")
+    a("--new-data", action="store_true",
+      help="with --resume: go on with changed --data/--mix/--seed (new tasks start at their first sample, a "
+      "source whose size changed at its next epoch) instead of refusing the changed mixture")
     a("--threads", type=int,
       help="CPU threads for torch (1 is much faster than 2 when another process shares the cores)")
     a("--export-only", action="store_true", help="with --resume: write model.safetensors (EMA) from the state and stop")
@@ -107,12 +125,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         # A resumed run keeps the settings it was started with; flags given now override them
         # (e.g. --steps to train on, --threads).
         for k, v in json.loads(saved.read_text()).items():
-            if k in vars(args) and k not in given and k not in ("resume", "export_only", "out"):
+            if k in vars(args) and k not in given and k not in ("resume", "export_only", "new_data", "out"):
                 setattr(args, k, v)
     if not args.out:
         raise SystemExit("--out RUN_DIR is required")
     if args.export_only and not args.resume:
         raise SystemExit("--export-only writes the model of a saved state: give --resume too")
+    if args.new_data and not args.resume:
+        raise SystemExit("--new-data goes on from a saved state with changed data: give --resume too")
     return args
 
 
@@ -136,6 +156,12 @@ def main(argv: list[str] | None = None) -> dict:
         return _main(argv)
     except ConfigError as e:  # a flag the trainer cannot run with: its message alone, exit status 1
         raise SystemExit(str(e)) from None
+    except NonFiniteError as e:
+        log.error("%s", e)
+        raise SystemExit(EXIT_NONFINITE) from None
+    except StateError as e:
+        log.error("%s", e)
+        raise SystemExit(EXIT_STATE) from None
     except (ValueError, FileNotFoundError) as e:  # bad settings or data: the message says what to do
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None
@@ -175,11 +201,16 @@ def _train(args, argv, d, device) -> dict:
                       latents=make_latents(args, config.latent),
                       describe={"argv": argv if argv is not None else sys.argv[1:]}, dist=d, device=device)
     if args.resume:
-        if not trainer.resume(None if args.resume == "auto" else Path(args.resume)):
-            if args.resume != "auto":
-                raise SystemExit(f"no training state at {args.resume}")
-            if args.export_only:  # not the untrained weights
-                raise SystemExit(f"no training state in {out / 'checkpoints'} to export")
+        if args.resume != "auto" and not Path(args.resume).is_dir():
+            kept = [str(p) for _, p in list_states(out)] if d.main else []
+            raise SystemExit(f"--resume {args.resume}: no training state there; the states of {out} are "
+                             f"{kept or 'none'}")
+        # Why refuse instead of starting at step 0 (as Hugging Face's Trainer refuses): a --resume
+        # that finds nothing is a wrong --out or a lost run, and a fresh start would hide that.
+        if not trainer.resume(None if args.resume == "auto" else Path(args.resume), new_data=args.new_data):
+            what = "export" if args.export_only else "resume"  # --export-only: never the untrained weights
+            raise SystemExit(f"no training state in {out / 'checkpoints'} to {what}: check --out, or leave out "
+                             "--resume to start a new run")
         if args.export_only:
             path = trainer.export(out / "model.safetensors")
             if d.main:

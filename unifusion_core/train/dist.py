@@ -71,6 +71,14 @@ class Dist:
         dist.all_gather(out, x)
         return out
 
+    def gather_objects(self, value) -> list:
+        """Every rank's value (a small picklable object), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
     def broadcast(self, value):
         """Rank 0's value (a small picklable object: a path, None) on every rank."""
         if self.world == 1:

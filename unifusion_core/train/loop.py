@@ -14,6 +14,10 @@ EMA and optimizer. A run killed at any point and resumed ends bit-identical (on 
 
 Turning a periodic step off (checkpoint_every, validate_every or log_every 0) leaves it at the
 end only; the run's result (the final state and model.safetensors) is always written.
+
+Nothing non-finite is kept: a step whose loss or gradient norm is NaN or inf changes nothing
+(`nonfinite`: skipped, or the run stops), and neither a state nor the export holding NaN or inf
+is ever written (`NonFiniteError`; the states already saved stay).
 """
 
 from __future__ import annotations
@@ -40,7 +44,16 @@ from ..flow import flow_loss, interpolate, resolution_shift, sample_timesteps
 from ..model import UniFusionModel
 from .data import BadSample, Sample
 from .dist import Dist, full, local, shard
-from .state import list_states, load_state, prune_states, read_meta, save_state, state_path
+from .state import (
+    NonFiniteError,
+    list_states,
+    load_state,
+    nonfinite,
+    prune_states,
+    read_meta,
+    save_state,
+    state_path,
+)
 from .throughput import parameter_counts, peak_flops, peak_memory_gib, progress, train_flops
 from .vae import to_latents
 
@@ -87,11 +100,23 @@ class TrainConfig:
     # minutes this invocation may train (0: no limit); at the limit it saves the state and exports,
     # and --resume continues the same run (the schedule still ends at `steps`)
     time_limit: float = 0.0
+    # A step whose loss or gradient norm is NaN or inf: "skip" discards its update (no optimizer
+    # step, no EMA update; counted, logged, and the run goes on), "stop" stops the run at once.
+    # More than max_nonfinite skipped steps in the whole run stop it too. Why skip with a limit by
+    # default: an isolated overflow (one bad batch, a bf16 spike) should not end a long run
+    # (Megatron's and DeepSpeed's loss scalers skip such steps too), while a divergence fails
+    # every step from then on and is stopped after a few wasted steps, before any bad state.
+    nonfinite: str = "skip"
+    max_nonfinite: int = 10
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         if self.adapter_lr_scaling not in ("fan_in", "none"):
             raise ValueError(f"adapter_lr_scaling must be 'fan_in' or 'none', got {self.adapter_lr_scaling!r}")
+        if self.nonfinite not in ("skip", "stop"):
+            raise ValueError(f"nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+        if self.max_nonfinite < 0:
+            raise ValueError(f"max_nonfinite must be >= 0 skipped steps, got {self.max_nonfinite}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         for name in ("steps", "prompts_per_step", "timesteps_per_prompt", "gradient_checkpointing_every"):
@@ -251,6 +276,7 @@ class Trainer:
         self.step = 0
         self.bad = 0
         self.drawn = 0
+        self.nonfinite = 0  # steps whose update was skipped (loss or gradient norm NaN or inf)
 
     # --- state -------------------------------------------------------------------------------
 
@@ -259,6 +285,7 @@ class Trainer:
             "step": self.step,
             "bad": self.bad,
             "drawn": self.drawn,
+            "nonfinite": self.nonfinite,
             "mixture": self.mixture.state_dict(),
             "train": dataclasses.asdict(self.cfg),
             "model": self.model.config.to_dict(),
@@ -267,14 +294,17 @@ class Trainer:
 
     def save(self) -> Path:
         path = state_path(self.out, self.step)
-        save_state(path, self.model, self.ema, self.optimizer, self.meta(), self.dist)
+        save_state(path, self.model, self.ema, self.optimizer, self.meta(), self.dist)  # refuses NaN / inf
         if self.dist.main:
-            prune_states(self.out, self.cfg.keep_checkpoints)
+            prune_states(self.out, self.cfg.keep_checkpoints, upto=self.step)
         log.info("saved training state at step %d: %s", self.step, path)
         return path
 
-    def resume(self, path: Path | None = None) -> bool:
-        """Continue from `path` or the run's newest state; False when there is none."""
+    def resume(self, path: Path | None = None, new_data: bool = False) -> bool:
+        """Continue from `path` or the run's newest state; False when there is none.
+
+        new_data: go on with a changed data mixture (other sources or ratios: e.g. edit data added
+        for the last steps, Sec. 4.1) instead of refusing it; see TaskMixture.load_state_dict."""
         if path is None:  # rank 0 chooses, so that every rank loads the same state
             states = list_states(self.out) if self.dist.main else []
             path = self.dist.broadcast(str(states[-1][1]) if states else None)
@@ -285,10 +315,21 @@ class Trainer:
         meta = record["meta"]
         if UniFusionConfig.from_dict(meta["model"]) != self.model.config:
             raise ValueError(f"{path} was made with another model configuration; resume with the same settings")
-        load_state(path, self.model, self.ema, self.optimizer)  # into this run's sharding, whatever wrote it
+        load_state(path, self.model, self.ema, self.optimizer, self.dist)  # into this run's sharding, whatever wrote it
         self.step, self.bad, self.drawn = meta["step"], meta["bad"], meta["drawn"]
+        self.nonfinite = meta.get("nonfinite", 0)
         self.describe["train_seconds"] = meta.get("describe", {}).get("train_seconds", 0.0)
-        self.mixture.load_state_dict(meta["mixture"])
+        diffs = self.mixture.differences(meta["mixture"])
+        if diffs and not new_data:
+            raise ValueError(f"{path} was saved with another data mixture ({'; '.join(diffs)}): resume with the "
+                             "--data, --mix and --seed it was saved with (the run's run.json holds them), or add "
+                             "--new-data (from Python: resume(new_data=True)) to go on from this state with the new "
+                             "mixture")
+        self.mixture.load_state_dict(meta["mixture"], strict=False)  # warns of the differences
+        newer = [p.name for s, p in list_states(self.out) if s > self.step] if self.dist.main else []
+        if newer:
+            log.warning("states after step %d (%s) are of the run before this resume: they are not pruned, and "
+                        "--resume without a path would pick the newest of them", self.step, ", ".join(newer))
         log.info("resumed from %s at step %d (saved by %d process(es), continuing on %d)", path, self.step,
                  record.get("world_size", 1), self.dist.world)
         return True
@@ -310,8 +351,13 @@ class Trainer:
         return m.eval()
 
     def export(self, path: Path) -> Path:
-        """The pack's .safetensors (EMA), written by rank 0 from the gathered shards."""
+        """The pack's .safetensors (EMA), written by rank 0 from the gathered shards; never with
+        NaN or inf (NonFiniteError on every rank, nothing written)."""
         model = self.ema_model()
+        bad = self.dist.broadcast(nonfinite(model.state_dict()) if self.dist.main else None)
+        if bad:
+            raise NonFiniteError(f"the EMA weights at step {self.step} hold NaN or inf in {len(bad)} tensors "
+                                 f"({', '.join(bad[:5])}): {path} was not written")
         if self.dist.main:
             save_model(model, path)
             log.info("exported EMA weights to %s", path)
@@ -383,12 +429,19 @@ class Trainer:
         loss = losses.mean()  # FSDP averages the ranks' gradients: the gradient of the global mean
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        self.optimizer.step()
-        self._update_ema()
+        gnorm = float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
+        # One all-reduce decides for every rank: the global loss (NaN or inf if any rank's is) and
+        # the number of ranks that saw a non-finite gradient norm (under FSDP the norm is already
+        # global; summed anyway, so that no rank can step while another skips and waits).
+        stats = self.dist.sum_(torch.tensor([loss.item(), float(not math.isfinite(gnorm))], dtype=torch.float64))
+        mean, finite = stats[0].item() / self.dist.world, math.isfinite(stats[0].item()) and stats[1].item() == 0
+        if finite:
+            self.optimizer.step()
+            self._update_ema()
+        else:  # the step changes nothing: no update, no EMA, no moments
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        mean = self.dist.sum_(loss.detach().reshape(1).clone()) / self.dist.world
-        return {"loss": mean.item(), "grad_norm": float(gnorm), "t": t.cpu(), "losses": losses.detach().cpu(),
+        return {"loss": mean, "grad_norm": gnorm, "finite": finite, "t": t.cpu(), "losses": losses.detach().cpu(),
                 "samples": P * K}
 
     @torch.no_grad()
@@ -413,24 +466,30 @@ class Trainer:
             while self.step < cfg.steps:
                 out = self.train_step()
                 seen += out["samples"]
-                losses.append(out["loss"])
-                b = (out["t"] * 4).long().clamp(max=3)
-                bins[0].index_add_(0, b, out["losses"])
-                bins[1].index_add_(0, b, torch.ones_like(out["losses"]))
+                if out["finite"]:
+                    losses.append(out["loss"])
+                    b = (out["t"] * 4).long().clamp(max=3)
+                    bins[0].index_add_(0, b, out["losses"])
+                    bins[1].index_add_(0, b, torch.ones_like(out["losses"]))
+                else:
+                    self._nonfinite_step(out, metrics)  # raises when the run must stop
                 bar.update(1)
                 if self._due(cfg.log_every):
                     self.dist.sum_(bins[0]), self.dist.sum_(bins[1])  # every rank's rows
                     now = time.perf_counter()
                     train_seconds += now - t_log
                     rate = seen / (now - t_log)
-                    rec = {"step": self.step, "loss": float(np.mean(losses)), "grad_norm": out["grad_norm"],
+                    rec = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
+                           "grad_norm": out["grad_norm"] if out["finite"] else None,
                            "lr": lr_at(cfg, self.step - 1), "samples_per_s": round(rate, 2),
                            "loss_by_t": [round(float(s / max(c, 1)), 5) for s, c in zip(*bins)],
-                           "bad_samples": self.bad, "train_seconds": round(train_seconds, 1)}
+                           "bad_samples": self.bad, "nonfinite_steps": self.nonfinite,
+                           "train_seconds": round(train_seconds, 1)}
                     rec |= self._throughput(rate)
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
-                    shown = {"loss": f"{rec['loss']:.4f}", "sps": f"{rate:.1f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
+                    shown = {"loss": "-" if rec["loss"] is None else f"{rec['loss']:.4f}", "sps": f"{rate:.1f}",
+                             "tok/s": f"{rec['tokens_per_s']:.0f}",
                              "GiB": "/".join(f"{m:.1f}" for m in rec["memory_gib_per_rank"])}
                     if "mfu" in rec:
                         shown["mfu"] = f"{100 * rec['mfu']:.1f}%"
@@ -466,9 +525,32 @@ class Trainer:
         if self.validate is not None:
             last_val = self._validate(metrics, train_seconds)
         metrics.close()
-        return {"step": self.step, "steps": cfg.steps, "bad_samples": self.bad, "export": str(export),
+        return {"step": self.step, "steps": cfg.steps, "bad_samples": self.bad, "nonfinite_steps": self.nonfinite,
+                "export": str(export),
                 "validation": last_val, "train_seconds": round(train_seconds, 1),
                 "seconds": round(time.perf_counter() - t_start, 1)}
+
+    def _nonfinite_step(self, out: dict, metrics) -> None:
+        """Count a step whose update was skipped, log it, and stop the run (NonFiniteError, on
+        every rank alike) under nonfinite='stop' or past max_nonfinite skipped steps."""
+        cfg = self.cfg
+        self.nonfinite += 1
+        what = f"step {self.step}: the loss is {out['loss']:.6g} and the gradient norm {out['grad_norm']:.6g}"
+        go_on = cfg.nonfinite == "skip" and self.nonfinite <= cfg.max_nonfinite
+        metrics.write(json.dumps({"step": self.step, "nonfinite_steps": self.nonfinite,
+                                  "nonfinite": "skipped" if go_on else "stopped"}) + "\n")
+        metrics.flush()
+        if go_on:
+            log.warning("%s: update skipped (%d of at most %d skipped steps, --max-nonfinite)", what, self.nonfinite,
+                        cfg.max_nonfinite)
+            return
+        why = ("--nonfinite stop" if cfg.nonfinite == "stop"
+               else f"{self.nonfinite} skipped steps, more than --max-nonfinite {cfg.max_nonfinite}")
+        states = list_states(self.out) if self.dist.main else []
+        newest = f"the newest state is {states[-1][1]}" if states else "no state was saved yet"
+        raise NonFiniteError(f"{what}: stopped ({why}). Its update was not applied and nothing was written after "
+                             f"it: {newest}. Lower --lr (now {cfg.lr:g}) or check the data, and "
+                             "--resume (a resumed run starts from the newest state)")
 
     def _due(self, every: int) -> bool:
         """Whether a periodic step runs now: every `every` steps and at the last (every = 0: the last only)."""

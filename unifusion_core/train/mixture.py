@@ -53,7 +53,8 @@ class TaskMixture:
         self.ratios = {t: ratios[t] / total for t in self.tasks}  # renormalised
         empty = [t for t in self.tasks if len(sources[t]) == 0]
         if empty:
-            raise ValueError(f"TaskMixture: sources {empty} are empty but have a ratio > 0")
+            raise ValueError(f"TaskMixture: the sources of {empty} hold no samples but have a ratio > 0: "
+                             "give them data, or set their ratio to 0")
         if not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"TaskMixture: seed must be an int in [0, 2**63), got {seed!r}")
         self.sources, self.seed = sources, seed
@@ -103,28 +104,37 @@ class TaskMixture:
                 "lengths": {t: len(self.sources[t]) for t in self.tasks},
                 "epochs": dict(self.epochs), "positions": dict(self.positions)}
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Continue a saved sequence. strict: refuse a different seed, ratios or source lengths.
-
-        With strict=False (e.g. edit data added for the last steps, Sec. 4.1) known tasks keep their
-        place, a task whose source length changed starts its next epoch, new tasks start at 0.
-        """
-        lengths = {t: len(self.sources[t]) for t in self.tasks}
+    def differences(self, state: dict) -> list[str]:
+        """How a saved state's mixture differs from this one (seed, ratios, source lengths); [] when none."""
         diffs = []
         if state["seed"] != self.seed:
             diffs.append(f"seed {state['seed']} -> {self.seed}")
         if set(state["ratios"]) != set(self.ratios) or any(
                 not math.isclose(state["ratios"][t], self.ratios[t], rel_tol=1e-9) for t in self.ratios):
             diffs.append(f"ratios {state['ratios']} -> {self.ratios}")
-        changed = [t for t in self.tasks if t in state["lengths"] and state["lengths"][t] != lengths[t]]
+        changed = self._changed_lengths(state)
         if changed:
-            diffs.append("source lengths " + ", ".join(f"{t}: {state['lengths'][t]} -> {lengths[t]}" for t in changed))
+            diffs.append("source lengths " + ", ".join(f"{t}: {state['lengths'][t]} -> {len(self.sources[t])}"
+                                                       for t in changed))
+        return diffs
+
+    def _changed_lengths(self, state: dict) -> list[str]:
+        return [t for t in self.tasks if t in state["lengths"] and state["lengths"][t] != len(self.sources[t])]
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue a saved sequence. strict: refuse a different seed, ratios or source lengths.
+
+        With strict=False (e.g. edit data added for the last steps, Sec. 4.1) known tasks keep their
+        place, a task whose source length changed starts its next epoch, new tasks start at 0.
+        """
+        diffs = self.differences(state)
         if diffs and strict:
             raise ValueError("TaskMixture: the saved state is of another mixture (" + "; ".join(diffs) +
-                             "); use the same sources, ratios and seed, or pass strict=False to go on "
-                             "with the new mixture from where the saved one stopped")
+                             "); use the same sources, ratios and seed, or load_state_dict(state, strict=False) "
+                             "to go on with the new mixture from where the saved one stopped")
         if diffs:
             _log.warning("TaskMixture: resuming a changed mixture: %s", "; ".join(diffs))
+        changed = self._changed_lengths(state)
         self.draws = int(state["draws"])
         for t in self.tasks:
             e, p = int(state["epochs"].get(t, 0)), int(state["positions"].get(t, 0))

@@ -43,12 +43,15 @@ def make_data(args, seed: int):
         kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
         sources = {"t2i": SyntheticScenes("train", args.resolution, seed, kinds=kinds)}
         return TaskMixture(sources, {"t2i": 1.0}, seed), sources
-    sources = load_sources(args.data, args.resolution)
-    ratios = {k: v for k, v in parse_mix(args.mix).items() if k in sources}
+    mix = parse_mix(args.mix)  # the flag checked before the data is read
+    sources = {k: s for k, s in load_sources(args.data, args.resolution).items() if len(s)}
+    ratios = {k: v for k, v in mix.items() if k in sources}
     if not ratios:
-        raise ConfigError(f"--data {args.data}: none of the tasks in --mix {args.mix!r} has samples "
-                          f"(found {sorted(sources)})")
-    dropped = sorted(set(parse_mix(args.mix)) - set(sources))
+        found = {k: len(s) for k, s in sources.items()}
+        raise ConfigError(f"--data {args.data}: none of the tasks in --mix {args.mix!r} has samples (found "
+                          f"{found or 'no usable samples'}); a manifest's rows and a shard's samples need a "
+                          "'task' of --mix (default t2i), an image and what the task conditions on")
+    dropped = sorted(set(mix) - set(sources))
     if dropped:
         log.warning("no samples for tasks %s: training on %s only", dropped, sorted(ratios))
     return TaskMixture({k: sources[k] for k in ratios}, ratios, seed), sources

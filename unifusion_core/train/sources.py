@@ -158,6 +158,12 @@ class ImageFolder:
         self.resolution = resolution
         self.min_size = _check_resolution(resolution, min_size)
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not self.files:
+            others = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+            held = f"it holds {len(others)} other files, e.g. {others[:3]}" if others else "it is empty"
+            raise ValueError(f"ImageFolder: no images in {str(self.root)!r} or its subfolders ({held}); expected "
+                             f"{'/'.join(IMAGE_EXTS)} files, each with a same-stem .txt caption beside it "
+                             "(cat.png + cat.txt)")
         self.ids = [p.relative_to(self.root).with_suffix("").as_posix() for p in self.files]
         seen: dict[str, Path] = {}
         for id, p in zip(self.ids, self.files):
