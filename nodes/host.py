@@ -89,8 +89,9 @@ def comfy_tokenizers() -> dict[str, Path]:
 
 def list_vlms() -> list[str]:
     """Hugging Face model folders (with config.json), .gguf files, and one-file LLM encoders
-    (.safetensors that encoders.single_file recognises: ComfyUI's CLIP and T5 files are skipped),
-    one level deep or two."""
+    (.safetensors that encoders.single_file recognises), one level deep or two. Each other
+    .safetensors file is named in the log once, with the reason (ComfyUI's CLIP and T5 files, which
+    share the folder, only at debug level)."""
     single_file = uf.encoders.single_file
     names = set()
     for folder in (p for f in VLM_FOLDERS for p in folder_paths_for(f)):
@@ -104,7 +105,12 @@ def list_vlms() -> list[str]:
                 continue
             try:
                 single_file.read_layout(path)
-            except Exception:
+            except single_file.NotAnLLM as e:
+                _report_once(path, str(e).removeprefix(f"{path.name}: "), "UniFusion VLM Load", logging.DEBUG)
+                continue
+            except Exception as e:  # the list must not fail over one file: say why it is left out
+                reason = str(e) if isinstance(e, ValueError) else f"cannot be read ({type(e).__name__}: {e})"
+                _report_once(path, reason.removeprefix(f"{path.name}: "), "UniFusion VLM Load")
                 continue
             names.add(path.relative_to(folder).as_posix())
     return sorted(names)
@@ -142,10 +148,10 @@ def list_models() -> list[str]:
 _reported: set[tuple[str, str]] = set()
 
 
-def _report_once(path: Path, problem: str) -> None:
+def _report_once(path: Path, problem: str, node: str = "UniFusion Model Load", level: int = logging.INFO) -> None:
     if (str(path), problem) not in _reported:
         _reported.add((str(path), problem))
-        log.info("UniFusion Model Load does not list %s: %s", path, problem)
+        log.log(level, f"{node} does not list %s: %s", path, problem)
 
 
 def resolve(kind: str, name: str) -> Path:

@@ -210,7 +210,7 @@ def test_comfyuis_qwen_tokenizer_serves_qwen25vl_and_qwen3():
     and Qwen3's four extra tokens land on Qwen3's ids (151665-151668)."""
 
     def layout(family: str) -> single_file.Layout:
-        return single_file.Layout(family, {}, "", False, False)
+        return single_file.Layout(family, {"model.embed_tokens.weight": (151936, 8)}, "", False, False)
 
     tok = single_file.load_tokenizer(Path("x"), layout("qwen2_5_vl"), COMFY_TOKENIZER)
     assert tok.convert_tokens_to_ids("<|image_pad|>") == 151655
@@ -233,3 +233,56 @@ def test_gemma_turns_put_the_system_prompt_in_the_first_user_turn():
         "<bos><start_of_turn>user\nDescribe it.\n\na red circle<end_of_turn>\n<start_of_turn>model\n")
     assert render(bos_token="<bos>", messages=user, add_generation_prompt=False) == (
         "<bos><start_of_turn>user\na red circle<end_of_turn>\n")
+
+
+def test_a_tokenizer_beyond_the_files_vocabulary_is_named(tmp_path, monkeypatch):
+    """Another model's tokenizer (more tokens than the file's embedding rows): not transformers'
+    'Padding_idx must be within num_embeddings', but which folder does not fit the file and what to do."""
+    folder = reference(tmp_path / "ref", "qwen2")
+    sd = load_file(to_comfy(folder, tmp_path / "q.safetensors"))
+    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"][:100].clone()
+    small = tmp_path / "small.safetensors"
+    save_file(sd, str(small))
+    with pytest.raises(ValueError, match=(
+            rf"small.safetensors has embeddings for 100 tokens, but the tokenizer in {re.escape(str(folder))} has "
+            r"\d+ tokens \(pad id \d+, eos id \d+\): it is not this model's tokenizer; name the folder of the "
+            r"model's tokenizer files \(tokenizer.json")):
+        uf.load_vlm(small, tokenizer=folder)
+    monkeypatch.setattr(single_file, "TOKENIZER_FOLDERS", {"qwen": folder})
+    with pytest.raises(ValueError, match=r"has embeddings for 100 tokens, but the tokenizer in .* \(the default for "
+                                         r"Qwen2.5 files\) has"):
+        uf.load_vlm(small)
+
+
+def test_vlm_load_names_each_file_it_does_not_offer(tmp_path, monkeypatch, caplog):
+    """Model folders hold files VLM Load cannot use: each is named in the log once, with the reason
+    (CLIP / T5 files, ComfyUI's own encoders, only at debug level); the one-file encoder is listed."""
+    import nodes
+
+    te = tmp_path / "text_encoders"
+    te.mkdir()
+    good = to_comfy(reference(tmp_path / "ref", "qwen2"), te / "qwen_tiny.safetensors")
+    data = good.read_bytes()
+    (te / "empty.safetensors").write_bytes(b"")
+    (te / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (te / "page.safetensors").write_bytes(b"<html>404 Not Found</html>" * 4)  # a failed download
+    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(2, 2)}, str(te / "clip_l.safetensors"))
+    save_file({f"model.layers.0.{n}.weight": torch.zeros(4, 4) for n in
+               ("self_attn.q_proj", "self_attn.k_proj", "post_attention_layernorm")}, str(te / "llama3.safetensors"))
+    monkeypatch.setattr(nodes.host, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(nodes.host, "_reported", set())
+    with caplog.at_level("DEBUG", logger="nodes.host"):
+        assert "qwen_tiny.safetensors" in nodes.host.list_vlms()
+        nodes.host.list_vlms()  # each file is named once, not at every listing
+    records = [r for r in caplog.records if "UniFusion VLM Load does not list" in r.getMessage()]
+    reasons = {r.args[0].name: (r.levelname, r.args[1]) for r in records}
+    assert len(records) == len(reasons) == 5, [r.getMessage() for r in records]
+    assert reasons["empty.safetensors"] == ("INFO", "the file is empty (0 bytes): the download or copy did not "
+                                                    "finish; fetch it again")
+    for name in ("cut.safetensors", "page.safetensors"):
+        level, reason = reasons[name]
+        assert level == "INFO" and reason.startswith("not a readable safetensors file ("), reason
+        assert reason.endswith("it is truncated or corrupt; copy or download it again"), reason
+    assert reasons["clip_l.safetensors"][0] == "DEBUG" and "not an LLM text encoder" in reasons["clip_l.safetensors"][1]
+    assert reasons["llama3.safetensors"][0] == "INFO"
+    assert "RoPE settings (Llama 3 or 3.1) cannot be read" in reasons["llama3.safetensors"][1]

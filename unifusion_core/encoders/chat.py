@@ -1,5 +1,13 @@
 """Chat formatting for every family: the templated turn, where the user's own text lands in it,
-image placeholders expanded into image tokens, and the checks on text before any tokenizer sees it."""
+image placeholders expanded into image tokens, and the checks on text before any tokenizer sees it.
+
+Text holding one of the tokenizer's special tokens (`<|im_end|>`, `<bos>`, a tool token) is refused,
+not tokenised differently: the tokenizer reads such a string as the control token wherever it is,
+so a prompt could end its own turn and write a new system turn. Splitting it into plain text
+(`split_special_tokens`) would need the user's span tokenised apart from the template around it,
+which can tokenise the boundaries differently from the whole turn; and text about `<|im_end|>` is
+rarely what an image prompt means. The same holds for the system prompt: it sits in the same
+template, and a turn marker there forges turns just the same."""
 
 from __future__ import annotations
 
@@ -62,8 +70,30 @@ def check_text(text, what: str, name: str, context_length: int | None) -> None:
                          "surrogate); send it as UTF-8 text") from None
 
 
-def check_prompts(prompts, caller: str) -> list[str]:
-    """A list of non-empty text-only prompts, or ValueError naming the bad item."""
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    """The strings the tokenizer reads as control tokens wherever they occur in text: its special
+    tokens (BOS/EOS, pad, turn markers) and the added tokens marked special (tool, image, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    found = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if t.special}
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+def check_special(text: str, what: str, specials: Sequence[str], name: str) -> None:
+    """ValueError naming the first of the tokenizer's special tokens in text (see the module's docstring);
+    what: "the prompt", "prompt 3", ..."""
+    found = sorted((text.find(t), -len(t), t) for t in specials if t in text)
+    if not found:
+        return
+    at, _, token = found[0]
+    others = sorted({t for *_, t in found[1:]} - {token})
+    also = f" (and also {', '.join(map(repr, others[:5]))}{', ...' if len(others) > 5 else ''})" if others else ""
+    raise ValueError(f"{what} contains {token!r} at character {at}{also}: a special token of {name}'s tokenizer "
+                     "(a turn marker, BOS/EOS or tool token): the model would read it as that control token, not as "
+                     f"text; remove it from {what}")
+
+
+def check_prompts(prompts, caller: str, specials: Sequence[str], name: str) -> list[str]:
+    """A list of non-empty text-only prompts without special tokens, or ValueError naming the bad item."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(f"{caller} takes a list of prompts, got {type(prompts).__name__}; wrap one prompt in a list")
     for i, t in enumerate(prompts):
@@ -74,6 +104,7 @@ def check_prompts(prompts, caller: str) -> list[str]:
             )
         if not t.strip():
             raise ValueError(f"{caller}: prompt {i} is empty; give every prompt some text")
+        check_special(t, f"prompt {i}", specials, name)
     return list(prompts)
 
 
@@ -88,7 +119,7 @@ def render(tokenizer, chat_template: str | None, content, system: str, generatio
 
 def prepare_prompt(tokenizer, chat_template: str | None, adapter, special_ids: Tensor, prompt: str,
                    tiled: list[TiledImage], system: str, generation_prompt: bool, *, name: str,
-                   context_length: int | None) -> PreparedPrompt:
+                   context_length: int | None, specials: Sequence[str]) -> PreparedPrompt:
     """Chat-template the turn, expand image placeholders, tokenize, and mark the user's text
     (the pixel inputs are the caller's: VLMEncoder.prepare_prompt)."""
     a = adapter
@@ -98,6 +129,8 @@ def prepare_prompt(tokenizer, chat_template: str | None, adapter, special_ids: T
         raise ValueError(f"{name} has no chat template; VERIFI needs an instruction-tuned chat model")
     if a.takes_images and a.placeholder() in prompt:
         raise ValueError(f"the prompt contains the image token {a.placeholder()!r}; remove it and pass images instead")
+    for what, t in (("the prompt", prompt), ("the system prompt", system)):
+        check_special(t, what, specials, name)
 
     def content(text: str):
         return [{"type": "image"} for _ in tiled] + [{"type": "text", "text": text}] if a.takes_images else text

@@ -33,6 +33,7 @@ class VLMEncoder:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.no_lm_head: str | None = None  # why this encoder cannot generate (a one-file encoder without its head)
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)  # asked for once
+        self.special_tokens = chat.special_tokens(tokenizer)  # refused in prompts (chat.check_special)
         text_cfg = model.config.get_text_config()
         self.hidden_size = text_cfg.hidden_size
         self.num_layers = text_cfg.num_hidden_layers
@@ -87,7 +88,7 @@ class VLMEncoder:
         tiled = list(tiled)
         p = chat.prepare_prompt(self.tokenizer, self.chat_template, self.adapter, self.special_ids, prompt, tiled,
                                 system_prompt_or_default(system_prompt), generation_prompt, name=self.name,
-                                context_length=self.context_length)
+                                context_length=self.context_length, specials=self.special_tokens)
         if tiled:
             p.inputs = self.adapter.pixel_inputs(tiled, self.model.dtype, self.device)
             p.inputs |= {k: v[None].to(self.device) for k, v in self.adapter.extra_inputs(p.ids).items()}
@@ -210,7 +211,7 @@ class VLMEncoder:
         max_new_tokens. The chat-template prefix shared by all prompts runs once (memoized across
         calls in prefix_memo); every batch of suffixes, sorted by length, reuses its KV cache.
         """
-        texts = chat.check_prompts(prompts, "encode_batch")
+        texts = chat.check_prompts(prompts, "encode_batch", self.special_tokens, self.name)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         chosen = self.select_layers(layers)
@@ -274,7 +275,7 @@ class VLMEncoder:
         encode(p, rewrite=True) up to floating-point ties. A seed samples one prompt at a time
         through encode's own generate call, so each rewrite is exactly encode(p, seed=seed)'s.
         """
-        texts = chat.check_prompts(prompts, "rewrite_batch")
+        texts = chat.check_prompts(prompts, "rewrite_batch", self.special_tokens, self.name)
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
         if self.no_lm_head:

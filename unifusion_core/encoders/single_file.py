@@ -31,15 +31,29 @@ log = logging.getLogger(__name__)
 # like gguf_cache.GGUF_CACHE.
 TOKENIZER_FOLDERS: dict[str, Path] = {}
 
-def read_layout(path: Path) -> Layout:
-    """The family of a one-file LLM, from names and shapes alone; ValueError when it is none we know."""
-    from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+class NotAnLLM(ValueError):
+    """A readable .safetensors file that holds no LLM (CLIP, T5, a diffusion model): ComfyUI keeps its own
+    text encoders in the same folder, so listings skip these quietly."""
+
+
+def read_layout(path: Path) -> Layout:
+    """The family of a one-file LLM, from names and shapes alone; ValueError when it is none we know
+    (NotAnLLM when the file holds no LLM at all)."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path.name}: the file is empty (0 bytes): the download or copy did not finish; fetch it "
+                         "again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path.name}: not a readable safetensors file ({e}): it is truncated or corrupt; copy or "
+                         "download it again") from None
     anchor = next((k for k in shapes if k.endswith(LAYER0 + "self_attn.q_proj.weight")), None)
     if anchor is None:
-        raise ValueError(f"{path.name}: not an LLM text encoder (no '{LAYER0}self_attn.q_proj.weight'): a CLIP, T5 "
+        raise NotAnLLM(f"{path.name}: not an LLM text encoder (no '{LAYER0}self_attn.q_proj.weight'): a CLIP, T5 "
                          "or diffusion model file cannot be a UniFusion encoder")
     prefix = anchor[: -len(LAYER0 + "self_attn.q_proj.weight")]
     shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)} | {
@@ -84,13 +98,30 @@ def load_tokenizer(path: Path, layout: Layout, folder: Path | None):
     """A tokenizer for the file: the named folder, else the family's default folder, with the
     chat template the family gives it (Qwen: our ChatML; Gemma: its turns if it has none)."""
     fam = registry.family(layout.family)
-    folder = folder or TOKENIZER_FOLDERS.get(fam.tokenizer_folder)
+    named, folder = folder is not None, folder or TOKENIZER_FOLDERS.get(fam.tokenizer_folder)
     if folder is None:
         raise ValueError(f"{path.name} is one .safetensors file without a tokenizer: name the folder of the model's "
                          f"tokenizer files ({fam.tokenizer_hint}), from the model's original repository")
     tok = fam.one_file_tokenizer(Path(folder))
     tok.chat_template = fam.one_file_chat_template(tok)
+    which = f"the tokenizer in {folder}" + ("" if named else f" (the default for {fam.label} files)")
+    check_vocabulary(path, layout, tok, which)
     return tok
+
+
+def check_vocabulary(path: Path, layout: Layout, tokenizer, which: str) -> None:
+    """ValueError when the tokenizer has ids beyond the file's embedding rows (another model's tokenizer:
+    transformers would fail on it with 'Padding_idx must be within num_embeddings', or index past the table)."""
+    rows = layout.shapes["model.embed_tokens.weight"][0]
+    named = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    beyond = {k: i for k, i in named.items() if i is not None and i >= rows}
+    if len(tokenizer) <= rows and not beyond:
+        return
+    ids = ", ".join(f"{k} id {i}" for k, i in beyond.items())
+    raise ValueError(
+        f"{path.name} has embeddings for {rows:,} tokens, but {which} has {len(tokenizer):,} tokens"
+        f"{f' ({ids})' if ids else ''}: it is not this model's tokenizer; name the folder of the model's tokenizer "
+        f"files ({registry.family(layout.family).tokenizer_hint}), from the model's original repository")
 
 
 def load(path: Path, dtype: torch.dtype, device: torch.device, tokenizer_folder: Path | None = None):
