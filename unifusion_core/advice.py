@@ -93,17 +93,9 @@ def knows_scenes(config: UniFusionConfig) -> bool:
 
 
 def rewrite_of(features: Features) -> bool | None:
-    """Whether features hold a VERIFI rewrite (True) or the prompt's own words (False); None when
-    they cannot tell (no text tokens, or no record of the sequence, as from a features file).
-
-    Features carry no flag; this reads where their text tokens sat in what the VLM saw. A rewrite is
-    the VLM's continuation, so its last word ends the sequence (the stop token is never fed back);
-    the prompt's own words sit inside the user's chat turn, before its end-of-turn tokens.
-    """
-    if features.positions is None or features.is_image is None or not features.sequence_ids:
-        return None
-    text = features.positions[~features.is_image]
-    return None if text.numel() == 0 else int(text.max()) == len(features.sequence_ids) - 1
+    """Whether features hold a VERIFI rewrite (True) or the prompt's own words (False), as the
+    encoder recorded it; None when nothing says (features built by hand or read from a file)."""
+    return features.rewrite
 
 
 def timed(callback: Callback | None, config: UniFusionConfig, width: int, height: int, sampler: str = "euler",

@@ -33,6 +33,7 @@ class Features:
     positions: Tensor | None = None  # (T,) index of each conditioning token in sequence_ids
     is_image: Tensor | None = None  # (T,) bool
     image_index: Tensor | None = None  # (T,) which reference image (-1 for text tokens)
+    rewrite: bool | None = None  # True: text tokens of a VERIFI rewrite; False: the prompt's own; None: unknown
 
     def __post_init__(self) -> None:
         # The encoder's spec owns the layer list; `layers` is only needed without one.
@@ -80,7 +81,7 @@ class Features:
 
         return Features(
             self.hidden[keep], self.layers, self.encoder, self.text, self.sequence_ids,
-            pick(self.positions), pick(self.is_image), pick(self.image_index),
+            pick(self.positions), pick(self.is_image), pick(self.image_index), self.rewrite,
         )
 
 

@@ -187,7 +187,7 @@ class VLMEncoder:
         image_index = torch.cat([p.image_index, torch.full((len(fed),), -1)])[cond]
         return Features(hidden=hidden.cpu(), encoder=self.encoder_spec(chosen, system), text=text,
                         sequence_ids=torch.cat([p.ids, fed]).tolist(), positions=cond.nonzero().flatten(),
-                        is_image=image_index >= 0, image_index=image_index)
+                        is_image=image_index >= 0, image_index=image_index, rewrite=rewrite)
 
     # --- many text prompts at once (training) ----------------------------------------------------
 
@@ -257,6 +257,7 @@ class VLMEncoder:
             out.append(Features(
                 hidden=hidden[i], encoder=spec, text=text, sequence_ids=torch.cat([p.ids, f]).tolist(),
                 positions=cond.nonzero().flatten(), is_image=image_index >= 0, image_index=image_index,
+                rewrite=rewrite,
             ))
         return out
 
