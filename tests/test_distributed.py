@@ -156,6 +156,19 @@ def test_two_nodes_on_localhost_agree(tmp_path, features, single):
     assert read_meta(list_states(out)[-1][1])["world_size"] == 2
 
 
+def test_a_diverging_sharded_run_stops_on_every_rank(tmp_path, features):
+    """--lr 1e6 diverges (gradient norm inf from step 3): both ranks skip the same steps, then both
+    stop at the same one (a rank that stepped while the other stopped would hang it); the good
+    state stays, nothing is exported."""
+    out = tmp_path / "nan"
+    result = train(out, features, "--lr", "1e6", "--max-nonfinite", "1", procs=2)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and "step 4: the loss is" in log, log[-3000:]
+    assert "stopped (2 skipped steps, more than --max-nonfinite 1)" in log
+    assert "exitcode  : 3" in log  # torchrun's report of each rank's status (its own is 1)
+    assert [s for s, _ in list_states(out)] == [2] and not (out / "model.safetensors").exists()
+
+
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, features):
     result = train(tmp_path / "odd", features, "--prompts-per-step", "3", procs=2)
     assert result.returncode != 0

@@ -37,7 +37,8 @@ EPILOG = """exit status:
   3  stopped on a non-finite loss or gradient norm (--nonfinite stop, or more than --max-nonfinite
      skipped steps): nothing was written after the last good step; the message names the step
   4  a training state refused: damaged or modified since it was written (its checksums), incomplete,
-     or holding NaN/inf; the message names it and the state before it (--resume PATH)"""
+     or holding NaN/inf; the message names it and the state before it (--resume PATH)
+under torchrun: torchrun's own status is 1 when a rank fails; its report gives each rank's status"""
 
 
 def parser() -> argparse.ArgumentParser:
