@@ -61,7 +61,8 @@ class UniFusionVLMLoad:
         offload = host.offload_device(text_encoder=True)
         # Loaded on the offload device; ComfyUI's memory manager moves it when it runs.
         folder = None if tokenizer in ("auto", "", None) else host.resolve("vlm", tokenizer)
-        encoder = uf.load_vlm(host.resolve("vlm", vlm_name), dtype=chosen, device=offload,
-                              cache_dir=host.gguf_cache(), tokenizer=folder)
+        with uf.guard.interruptible(host.interrupt_check()):  # Cancel reaches a GGUF's conversion
+            encoder = uf.load_vlm(host.resolve("vlm", vlm_name), dtype=chosen, device=offload,
+                                  cache_dir=host.gguf_cache(), tokenizer=folder)
         # transformers' layers are plain torch.nn: always loaded whole.
         return (host.Managed(encoder, encoder.model, run_on, offload, partial=False),)

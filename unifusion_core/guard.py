@@ -19,9 +19,9 @@ _cancel_check: ContextVar[Callable[[], None] | None] = ContextVar("unifusion_can
 @contextmanager
 def interruptible(check: Callable[[], None] | None) -> Iterator[None]:
     """Within this block, check() runs before every DiT block (and between the chunks of a very
-    large attention, layers.attention); it raises to cancel (ComfyUI's
-    throw_exception_if_processing_interrupted). A large image's step can take minutes; this makes
-    Cancel answer within one block's time."""
+    large attention, layers.attention, and as a GGUF is converted, encoders.gguf_cache.cancellable);
+    it raises to cancel (ComfyUI's throw_exception_if_processing_interrupted). A large image's step
+    can take minutes; this makes Cancel answer within one block's time."""
     token = _cancel_check.set(check)
     try:
         yield

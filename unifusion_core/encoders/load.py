@@ -8,11 +8,13 @@ import json
 import logging
 import os
 import struct
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+from .. import guard
 from . import gguf_cache, registry, single_file
 from .encoder import VLMEncoder
 
@@ -43,7 +45,9 @@ def load_vlm(
     `gguf_cache.GGUF_CACHE`) the result is kept there once as a plain Hugging Face folder
     (safetensors at `dtype`, the tokenizer and chat template), keyed by the file's path, size and
     modification time, the dtype and the transformers version, and later loads read that (under a
-    second). A changed GGUF gets a new entry and the old one is removed.
+    second) after checking every file against the checksum recorded when it was written; a damaged
+    entry is converted again and replaced. A changed GGUF gets a new entry and the old one is removed.
+    Within guard.interruptible, Cancel reaches the conversion (gguf_cache.cancellable).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -70,16 +74,20 @@ def load_vlm(
         folder, kw["gguf_file"] = path.parent, path.name
         cache = cache_dir if cache_dir is not None else gguf_cache.GGUF_CACHE
         converted = gguf_cache.cache_entry(path, dtype, Path(cache)) if cache is not None else None
-        if converted is not None and (converted / "complete.json").is_file():
-            try:
-                encoder = load_vlm(converted, dtype=dtype, device=device)
-                encoder.name = path.stem  # the GGUF's name: what checkpoints record as their encoder
-                return encoder
-            except (ValueError, OSError) as e:
-                log.warning("the converted weights of %s at %s cannot be read (%s); converting again", path.name,
-                            converted, e)
+        if converted is not None and converted.exists():
+            problem = gguf_cache.damage(converted)
+            if problem is None:
+                try:
+                    encoder = load_vlm(converted, dtype=dtype, device=device)
+                    encoder.name = path.stem  # the GGUF's name: what checkpoints record as their encoder
+                    return encoder
+                except (ValueError, OSError) as e:
+                    problem = str(e)
+            log.warning("the converted weights of %s at %s cannot be read (%s); converting again to replace them",
+                        path.name, converted, problem)
         try:
-            model_type = AutoConfig.from_pretrained(folder, **kw).model_type
+            with gguf_cache.cancellable():
+                model_type = AutoConfig.from_pretrained(folder, **kw).model_type
         except (struct.error, ValueError, KeyError, IndexError, OSError) as e:
             raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or "
                              "corrupt: fetch it again") from None
@@ -108,10 +116,11 @@ def load_vlm(
             "of the model's original repository into the folder beside config.json"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        weights = {} if path.is_file() else {"use_safetensors": True}
-        placement = {} if device.type == "cpu" else {"device_map": {"": device}}  # straight to the GPU
-        model = adapter.transformers_class().from_pretrained(folder, dtype=dtype, **kw, **weights, **placement)
+        with gguf_cache.cancellable() if path.is_file() else nullcontext():  # Cancel reaches a GGUF's conversion
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+            weights = {} if path.is_file() else {"use_safetensors": True}
+            placement = {} if device.type == "cpu" else {"device_map": {"": device}}  # straight to the GPU
+            model = adapter.transformers_class().from_pretrained(folder, dtype=dtype, **kw, **weights, **placement)
     except OSError as e:
         raise ValueError(f"{path}: cannot load the model files ({e}); safetensors weights are required") from None
     except (SafetensorError, struct.error) as e:
@@ -119,6 +128,7 @@ def load_vlm(
                          "corrupt: copy or download it again") from None
     model = model.to(device).eval().requires_grad_(False)
     if path.is_file() and converted is not None:
+        guard.check_cancel()  # Cancelled in the conversion's last steps: nothing is written
         gguf_cache.write_entry(converted, model, tokenizer, path)
     template = processor_template(folder) if adapter.takes_images else None
     return VLMEncoder(model, tokenizer, adapter(model, tokenizer), name=path.stem if path.is_file() else path.name,
