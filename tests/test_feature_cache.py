@@ -1,6 +1,7 @@
-"""The on-disk feature cache: fp16 round trips keyed by cond_id, refusals, interrupted writes."""
+"""The on-disk feature cache: fp16 round trips keyed by cond_id, refusals, interrupted writes, damage."""
 
 import dataclasses
+import json
 import logging
 import random
 
@@ -8,6 +9,7 @@ import pytest
 import tiny_vlms
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from test_encode_batch import sharpen
 from torch.testing import assert_close
 
@@ -166,3 +168,51 @@ def test_features_that_do_not_fit_are_refused(tmp_path, vlm, spec):
     with pytest.raises(ValueError, match="non-empty string"):
         cache.put("", f)
     assert len(cache) == 0
+
+
+def flip(shard, key: str, n: int = 8) -> None:
+    """Invert n bytes in the middle of one stored tensor of a shard (the file damaged on disk)."""
+    raw = bytearray(shard.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8 : 8 + header])[key]["data_offsets"]
+    at = 8 + header + (start + end) // 2
+    raw[at : at + n] = bytes(b ^ 0xFF for b in raw[at : at + n])
+    shard.write_bytes(bytes(raw))
+
+
+def test_a_damaged_shard_is_encoded_again_by_build_and_refused_by_get(tmp_path, vlm, spec, caplog):
+    """Before: damaged features were read back as they were, without a word."""
+    FeatureCache.create(tmp_path, spec, rewrite=False, shard_size=3).build(vlm, ITEMS[:3])
+    (shard,) = tmp_path.glob("shard-*.safetensors")
+    flip(shard, "hidden/scene-1")
+    with caplog.at_level(logging.WARNING, logger="unifusion_core.train.cache"):
+        cache = FeatureCache.open(tmp_path, spec, rewrite=False)
+        assert cache.build(vlm, ITEMS[:3]) == 3  # all three encoded again: their shard is set aside
+    assert f"the features of 'scene-1' in {shard} do not match the checksum written with them" in caplog.text
+    assert f"set aside as damaged-{shard.name}, its 3 items are encoded again by build()" in caplog.text
+    assert (tmp_path / f"damaged-{shard.name}").is_file() and not shard.exists()
+    reopened = FeatureCache.open(tmp_path, spec, rewrite=False)
+    for cid, prompt in ITEMS[:3]:
+        assert_stored(reopened.get(cid), vlm.encode(prompt, rewrite=False, system_prompt=SYSTEM, layers=LAYERS),
+                      spec, exact=False)
+
+    (shard,) = tmp_path.glob("shard-*.safetensors")
+    flip(shard, "positions/scene-2", n=2)
+    cache = FeatureCache.open(tmp_path, spec, rewrite=False)
+    assert_stored(cache.get("scene-0"), reopened.get("scene-0"), spec)  # its own bytes are intact
+    with pytest.raises(ValueError, match=rf"'scene-2' in {shard} do not match the checksum .*build\(\) encodes"):
+        cache.get("scene-2")
+    assert cache.missing(["scene-0", "scene-2"]) == ["scene-0", "scene-2"]
+
+
+def test_a_shard_without_checksums_is_read_with_a_warning(tmp_path, vlm, spec, caplog):
+    FeatureCache.create(tmp_path, spec, rewrite=False).build(vlm, ITEMS[:1])
+    shard = next(tmp_path.glob("shard-*"))
+    with safe_open(str(shard), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["checksums"]  # as an older version wrote it
+    save_file(tensors, str(shard), metadata=meta)
+    with caplog.at_level(logging.WARNING, logger="unifusion_core.train.cache"):
+        cache = FeatureCache.open(tmp_path, spec, rewrite=False)
+    assert "was written without checksums (an older version), so damage to it cannot be found" in caplog.text
+    assert cache.get("scene-0").text == PROMPTS[0]

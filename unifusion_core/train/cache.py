@@ -5,11 +5,14 @@ LAP is trainable, so the cache holds the raw states of every selected VLM layer 
 100 k-sample run, where the frozen VLM runs online. Features are stored in fp16 safetensors shards;
 each shard's metadata describes the encoder, layer selection, system prompt and rewrite setting
 that made it, so a cache is never read by a run it does not fit. Items are keyed by `cond_id`,
-never by position (diffusers #14430 paired cached latents with the wrong captions).
+never by position (diffusers #14430 paired cached latents with the wrong captions). Each item's
+checksum is written with it and checked when it is first read: a damaged shard is set aside and
+its items encoded again by build(), or refused by get() with its path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "unifusion-feature-cache", 1
 SHARD_GLOB = "shard-*.safetensors"  # complete shards only: a write goes to a temporary name first
+DAMAGED = "damaged-"  # a shard whose items do not match their checksums is renamed with this prefix
 FP16_MAX = torch.finfo(torch.float16).max
 FIELDS = ("hidden", "positions", "sequence_ids", "image_index")  # tensors stored per item
 
@@ -46,6 +50,8 @@ class FeatureCache:
         self.index: dict[str, Path] = {}  # cond_id -> the shard that holds it
         self.texts: dict[str, str] = {}  # cond_id -> Features.text (the rewrite, or the prompt)
         self.pending: dict[str, dict[str, Tensor]] = {}  # put but not yet flushed
+        self.sums: dict[str, str | None] = {}  # cond_id -> the checksum written with it (None: an older shard)
+        self.verified: set[str] = set()  # read and found as written, in this process
         self._handles: dict[Path, object] = {}
         for shard in sorted(self.root.glob(SHARD_GLOB)):
             self._add_shard(shard)
@@ -91,9 +97,13 @@ class FeatureCache:
         self._check_identity(meta, path)
         ids = json.loads(meta["ids"])
         texts = json.loads(meta["texts"])
+        sums = json.loads(meta.get("checksums", "{}"))
+        if any(sums.get(cid) is None for cid in ids):
+            log.warning("feature cache %s: %s was written without checksums (an older version), so damage to it "
+                        "cannot be found; delete it to have its items encoded again with them", self.root, path.name)
         for cid in ids:
-            self.index.setdefault(cid, path)  # the first shard to hold an id wins
-            self.texts.setdefault(cid, texts[cid])
+            if cid not in self.index:  # the first shard to hold an id wins
+                self.index[cid], self.texts[cid], self.sums[cid] = path, texts[cid], sums.get(cid)
 
     def _check_identity(self, meta: dict[str, str], path: Path) -> None:
         fix = f"delete {self.root} or pass another cache directory"
@@ -144,12 +154,18 @@ class FeatureCache:
         return [cid for cid in dict.fromkeys(ids) if cid not in self]
 
     def get(self, cond_id: str) -> Features:
-        """The Features stored for cond_id (hidden back in fp32)."""
+        """The Features stored for cond_id (hidden back in fp32); ValueError when its shard is damaged."""
         if cond_id in self.pending:
             item = self.pending[cond_id]
         elif cond_id in self.index:
-            f = self._handle(self.index[cond_id])
-            item = {k: f.get_tensor(f"{k}/{cond_id}") for k in FIELDS}
+            shard = self.index[cond_id]
+            item = self._read(cond_id)
+            if item is None:
+                raise ValueError(
+                    f"feature cache {self.root}: the features of {cond_id!r} in {shard} do not match the checksum "
+                    f"written with them (the file was damaged since); it is set aside as {DAMAGED}{shard.name}: "
+                    "build() encodes its items again"
+                )
         else:
             raise KeyError(f"{cond_id!r} is not in the feature cache {self.root}; fill it with build() or put()")
         image_index = item["image_index"].long()
@@ -163,6 +179,36 @@ class FeatureCache:
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), "pt")
         return self._handles[path]
+
+    def _read(self, cond_id: str) -> dict[str, Tensor] | None:
+        """The stored tensors of cond_id, checked against its checksum on the first read; None (the
+        shard set aside) when they do not match."""
+        shard = self.index[cond_id]
+        f = self._handle(shard)
+        item = {k: f.get_tensor(f"{k}/{cond_id}") for k in FIELDS}
+        if cond_id in self.verified or self.sums.get(cond_id) is None:
+            return item
+        if _checksum(item, self.texts[cond_id]) == self.sums[cond_id]:
+            self.verified.add(cond_id)
+            return item
+        self._set_aside(shard, cond_id)
+        return None
+
+    def _set_aside(self, shard: Path, cond_id: str) -> None:
+        """Rename a damaged shard out of the cache (kept for inspection) and forget its items."""
+        self._handles.pop(shard, None)
+        lost = [cid for cid, where in self.index.items() if where == shard]
+        for cid in lost:
+            del self.index[cid]
+            self.verified.discard(cid)
+        try:
+            os.replace(shard, shard.with_name(DAMAGED + shard.name))
+        except OSError as e:  # read-only: the next open checks it again
+            log.warning("feature cache %s: could not set %s aside (%s)", self.root, shard.name, e)
+        log.warning("feature cache %s: the features of %r in %s do not match the checksum written with them (the "
+                    "file was damaged since); set aside as %s%s, its %d items are encoded again by build(); "
+                    "delete it once the cache is whole again", self.root, cond_id, shard, DAMAGED, shard.name,
+                    len(lost))
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -209,14 +255,17 @@ class FeatureCache:
         final, partial = self.root / f"shard-{name}.safetensors", self.root / f".partial-{name}.tmp"
         ids = list(self.pending)
         tensors = {f"{k}/{cid}": item[k] for cid, item in self.pending.items() for k in FIELDS}
-        meta = self.identity() | {"ids": json.dumps(ids), "texts": json.dumps({cid: self.texts[cid] for cid in ids})}
+        sums = {cid: _checksum(self.pending[cid], self.texts[cid]) for cid in ids}
+        meta = self.identity() | {"ids": json.dumps(ids), "texts": json.dumps({cid: self.texts[cid] for cid in ids}),
+                                  "checksums": json.dumps(sums)}
         try:
             save_file(tensors, str(partial), metadata=meta)
             os.replace(partial, final)
         finally:
             partial.unlink(missing_ok=True)
         for cid in ids:
-            self.index[cid] = final
+            self.index[cid], self.sums[cid] = final, sums[cid]
+            self.verified.add(cid)  # written from memory
         self.pending.clear()
         log.info("feature cache %s: wrote %d items to %s (%d in all)", self.root, len(ids), final.name, len(self))
 
@@ -257,6 +306,9 @@ class FeatureCache:
                 raise ValueError(
                     f"cond_id {cid!r} is given two prompts, {prompts[cid]!r} and {prompt!r}; ids must be unique"
                 )
+        for cid in prompts:  # what is cached is read once here: a damaged shard's items are encoded again
+            if cid in self.index and cid not in self.verified:
+                self._read(cid)
         todo = self.missing(list(prompts))
         for start in range(0, len(todo), self.shard_size):
             chunk = todo[start : start + self.shard_size]
@@ -271,6 +323,14 @@ class FeatureCache:
                 self.put(cid, f)
             self.flush()
         return len(todo)
+
+
+def _checksum(item: dict[str, Tensor], text: str) -> str:
+    """sha256 of an item's stored tensors and its text."""
+    h = hashlib.sha256(text.encode())
+    for k in FIELDS:
+        h.update(item[k].contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _short(text: str, n: int = 40) -> str:
