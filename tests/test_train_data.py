@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import random
 import tarfile
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from unifusion_core.config import EncoderSpec
 from unifusion_core.features import Features
@@ -405,6 +408,70 @@ def test_latent_cache_refuses_another_setup(tmp_path):
         LatentCache(tmp_path, vae="vae-a", space=LatentSpace("tiny-vae", 4, 2, scale=0.5), resolution=16)
 
 
+def flip(shard, key: str, n: int = 8) -> None:
+    """Invert n bytes in the middle of one stored tensor of a shard (the file damaged on disk)."""
+    raw = bytearray(shard.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8 : 8 + header])[key]["data_offsets"]
+    at = 8 + header + (start + end) // 2
+    raw[at : at + n] = bytes(b ^ 0xFF for b in raw[at : at + n])
+    shard.write_bytes(bytes(raw))
+
+
+VAE_LOG = "unifusion_core.train.vae"
+
+
+def test_a_damaged_latent_shard_is_refused_with_its_path(tmp_path, caplog):
+    """Before: a damaged latent was read back as it was, without a word."""
+    lat = {i: torch.randn(4, 8, 8) for i in "abc"}
+    with LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16, shard_size=3) as cache:
+        for i, z in lat.items():
+            cache.put(i, z)
+    (shard,) = tmp_path.glob("shard-*.safetensors")
+    with caplog.at_level(logging.WARNING, logger=VAE_LOG):  # an undamaged cache loads silently
+        cache = LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16)
+        assert all(cache.get(i).equal(z) for i, z in lat.items())
+    assert not caplog.records
+
+    flip(shard, "b")
+    cache = LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16)
+    assert cache.get("a").equal(lat["a"])  # its own bytes are intact
+    with caplog.at_level(logging.WARNING, logger=VAE_LOG):
+        with pytest.raises(ValueError, match=rf"the latent of 'b' in {shard} does not match the checksum written "
+                                             rf"with it .*set aside as damaged-{shard.name}: to_latents with the VAE"):
+            cache.get("b")
+    assert f"set aside as damaged-{shard.name}, its 3 latents are encoded again when next drawn" in caplog.text
+    assert (tmp_path / f"damaged-{shard.name}").is_file() and not shard.exists()
+    assert "a" not in cache and len(cache) == 0
+    assert len(LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16)) == 0  # a damaged shard is not read
+
+
+def test_a_damaged_latent_is_refused_by_to_latents_without_a_vae(tmp_path):
+    with LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16) as cache:
+        cache.put("a", torch.randn(4, 8, 8))
+    flip(next(tmp_path.glob("shard-*")), "a", n=2)
+    s = Sample(id="a", task="t2i", prompt="x", target=torch.rand(3, 16, 16))
+    with pytest.raises(ValueError, match=r"the latent of 'a' in .*shard-.* does not match the checksum"):
+        to_latent(s, SPACE, cache=LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16))
+
+
+def test_an_old_or_unreadable_latent_shard_is_read_with_a_warning(tmp_path, caplog):
+    with LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16) as cache:
+        cache.put("a", torch.randn(4, 8, 8))
+    shard = next(tmp_path.glob("shard-*"))
+    with safe_open(str(shard), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["checksums"]  # as an older version wrote it
+    save_file(tensors, str(shard), metadata=meta)
+    (tmp_path / "shard-truncated.safetensors").write_bytes(shard.read_bytes()[:40])
+    with caplog.at_level(logging.WARNING, logger=VAE_LOG):
+        cache = LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16)
+    assert f"{shard.name} was written without checksums (an older version), so damage to it cannot be found" \
+        in caplog.text
+    assert "skipping unreadable shard shard-truncated.safetensors" in caplog.text
+    assert cache.get("a").equal(tensors["a"])
+
+
 def test_pixel_latent_needs_no_vae():
     s = Sample(id="p", task="t2i", prompt="x", target=torch.rand(3, 8, 8))
     assert to_latent(s, "pixel").equal(s.target * 2 - 1)
@@ -442,6 +509,34 @@ def test_vae_encodes_to_the_latent_space(tiny_vae_dir, tmp_path):
     assert z1.shape == (3, 4, 8, 8) and all(s.id in cache for s in samples)
     z2 = to_latents(samples[::-1], SPACE, cache=LatentCache(tmp_path / "cache", vae.identity, SPACE, 16))
     assert z2.equal(z1.flip(0))
+
+
+def test_a_damaged_latent_shard_is_encoded_again_by_to_latents(tiny_vae_dir, tmp_path, caplog):
+    """What the trainer does (setup.make_latents: to_latents with the VAE and the cache): the latents of
+    a damaged shard are encoded again and written to a new shard, the damaged one set aside."""
+    vae = load_vae(tiny_vae_dir, SPACE)
+    samples = [Sample(id=f"s{i}", task="t2i", prompt="x", target=torch.rand(3, 16, 16)) for i in range(3)]
+    with LatentCache(tmp_path, vae.identity, SPACE, 16) as cache:
+        z1 = to_latents(samples, SPACE, vae=vae, cache=cache, generators=[torch.Generator().manual_seed(i)
+                                                                            for i in range(3)])
+    (shard,) = tmp_path.glob("shard-*.safetensors")
+    flip(shard, "s1")
+    encoded = []
+    encode = vae.encode
+    vae.encode = lambda images, **kw: encoded.append(len(images)) or encode(images, **kw)
+    with caplog.at_level(logging.WARNING, logger=VAE_LOG):
+        with LatentCache(tmp_path, vae.identity, SPACE, 16) as cache:
+            z2 = to_latents(samples, SPACE, vae=vae, cache=cache, generators=[torch.Generator().manual_seed(i)
+                                                                                for i in range(3)])
+    assert encoded == [2]  # s0 read (its bytes intact) before s1 was found damaged; s1 and s2 encoded again
+    assert f"the latent of 's1' in {shard} does not match the checksum written with it" in caplog.text
+    assert z2.equal(z1)  # the same generators draw the same posterior samples
+    assert (tmp_path / f"damaged-{shard.name}").is_file() and not shard.exists()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=VAE_LOG):
+        cache = LatentCache(tmp_path, vae.identity, SPACE, 16)
+        assert to_latents(samples[1:], SPACE, cache=cache).equal(z1[1:])  # from the new shard, no VAE
+    assert not caplog.records and "s0" not in cache  # s0 is encoded again when next drawn
 
 
 def test_vae_posterior_sample_per_row_is_independent_of_the_batch(tiny_vae_dir):

@@ -12,7 +12,6 @@ its items encoded again by build(), or refused by get() with its path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,12 +26,12 @@ from torch import Tensor
 
 from ..config import EncoderSpec
 from ..features import Features
+from .checksums import DAMAGED, META_KEY, checksum, first_read_ok, recorded, set_aside
 
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "unifusion-feature-cache", 1
 SHARD_GLOB = "shard-*.safetensors"  # complete shards only: a write goes to a temporary name first
-DAMAGED = "damaged-"  # a shard whose items do not match their checksums is renamed with this prefix
 FP16_MAX = torch.finfo(torch.float16).max
 FIELDS = ("hidden", "positions", "sequence_ids", "image_index")  # tensors stored per item
 
@@ -97,13 +96,10 @@ class FeatureCache:
         self._check_identity(meta, path)
         ids = json.loads(meta["ids"])
         texts = json.loads(meta["texts"])
-        sums = json.loads(meta.get("checksums", "{}"))
-        if any(sums.get(cid) is None for cid in ids):
-            log.warning("feature cache %s: %s was written without checksums (an older version), so damage to it "
-                        "cannot be found; delete it to have its items encoded again with them", self.root, path.name)
+        sums = recorded(meta, ids, path, log, f"feature cache {self.root}")
         for cid in ids:
             if cid not in self.index:  # the first shard to hold an id wins
-                self.index[cid], self.texts[cid], self.sums[cid] = path, texts[cid], sums.get(cid)
+                self.index[cid], self.texts[cid], self.sums[cid] = path, texts[cid], sums[cid]
 
     def _check_identity(self, meta: dict[str, str], path: Path) -> None:
         fix = f"delete {self.root} or pass another cache directory"
@@ -186,10 +182,7 @@ class FeatureCache:
         shard = self.index[cond_id]
         f = self._handle(shard)
         item = {k: f.get_tensor(f"{k}/{cond_id}") for k in FIELDS}
-        if cond_id in self.verified or self.sums.get(cond_id) is None:
-            return item
-        if _checksum(item, self.texts[cond_id]) == self.sums[cond_id]:
-            self.verified.add(cond_id)
+        if first_read_ok(cond_id, (item[k] for k in FIELDS), self.texts[cond_id], self.sums, self.verified):
             return item
         self._set_aside(shard, cond_id)
         return None
@@ -197,14 +190,7 @@ class FeatureCache:
     def _set_aside(self, shard: Path, cond_id: str) -> None:
         """Rename a damaged shard out of the cache (kept for inspection) and forget its items."""
         self._handles.pop(shard, None)
-        lost = [cid for cid, where in self.index.items() if where == shard]
-        for cid in lost:
-            del self.index[cid]
-            self.verified.discard(cid)
-        try:
-            os.replace(shard, shard.with_name(DAMAGED + shard.name))
-        except OSError as e:  # read-only: the next open checks it again
-            log.warning("feature cache %s: could not set %s aside (%s)", self.root, shard.name, e)
+        lost = set_aside(shard, self.index, self.verified, log, f"feature cache {self.root}")
         log.warning("feature cache %s: the features of %r in %s do not match the checksum written with them (the "
                     "file was damaged since); set aside as %s%s, its %d items are encoded again by build(); "
                     "delete it once the cache is whole again", self.root, cond_id, shard, DAMAGED, shard.name,
@@ -255,9 +241,9 @@ class FeatureCache:
         final, partial = self.root / f"shard-{name}.safetensors", self.root / f".partial-{name}.tmp"
         ids = list(self.pending)
         tensors = {f"{k}/{cid}": item[k] for cid, item in self.pending.items() for k in FIELDS}
-        sums = {cid: _checksum(self.pending[cid], self.texts[cid]) for cid in ids}
+        sums = {cid: checksum((self.pending[cid][k] for k in FIELDS), self.texts[cid]) for cid in ids}
         meta = self.identity() | {"ids": json.dumps(ids), "texts": json.dumps({cid: self.texts[cid] for cid in ids}),
-                                  "checksums": json.dumps(sums)}
+                                  META_KEY: json.dumps(sums)}
         try:
             save_file(tensors, str(partial), metadata=meta)
             os.replace(partial, final)
@@ -323,14 +309,6 @@ class FeatureCache:
                 self.put(cid, f)
             self.flush()
         return len(todo)
-
-
-def _checksum(item: dict[str, Tensor], text: str) -> str:
-    """sha256 of an item's stored tensors and its text."""
-    h = hashlib.sha256(text.encode())
-    for k in FIELDS:
-        h.update(item[k].contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def _short(text: str, n: int = 40) -> str:

@@ -2,7 +2,9 @@
 
 diffusers' `AutoencoderKL` is used as a frozen black box, loaded from local files only (never a
 download). `LatentCache` stores latents in safetensors shards keyed by `Sample.id` and records
-what made them (VAE identity, resolution, latent space, preprocessing); it refuses to mix.
+what made them (VAE identity, resolution, latent space, preprocessing); it refuses to mix. Each
+latent's checksum is written with it and checked when it is first read: a damaged shard is set
+aside and its samples encoded again by `to_latents` with a VAE, or refused by `LatentCache.get`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..latents import LatentSpace, get_latent_space
+from .checksums import DAMAGED, META_KEY, checksum, first_read_ok, recorded, set_aside
 from .data import Sample
 from .sources import PREPROCESS
 
@@ -150,7 +153,9 @@ class LatentCache:
     `root/cache.json` (and every shard's metadata) records the VAE identity, resolution, latent
     space and preprocessing; opening with any of them different is refused. `put` buffers and
     writes a shard of `shard_size` latents atomically (temp file + rename), so a crash loses at
-    most the unwritten buffer, never a shard. Call `flush()` (or use `with`) at the end.
+    most the unwritten buffer, never a shard. Call `flush()` (or use `with`) at the end. Each
+    latent's sha256 is in its shard's metadata and checked on its first read; a damaged shard is
+    renamed `damaged-<name>` and its latents forgotten (`read` gives None, `get` refuses).
     """
 
     FORMAT = "unifusion-latent-cache/1"
@@ -173,6 +178,9 @@ class LatentCache:
             _atomic_write_text(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
         self._pending: dict[str, Tensor] = {}
         self._handles: dict[Path, object] = {}
+        self._index: dict[str, Path] = {}
+        self._sums: dict[str, str | None] = {}  # id -> the checksum written with it (None: an older shard)
+        self._verified: set[str] = set()  # read and found as written (or written), in this process
         self.refresh()
 
     def _check_meta(self, old: dict, where: str) -> None:
@@ -184,16 +192,25 @@ class LatentCache:
 
     def refresh(self) -> None:
         """Re-index the shards on disk (e.g. written by other ranks)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        self._index: dict[str, Path] = {}
+        before, self._index, self._sums = self._index, {}, {}
         self._handles.clear()
+        label = f"latent cache {self.root}"
         for shard in sorted(self.root.glob("shard-*.safetensors")):
-            with safe_open(str(shard), framework="pt") as f:
-                meta = f.metadata() or {}
-                self._check_meta(json.loads(meta.get("unifusion_latent_cache", "{}")), shard.name)
-                for key in f.keys():
-                    self._index.setdefault(key, shard)
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    meta, keys = f.metadata() or {}, list(f.keys())
+            except (SafetensorError, OSError) as e:  # damaged since, or set aside by another process
+                _log.warning("%s: skipping unreadable shard %s (%s); its latents will be encoded again",
+                             label, shard.name, e)
+                continue
+            self._check_meta(json.loads(meta.get("unifusion_latent_cache", "{}")), shard.name)
+            sums = recorded(meta, keys, shard, _log, label)
+            for key in keys:
+                if key not in self._index:  # the first shard to hold an id wins
+                    self._index[key], self._sums[key] = shard, sums[key]
+        self._verified = {k for k in self._verified if k in self._index and before.get(k) == self._index[k]}
 
     def __contains__(self, id: str) -> bool:
         return id in self._pending or id in self._index
@@ -202,18 +219,55 @@ class LatentCache:
         return len(self._index) + sum(1 for k in self._pending if k not in self._index)
 
     def get(self, id: str) -> Tensor:
-        """The latent stored for sample `id`, (C, h, w)."""
-        if id in self._pending:
-            return self._pending[id]
+        """The latent stored for sample `id`, (C, h, w); ValueError when its shard is damaged."""
         shard = self._index.get(id)
+        z, problem = self._load(id)
+        if z is not None:
+            return z
         if shard is None:
             raise KeyError(f"latent cache {self.root} has no latent for sample {id!r}")
-        f = self._handles.get(shard)
-        if f is None:
-            from safetensors import safe_open
+        raise ValueError(
+            f"latent cache {self.root}: the latent of {id!r} in {shard} {problem} (the file was damaged since); "
+            f"it is set aside as {DAMAGED}{shard.name}: to_latents with the VAE (the trainer's --vae) encodes "
+            "its samples again"
+        )
 
-            f = self._handles[shard] = safe_open(str(shard), framework="pt")
-        return f.get_tensor(id)
+    def read(self, id: str) -> Tensor | None:
+        """The latent stored for sample `id`, checked against its checksum on its first read; None when
+        it is not cached, or its shard is damaged (then set aside, with a warning, and its latents forgotten)."""
+        return self._load(id)[0]
+
+    def _load(self, id: str) -> tuple[Tensor | None, str | None]:
+        """(the latent or None, what is wrong with its shard or None)."""
+        from safetensors import SafetensorError
+
+        if id in self._pending:
+            return self._pending[id], None
+        shard = self._index.get(id)
+        if shard is None:
+            return None, None
+        try:
+            f = self._handles.get(shard)
+            if f is None:
+                from safetensors import safe_open
+
+                f = self._handles[shard] = safe_open(str(shard), framework="pt")
+            z = f.get_tensor(id)
+        except (SafetensorError, OSError) as e:  # gone (set aside by another rank) or unreadable
+            problem = f"cannot be read ({type(e).__name__}: {e})"
+        else:
+            if first_read_ok(id, [z], id, self._sums, self._verified):
+                return z, None
+            problem = "does not match the checksum written with it"
+        self._set_aside(shard, id, problem)
+        return None, problem
+
+    def _set_aside(self, shard: Path, id: str, problem: str) -> None:
+        self._handles.pop(shard, None)
+        lost = set_aside(shard, self._index, self._verified, _log, f"latent cache {self.root}")
+        _log.warning("latent cache %s: the latent of %r in %s %s (the file was damaged since); set aside as %s%s, "
+                     "its %d latents are encoded again when next drawn; delete it once the cache is whole again",
+                     self.root, id, shard, problem, DAMAGED, shard.name, len(lost))
 
     def put(self, id: str, latent: Tensor) -> None:
         """Store the latent of sample `id`, (C, h, w); written with the next shard."""
@@ -234,12 +288,16 @@ class LatentCache:
 
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.safetensors"
         tmp = self.root / f".tmp-{name}"
-        save_file(self._pending, str(tmp), metadata={"unifusion_latent_cache": json.dumps(self.meta, sort_keys=True)})
+        sums = {key: checksum([z], key) for key, z in self._pending.items()}
+        save_file(self._pending, str(tmp), metadata={"unifusion_latent_cache": json.dumps(self.meta, sort_keys=True),
+                                                     META_KEY: json.dumps(sums)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.root / name)
         for key in self._pending:
-            self._index.setdefault(key, self.root / name)
+            if key not in self._index:
+                self._index[key], self._sums[key] = self.root / name, sums[key]
+                self._verified.add(key)  # written from memory
         _log.debug("latent cache %s: wrote %s (%d latents)", self.root, name, len(self._pending))
         self._pending = {}
 
@@ -271,10 +329,14 @@ def to_latents(samples: list[Sample], space: LatentSpace | str, vae: VAE | None 
     out: list[Tensor | None] = [None] * len(samples)
     missing = []
     for i, s in enumerate(samples):
+        cached = None
+        if s.latent is None and cache is not None and s.id in cache:
+            # without a VAE a damaged latent is refused; with one, its shard is set aside and it is encoded again
+            cached = cache.get(s.id) if vae is None else cache.read(s.id)
         if s.latent is not None:
             out[i] = s.latent.float()
-        elif cache is not None and s.id in cache:
-            out[i] = cache.get(s.id).float()
+        elif cached is not None:
+            out[i] = cached.float()
         elif s.target is None:
             raise ValueError(f"to_latents: sample {s.id!r} has neither a target image nor a latent")
         elif space.name == "pixel":
