@@ -317,19 +317,20 @@ def warnings(caplog) -> list[str]:
 
 
 def features_of(spec: uf.EncoderSpec, text: str, rewrite: bool, tokens: int = 6) -> uf.Features:
-    """Features laid out as the VLM hands them over: the prompt's own words inside its chat turn
-    (end-of-turn tokens after them), or a rewrite's words ending the sequence."""
+    """Features laid out as the VLM hands them over (the prompt's own words inside its chat turn,
+    end-of-turn tokens after them, or a rewrite's words ending the sequence), marked as the encoder
+    marks them."""
     n = 30
     start = n - tokens if rewrite else n - tokens - 3
     hidden = torch.randn(tokens, len(spec.layers), spec.hidden_size, generator=torch.Generator().manual_seed(0))
     return uf.Features(hidden, encoder=spec, text=text, sequence_ids=list(range(n)),
                        positions=torch.arange(start, start + tokens), is_image=torch.zeros(tokens, dtype=torch.bool),
-                       image_index=torch.full((tokens,), -1))
+                       image_index=torch.full((tokens,), -1), rewrite=rewrite)
 
 
 def test_lap_encode_warns_when_rewrite_is_not_what_the_checkpoint_was_trained_with(caplog, shown):
     """The tiny checkpoint was trained on rewrites (its config says so); the features of a rewrite
-    and of the prompt's own words tell themselves apart by where their words sit in the sequence."""
+    and of the prompt's own words say which they are (Features.rewrite, set by the encoder)."""
     (vlm,) = N["UniFusionVLMLoad"]().load("tiny-internvl")
     (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
     assert model.obj.config.sampling.rewrite and not uf.advice.knows_scenes(model.obj.config)
