@@ -1,13 +1,13 @@
 """The on-disk feature cache: fp16 round trips keyed by cond_id, refusals, interrupted writes, damage."""
 
 import dataclasses
-import json
 import logging
 import random
 
 import pytest
 import tiny_vlms
 import torch
+from damage import flip
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_encode_batch import sharpen
@@ -168,16 +168,6 @@ def test_features_that_do_not_fit_are_refused(tmp_path, vlm, spec):
     with pytest.raises(ValueError, match="non-empty string"):
         cache.put("", f)
     assert len(cache) == 0
-
-
-def flip(shard, key: str, n: int = 8) -> None:
-    """Invert n bytes in the middle of one stored tensor of a shard (the file damaged on disk)."""
-    raw = bytearray(shard.read_bytes())
-    header = int.from_bytes(raw[:8], "little")
-    start, end = json.loads(raw[8 : 8 + header])[key]["data_offsets"]
-    at = 8 + header + (start + end) // 2
-    raw[at : at + n] = bytes(b ^ 0xFF for b in raw[at : at + n])
-    shard.write_bytes(bytes(raw))
 
 
 def test_a_damaged_shard_is_encoded_again_by_build_and_refused_by_get(tmp_path, vlm, spec, caplog):

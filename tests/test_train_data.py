@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from damage import flip
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -406,16 +407,6 @@ def test_latent_cache_refuses_another_setup(tmp_path):
         LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=32)
     with pytest.raises(ValueError, match=r"space: cache has"):
         LatentCache(tmp_path, vae="vae-a", space=LatentSpace("tiny-vae", 4, 2, scale=0.5), resolution=16)
-
-
-def flip(shard, key: str, n: int = 8) -> None:
-    """Invert n bytes in the middle of one stored tensor of a shard (the file damaged on disk)."""
-    raw = bytearray(shard.read_bytes())
-    header = int.from_bytes(raw[:8], "little")
-    start, end = json.loads(raw[8 : 8 + header])[key]["data_offsets"]
-    at = 8 + header + (start + end) // 2
-    raw[at : at + n] = bytes(b ^ 0xFF for b in raw[at : at + n])
-    shard.write_bytes(bytes(raw))
 
 
 VAE_LOG = "unifusion_core.train.vae"
