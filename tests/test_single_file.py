@@ -286,3 +286,34 @@ def test_vlm_load_names_each_file_it_does_not_offer(tmp_path, monkeypatch, caplo
     assert reasons["clip_l.safetensors"][0] == "DEBUG" and "not an LLM text encoder" in reasons["clip_l.safetensors"][1]
     assert reasons["llama3.safetensors"][0] == "INFO"
     assert "RoPE settings (Llama 3 or 3.1) cannot be read" in reasons["llama3.safetensors"][1]
+
+
+def test_one_file_encoders_need_transformers_5_and_nothing_else_does(qwen25vl, tmp_path, monkeypatch):
+    """On transformers 4.x (which ComfyUI-Manager leaves installed) a one-file encoder is refused with
+    what to upgrade and how; a folder loads, and a .gguf file goes on to its conversion."""
+    import transformers
+
+    one_file = to_comfy(qwen25vl, tmp_path / "qwen_2.5_vl_tiny.safetensors")
+    monkeypatch.setattr(transformers, "__version__", "4.57.0")
+    with pytest.raises(ValueError) as refused:
+        uf.load_vlm(one_file, tokenizer=qwen25vl)
+    assert str(refused.value).startswith("qwen_2.5_vl_tiny.safetensors is a one-file encoder, which needs "
+                                         "transformers 5 or newer; this Python has transformers 4.57.0")
+    assert '<ComfyUI\'s python> -m pip install -U "transformers>=5"' in str(refused.value)
+    assert "restart ComfyUI" in str(refused.value)
+
+    assert uf.load_vlm(qwen25vl).family == "qwen2_5_vl"  # a folder: no floor
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+
+    class Reached(Exception):
+        pass
+
+    def conversion(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", conversion)
+    with pytest.raises(Reached):  # past every check, at transformers' GGUF reader
+        uf.load_vlm(gguf, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    single_file.require_transformers_5(one_file, transformers.__version__)  # 5.0.0 passes

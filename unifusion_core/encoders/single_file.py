@@ -124,13 +124,23 @@ def check_vocabulary(path: Path, layout: Layout, tokenizer, which: str) -> None:
         f"files ({registry.family(layout.family).tokenizer_hint}), from the model's original repository")
 
 
+def require_transformers_5(path: Path, version: str) -> None:
+    """ValueError when the installed transformers is older than 5 (the config layout the one-file
+    families build). The one loader that needs 5: folders and .gguf files load with 4.56."""
+    if int(version.split(".")[0]) >= 5:
+        return
+    raise ValueError(
+        f"{path.name} is a one-file encoder, which needs transformers 5 or newer; this Python has transformers "
+        f"{version} (ComfyUI-Manager does not upgrade an installed transformers). Upgrade it in the Python that "
+        'runs ComfyUI: <ComfyUI\'s python> -m pip install -U "transformers>=5" (portable Windows build: '
+        'python_embeded\\python.exe -m pip install -U "transformers>=5"), then restart ComfyUI')
+
+
 def load(path: Path, dtype: torch.dtype, device: torch.device, tokenizer_folder: Path | None = None):
     """(model, tokenizer, layout) of a one-file LLM / VLM encoder."""
     import transformers
 
-    if int(transformers.__version__.split(".")[0]) < 5:
-        raise ValueError(f"{path.name}: one-file encoders need transformers 5 or newer (installed: "
-                         f"{transformers.__version__}): pip install -U transformers")
+    require_transformers_5(path, transformers.__version__)
     layout = read_layout(path)
     fam = registry.family(layout.family)
     tok = load_tokenizer(path, layout, tokenizer_folder)
