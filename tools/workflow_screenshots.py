@@ -1,16 +1,18 @@
 """Open every bundled workflow in ComfyUI's own frontend, in headless Chromium, and report what a
 user sees: a screenshot per workflow and, as JSON on stdout, each node's rectangle on screen and
-whether it is visible and unobstructed; then a screenshot of the pack's cards in the Templates dialog.
+whether it is visible and unobstructed; then the Templates dialog on the pack's cards: a screenshot
+of the dialog (templates-dialog.png), one of each card (templates-card-<n>.png) and the cards' text.
 
     python tools/workflow_screenshots.py --comfyui ../shared/comfyui --out /tmp/shots
 
-Needs a ComfyUI checkout, `pip install playwright` and a Chromium (Debian: `apt-get install
-chromium`; the default --chromium is /usr/bin/chromium). A tool for people, not a test: CI has no
-browser. tests/test_workflows.py checks the same geometry without one.
+Needs a ComfyUI checkout, `pip install selenium` (in any venv: the server runs with --python), a
+Chromium and its driver (Debian: `apt-get install chromium chromium-driver`; the defaults are
+/usr/bin/chromium and /usr/bin/chromedriver). A tool for people, not a test: CI has no browser.
+tests/test_workflows.py checks the same geometry without one.
 
 The server runs with a temporary --base-directory holding only ComfyUI's example.png (as on a fresh
-install) and this repository as custom_nodes/unifusion; workflows load as the Templates dialog
-loads them (app.loadGraphData with the stored view).
+install) and this repository (or --pack) as custom_nodes/unifusion; workflows load as the Templates
+dialog loads them (app.loadGraphData with the stored view).
 """
 
 from __future__ import annotations
@@ -91,9 +93,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_comfyui(comfyui: Path, python: str, base: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_comfyui(comfyui: Path, python: str, base: Path, log: Path, pack: Path = ROOT) -> tuple[subprocess.Popen, str]:
     (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    (base / "custom_nodes" / PACK).symlink_to(pack, target_is_directory=True)
     (base / "input").mkdir()
     shutil.copy(comfyui / "input" / "example.png", base / "input")  # what a fresh install has
     # A returning user: no first-run templates dialog over the canvas.
@@ -118,52 +120,116 @@ def start_comfyui(comfyui: Path, python: str, base: Path, log: Path) -> tuple[su
     raise RuntimeError(f"ComfyUI not ready; see {log}")
 
 
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,900"]
+
+
+def browser(chromium: str, chromedriver: str, profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=Service(chromedriver))
+    # the page's viewport exactly 1600 x 900, whatever the window's frame takes
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {**VIEWPORT, "deviceScaleFactor": 1, "mobile": False})
+    driver.set_script_timeout(60)
+    return driver
+
+
+def wait_for(driver, script: str, timeout: float = 120):
+    end = time.monotonic() + timeout
+    while not driver.execute_script(script):
+        if time.monotonic() > end:
+            raise TimeoutError(script)
+        time.sleep(0.25)
+
+
+def click_text(driver, text: str, timeout: float = 20) -> None:
+    """Click the first visible element whose own text is `text`, as a user would."""
+    from selenium.webdriver.common.by import By
+
+    end = time.monotonic() + timeout
+    while True:
+        for el in driver.find_elements(By.XPATH, f"//*[text()[normalize-space(.)={json.dumps(text)}]]"):
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
+            if el.is_displayed():
+                el.click()
+                return
+        if time.monotonic() > end:
+            raise TimeoutError(f"no visible {text!r}")
+        time.sleep(0.25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfyui", type=Path,
                     default=Path(os.environ.get("COMFYUI_ROOT", ROOT.parent / "shared" / "comfyui")))
-    ap.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON", sys.executable))
+    ap.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON", sys.executable),
+                    help="the Python that runs ComfyUI")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
+    ap.add_argument("--chromedriver", default="/usr/bin/chromedriver")
+    ap.add_argument("--pack", type=Path, default=ROOT, help="the pack to serve (default: this repository)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "unifusion-screenshots")
     args = ap.parse_args()
-    from playwright.sync_api import sync_playwright
+    from selenium.webdriver.common.by import By
 
     args.out.mkdir(parents=True, exist_ok=True)
-    names = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+    pack = args.pack.resolve()
+    names = sorted(p.stem for p in (pack / "workflows").glob("*.json"))
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_comfyui(args.comfyui.resolve(), args.python, Path(tmp) / "base", args.out / "comfyui.log")
+        proc, url = start_comfyui(args.comfyui.resolve(), args.python, Path(tmp) / "base",
+                                  args.out / "comfyui.log", pack)
+        driver = None
         try:
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-                page = browser.new_page(viewport=VIEWPORT)
-                page.goto(url)
-                page.wait_for_function("() => (window.app ?? window.comfyAPI?.app?.app)?.graph", timeout=120_000)
-                page.wait_for_timeout(3000)  # extensions, settings, first draw
-                for name in names:
-                    # as the Templates dialog does: fetch from the pack's route, load with the stored view
-                    page.evaluate(
-                        """async ([pack, name]) => {
-                          const app = window.app ?? window.comfyAPI.app.app;
-                          const r = await fetch(`/api/workflow_templates/${pack}/${encodeURIComponent(name)}.json`);
-                          await app.loadGraphData(await r.json(), true, true, name);
-                        }""",
-                        [PACK, name],
-                    )
-                    page.wait_for_timeout(2500)  # image previews load and the nodes grow
-                    page.mouse.move(1, 450)  # no hover highlight over a node
-                    page.screenshot(path=str(args.out / f"{name}.png"))
-                    report[name] = page.evaluate(MEASURE_JS)
-                report["_covering_elements"] = page.evaluate(COVER_JS)
-                # the Templates dialog on the pack's cards: titles and thumbnails as a user picks them
-                page.get_by_text("Templates", exact=True).first.click()
-                page.get_by_text(PACK, exact=True).first.click()
-                page.wait_for_timeout(2000)
-                page.screenshot(path=str(args.out / "templates.png"))
-                report["_template_cards"] = page.evaluate(
-                    "() => [...document.querySelectorAll('.template-card')].map((c) => c.innerText.split('\\n'))")
-                browser.close()
+            driver = browser(args.chromium, args.chromedriver, Path(tmp) / "profile")
+            driver.get(url)
+            wait_for(driver, "return !!(window.app ?? window.comfyAPI?.app?.app)?.graph")
+            time.sleep(3)  # extensions, settings, first draw
+            for name in names:
+                # as the Templates dialog does: fetch from the pack's route, load with the stored view
+                driver.execute_async_script(
+                    """const [pack, name, done] = arguments;
+                    const app = window.app ?? window.comfyAPI.app.app;
+                    fetch(`/api/workflow_templates/${pack}/${encodeURIComponent(name)}.json`)
+                      .then((r) => r.json()).then((w) => app.loadGraphData(w, true, true, name))
+                      .then(() => done(null), (e) => done(String(e)));""",
+                    PACK, name,
+                )
+                time.sleep(2.5)  # image previews load and the nodes grow
+                # no hover highlight over a node
+                driver.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": 1, "y": 450})
+                driver.save_screenshot(str(args.out / f"{name}.png"))
+                report[name] = driver.execute_script(f"return ({MEASURE_JS})()")
+                # what the frontend kept of the file's extra.description (it saves it back with the graph)
+                report[name]["extra_description"] = driver.execute_script(
+                    "return (window.app ?? window.comfyAPI.app.app).graph.extra?.description ?? null")
+            report["_covering_elements"] = driver.execute_script(f"return ({COVER_JS})()")
+            # the Templates dialog on the pack's cards, as a user opens it: titles, descriptions, thumbnails
+            try:
+                click_text(driver, "Templates")
+                click_text(driver, PACK)
+            except TimeoutError:
+                driver.save_screenshot(str(args.out / "templates-failed.png"))
+                print(driver.execute_script(
+                    "return [...document.querySelectorAll('.p-dialog *')].filter((e) => e.children.length === 0"
+                    " && /unifusion|custom/i.test(e.textContent)).map((e) => e.outerHTML.slice(0, 200))"),
+                    file=sys.stderr)
+                raise
+            time.sleep(2.5)  # thumbnails load
+            driver.save_screenshot(str(args.out / "templates-dialog.png"))
+            cards = driver.find_elements(By.CSS_SELECTOR, ".template-card")
+            for k, c in enumerate(cards, 1):
+                c.screenshot(str(args.out / f"templates-card-{k}.png"))
+            report["_template_cards"] = [c.text.split("\n") for c in cards]
         finally:
+            if driver is not None:
+                driver.quit()
             proc.terminate()
             proc.wait(20)
     json.dump(report, sys.stdout, indent=1)
