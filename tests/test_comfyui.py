@@ -457,3 +457,21 @@ def test_a_prompt_outside_the_bundled_models_grammar_is_warned_about(server, sce
     assert f"UniFusion LAP Encode: {note}" in server.log()
     assert "text" not in entry["outputs"].get(node_id(prompt, S), {})  # 64 x 64, its training size: nothing to say
     assert [im.size for im in saved_images(server, entry)] == [(64, 64)]
+
+
+# --- templates --------------------------------------------------------------------------------------
+
+
+def test_templates_are_listed_and_served_with_their_descriptions(server):
+    """What the Templates dialog reads (frontend 1.27): /workflow_templates, the pack's file names
+    only (not the api/ folder's), each card's title and description; the workflow and its .jpg
+    thumbnail from /api/workflow_templates/<pack>/. The workflow carries extra.description."""
+    from urllib.parse import quote
+
+    assert sorted(server.get("/workflow_templates")[PACK]) == UI_NAMES
+    for name in UI_NAMES:
+        base = f"/api/workflow_templates/{PACK}/{quote(name)}"
+        served = server.get(base + ".json")
+        assert served == json.loads((WF / f"{name}.json").read_text())
+        assert len(served["extra"]["description"]) > len(name), served["extra"]
+        assert server.get(base + ".jpg", raw=True)[:3] == b"\xff\xd8\xff"
