@@ -459,6 +459,28 @@ def test_a_prompt_outside_the_bundled_models_grammar_is_warned_about(server, sce
     assert [im.size for im in saved_images(server, entry)] == [(64, 64)]
 
 
+# --- help pages -------------------------------------------------------------------------------------
+
+
+def test_help_pages_are_served_where_the_frontend_fetches_them(server, object_info):
+    """ComfyUI serves WEB_DIRECTORY at /extensions/<pack folder>/ (server.py); the frontend (1.27)
+    takes the pack folder from each node's python_module ("custom_nodes.<folder>"), fetches
+    docs/<node id>/<locale>.md and falls back to docs/<node id>.md, and resolves a page's pictures
+    relative to /extensions/<folder>/docs/."""
+    import re
+
+    docs = WF.parent / "web" / "docs"
+    for cls in sorted(OUR_NODES):
+        module = object_info[cls]["python_module"].split(".")
+        assert module[0] == "custom_nodes" and module[1] == PACK, object_info[cls]["python_module"]
+        base = f"/extensions/{module[1].split('@')[0]}/docs/"
+        page = server.get(f"{base}{cls}.md", raw=True).decode("utf-8")
+        assert page == (docs / f"{cls}.md").read_text(encoding="utf-8")
+        for src in re.findall(r"!\[[^\]]*\]\(([^)\s]+)", page):
+            assert server.get(base + src, raw=True) == (docs / src).read_bytes(), src
+    assert server.get(f"/extensions/{PACK}/docs/tiling-grid.png", raw=True)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # --- templates --------------------------------------------------------------------------------------
 
 
