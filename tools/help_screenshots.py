@@ -4,8 +4,9 @@ screenshot it: the page as the node docs panel renders it, pictures included.
     python tools/help_screenshots.py --out /tmp/help        # help-<node id>.png per node
 
 Needs a ComfyUI checkout (--comfyui, default $COMFYUI_ROOT or ../shared/comfyui), selenium
-(`pip install selenium`, any environment: the script starts ComfyUI with --python), Chromium and
-its driver (Debian: `apt-get install chromium chromium-driver`). A tool for people, not a test:
+(`pip install selenium`, beside the pack's requirements: the script imports the pack's nodes for
+their names; it starts ComfyUI with --python), Chromium and its driver (Debian:
+`apt-get install chromium chromium-driver`). A tool for people, not a test:
 tests/test_help_pages.py and tests/test_comfyui.py check the pages and their URLs without a browser.
 
 The server runs with a temporary --base-directory holding only this repository as
@@ -23,29 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK = "unifusion"
-NODES = {
-    "UniFusionVLMLoad": "UniFusion VLM Load",
-    "UniFusionTileImages": "UniFusion Tile Images",
-    "UniFusionVERIFIRewrite": "UniFusion VERIFI Rewrite",
-    "UniFusionModelLoad": "UniFusion Model Load",
-    "UniFusionLAPEncode": "UniFusion LAP Encode",
-    "UniFusionSample": "UniFusion Sample",
-}
+from comfyui_browser import ROOT, add_arguments, comfyui_page, poll, wait_for
+
+sys.path.insert(0, str(ROOT))
+
+import nodes  # the pack's nodes, imported without ComfyUI: their ids and display names
+
 VIEWPORT = {"width": 1600, "height": 1000}
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  f"--window-size={VIEWPORT['width']},{VIEWPORT['height']}"]
 
 
 # --- the figure -----------------------------------------------------------------------------------
@@ -55,7 +45,6 @@ def tiling_figure(out: Path) -> None:
     """A drawn 1200 x 800 landscape, cut by unifusion_core.tiling as VERIFI Rewrite cuts it for
     InternVL3 (448-px tiles, max_tiles 10, thumbnail on): the grid over the image, the tiles and
     the thumbnail, and the token count."""
-    sys.path.insert(0, str(ROOT))
     from PIL import Image, ImageDraw, ImageFont
 
     from unifusion_core.tiling import tile_images
@@ -112,59 +101,7 @@ def tiling_figure(out: Path) -> None:
     canvas.save(out, optimize=True)
 
 
-# --- ComfyUI and the browser ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_comfyui(comfyui: Path, python: str, base: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-    settings = base / "user" / "default" / "comfy.settings.json"  # a returning user: no first-run dialog
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    port = free_port()
-    cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    proc = subprocess.Popen(cmd, cwd=comfyui, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited; see {log}")
-        try:
-            urllib.request.urlopen(url + "/system_stats", timeout=2).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"ComfyUI not ready; see {log}")
-
-
-def browser(chromium: str, chromedriver: str, profile: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=Service(chromedriver))
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**VIEWPORT, "deviceScaleFactor": 1, "mobile": False})
-    return driver
-
-
-def wait_for(driver, script: str, timeout: float = 60):
-    end = time.monotonic() + timeout
-    while not (value := driver.execute_script(script)):
-        if time.monotonic() > end:
-            raise TimeoutError(script)
-        time.sleep(0.25)
-    return value
+# --- the help panel -------------------------------------------------------------------------------
 
 
 # Runs in the page: the open help panel's heading, and each picture in it (loaded or not, its
@@ -205,23 +142,20 @@ def _open_help(driver, cls: str, title: str, timeout: float) -> dict:
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.DELETE)
     box.send_keys(title)
-    end = time.monotonic() + timeout
-    while True:
-        entries = [e for e in driver.find_elements(By.CSS_SELECTOR, ".node-lib-node-container")
-                   if e.is_displayed() and e.text.strip() == title]
-        if entries:
-            break
-        if time.monotonic() > end:
-            raise TimeoutError(f"{title!r} not found in the Node Library")
-        time.sleep(0.25)
+    entries = poll(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, ".node-lib-node-container")
+                            if e.is_displayed() and e.text.strip() == title],
+                   timeout, f"{title!r} not found in the Node Library")
     ActionChains(driver).move_to_element(entries[0]).perform()
     button = entries[0].find_element(By.CSS_SELECTOR, ".help-button")
     ActionChains(driver).move_to_element(button).click().perform()
-    end = time.monotonic() + timeout
-    while not ((panel := driver.execute_script(PANEL_JS)) and panel["heading"] == title and not panel["loading"]):
-        if time.monotonic() > end:
-            raise TimeoutError(f"the help page of {cls} did not open: {panel}")
-        time.sleep(0.25)
+    panel = None
+
+    def opened():
+        nonlocal panel
+        panel = driver.execute_script(PANEL_JS)
+        return panel and panel["heading"] == title and not panel["loading"]
+
+    poll(opened, timeout, lambda: f"the help page of {cls} did not open: {panel}")
     return panel
 
 
@@ -234,12 +168,7 @@ def close_help(driver) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfyui", type=Path,
-                    default=Path(os.environ.get("COMFYUI_ROOT", ROOT.parent / "shared" / "comfyui")))
-    ap.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON", sys.executable),
-                    help="the Python that runs ComfyUI")
-    ap.add_argument("--chromium", default="/usr/bin/chromium")
-    ap.add_argument("--chromedriver", default="/usr/bin/chromedriver")
+    add_arguments(ap)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "unifusion-help")
     ap.add_argument("--panel-width", type=int, default=700, help="drag the side panel to about this width (px)")
     ap.add_argument("--figures", action="store_true", help="render web/docs/tiling-grid.png and exit")
@@ -252,34 +181,22 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_comfyui(args.comfyui.resolve(), args.python, Path(tmp) / "base", args.out / "comfyui.log")
-        driver = None
-        try:
-            driver = browser(args.chromium, args.chromedriver, Path(tmp) / "profile")
-            driver.get(url)
-            wait_for(driver, "return !!(window.app ?? window.comfyAPI?.app?.app)?.graph")
-            time.sleep(3)  # extensions, settings, first draw
-            driver.find_element(By.CSS_SELECTOR, ".node-library-tab-button").click()
-            wait_for(driver, "return !!document.querySelector('.p-splitter-gutter')")
-            # a wider side panel, as a reader would drag it, so the pictures are legible
-            gutter = driver.find_element(By.CSS_SELECTOR, ".p-splitter-gutter")
-            ActionChains(driver).click_and_hold(gutter).move_by_offset(args.panel_width - 300, 0).release().perform()
-            for cls, title in NODES.items():
-                report[cls] = open_help(driver, cls, title)
-                time.sleep(0.5)  # layout settles after the pictures load
-                driver.save_screenshot(str(args.out / f"help-{cls}.png"))
-                if report[cls]["images"]:  # and one with the page's first picture in view
-                    driver.execute_script("document.querySelector('.node-help-content img')"
-                                          ".scrollIntoView({block: 'center'})")
-                    time.sleep(0.3)
-                    driver.save_screenshot(str(args.out / f"help-{cls}-picture.png"))
-                close_help(driver)
-        finally:
-            if driver is not None:
-                driver.quit()
-            proc.terminate()
-            proc.wait(20)
+    with comfyui_page(args, args.out / "comfyui.log", VIEWPORT) as driver:
+        driver.find_element(By.CSS_SELECTOR, ".node-library-tab-button").click()
+        wait_for(driver, "return !!document.querySelector('.p-splitter-gutter')")
+        # a wider side panel, as a reader would drag it, so the pictures are legible
+        gutter = driver.find_element(By.CSS_SELECTOR, ".p-splitter-gutter")
+        ActionChains(driver).click_and_hold(gutter).move_by_offset(args.panel_width - 300, 0).release().perform()
+        for cls, title in nodes.NODE_DISPLAY_NAME_MAPPINGS.items():
+            report[cls] = open_help(driver, cls, title)
+            time.sleep(0.5)  # layout settles after the pictures load
+            driver.save_screenshot(str(args.out / f"help-{cls}.png"))
+            if report[cls]["images"]:  # and one with the page's first picture in view
+                driver.execute_script("document.querySelector('.node-help-content img')"
+                                      ".scrollIntoView({block: 'center'})")
+                time.sleep(0.3)
+                driver.save_screenshot(str(args.out / f"help-{cls}-picture.png"))
+            close_help(driver)
     print(json.dumps(report, indent=1))
 
 

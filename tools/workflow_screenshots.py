@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK = "unifusion"
+from comfyui_browser import PACK, ROOT, add_arguments, comfyui_page, poll
+
 VIEWPORT = {"width": 1600, "height": 900}
 
 # Runs in the page: the canvas transform, every node's rectangle in screen pixels (title bar
@@ -87,92 +82,24 @@ COVER_JS = """
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_comfyui(comfyui: Path, python: str, base: Path, log: Path, pack: Path = ROOT) -> tuple[subprocess.Popen, str]:
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / PACK).symlink_to(pack, target_is_directory=True)
-    (base / "input").mkdir()
-    shutil.copy(comfyui / "input" / "example.png", base / "input")  # what a fresh install has
-    # A returning user: no first-run templates dialog over the canvas.
-    settings = base / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    port = free_port()
-    cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    proc = subprocess.Popen(cmd, cwd=comfyui, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited; see {log}")
-        try:
-            urllib.request.urlopen(url + "/system_stats", timeout=2).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"ComfyUI not ready; see {log}")
-
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,900"]
-
-
-def browser(chromium: str, chromedriver: str, profile: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=Service(chromedriver))
-    # the page's viewport exactly 1600 x 900, whatever the window's frame takes
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {**VIEWPORT, "deviceScaleFactor": 1, "mobile": False})
-    driver.set_script_timeout(60)
-    return driver
-
-
-def wait_for(driver, script: str, timeout: float = 120):
-    end = time.monotonic() + timeout
-    while not driver.execute_script(script):
-        if time.monotonic() > end:
-            raise TimeoutError(script)
-        time.sleep(0.25)
-
-
 def click_text(driver, text: str, timeout: float = 20) -> None:
     """Click the first visible element whose own text is `text`, as a user would."""
     from selenium.webdriver.common.by import By
 
-    end = time.monotonic() + timeout
-    while True:
+    def clicked() -> bool:
         for el in driver.find_elements(By.XPATH, f"//*[text()[normalize-space(.)={json.dumps(text)}]]"):
             driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
             if el.is_displayed():
                 el.click()
-                return
-        if time.monotonic() > end:
-            raise TimeoutError(f"no visible {text!r}")
-        time.sleep(0.25)
+                return True
+        return False
+
+    poll(clicked, timeout, f"no visible {text!r}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfyui", type=Path,
-                    default=Path(os.environ.get("COMFYUI_ROOT", ROOT.parent / "shared" / "comfyui")))
-    ap.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON", sys.executable),
-                    help="the Python that runs ComfyUI")
-    ap.add_argument("--chromium", default="/usr/bin/chromium")
-    ap.add_argument("--chromedriver", default="/usr/bin/chromedriver")
+    add_arguments(ap)
     ap.add_argument("--pack", type=Path, default=ROOT, help="the pack to serve (default: this repository)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "unifusion-screenshots")
     args = ap.parse_args()
@@ -182,56 +109,44 @@ def main() -> None:
     pack = args.pack.resolve()
     names = sorted(p.stem for p in (pack / "workflows").glob("*.json"))
     report = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_comfyui(args.comfyui.resolve(), args.python, Path(tmp) / "base",
-                                  args.out / "comfyui.log", pack)
-        driver = None
+    with comfyui_page(args, args.out / "comfyui.log", VIEWPORT, pack, example_image=True, script_timeout=60,
+                      app_timeout=120) as driver:
+        for name in names:
+            # as the Templates dialog does: fetch from the pack's route, load with the stored view
+            driver.execute_async_script(
+                """const [pack, name, done] = arguments;
+                const app = window.app ?? window.comfyAPI.app.app;
+                fetch(`/api/workflow_templates/${pack}/${encodeURIComponent(name)}.json`)
+                  .then((r) => r.json()).then((w) => app.loadGraphData(w, true, true, name))
+                  .then(() => done(null), (e) => done(String(e)));""",
+                PACK, name,
+            )
+            time.sleep(2.5)  # image previews load and the nodes grow
+            # no hover highlight over a node
+            driver.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": 1, "y": 450})
+            driver.save_screenshot(str(args.out / f"{name}.png"))
+            report[name] = driver.execute_script(f"return ({MEASURE_JS})()")
+            # what the frontend kept of the file's extra.description (it saves it back with the graph)
+            report[name]["extra_description"] = driver.execute_script(
+                "return (window.app ?? window.comfyAPI.app.app).graph.extra?.description ?? null")
+        report["_covering_elements"] = driver.execute_script(f"return ({COVER_JS})()")
+        # the Templates dialog on the pack's cards, as a user opens it: titles, descriptions, thumbnails
         try:
-            driver = browser(args.chromium, args.chromedriver, Path(tmp) / "profile")
-            driver.get(url)
-            wait_for(driver, "return !!(window.app ?? window.comfyAPI?.app?.app)?.graph")
-            time.sleep(3)  # extensions, settings, first draw
-            for name in names:
-                # as the Templates dialog does: fetch from the pack's route, load with the stored view
-                driver.execute_async_script(
-                    """const [pack, name, done] = arguments;
-                    const app = window.app ?? window.comfyAPI.app.app;
-                    fetch(`/api/workflow_templates/${pack}/${encodeURIComponent(name)}.json`)
-                      .then((r) => r.json()).then((w) => app.loadGraphData(w, true, true, name))
-                      .then(() => done(null), (e) => done(String(e)));""",
-                    PACK, name,
-                )
-                time.sleep(2.5)  # image previews load and the nodes grow
-                # no hover highlight over a node
-                driver.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": 1, "y": 450})
-                driver.save_screenshot(str(args.out / f"{name}.png"))
-                report[name] = driver.execute_script(f"return ({MEASURE_JS})()")
-                # what the frontend kept of the file's extra.description (it saves it back with the graph)
-                report[name]["extra_description"] = driver.execute_script(
-                    "return (window.app ?? window.comfyAPI.app.app).graph.extra?.description ?? null")
-            report["_covering_elements"] = driver.execute_script(f"return ({COVER_JS})()")
-            # the Templates dialog on the pack's cards, as a user opens it: titles, descriptions, thumbnails
-            try:
-                click_text(driver, "Templates")
-                click_text(driver, PACK)
-            except TimeoutError:
-                driver.save_screenshot(str(args.out / "templates-failed.png"))
-                print(driver.execute_script(
-                    "return [...document.querySelectorAll('.p-dialog *')].filter((e) => e.children.length === 0"
-                    " && /unifusion|custom/i.test(e.textContent)).map((e) => e.outerHTML.slice(0, 200))"),
-                    file=sys.stderr)
-                raise
-            time.sleep(2.5)  # thumbnails load
-            driver.save_screenshot(str(args.out / "templates-dialog.png"))
-            cards = driver.find_elements(By.CSS_SELECTOR, ".template-card")
-            for k, c in enumerate(cards, 1):
-                c.screenshot(str(args.out / f"templates-card-{k}.png"))
-            report["_template_cards"] = [c.text.split("\n") for c in cards]
-        finally:
-            if driver is not None:
-                driver.quit()
-            proc.terminate()
-            proc.wait(20)
+            click_text(driver, "Templates")
+            click_text(driver, PACK)
+        except TimeoutError:
+            driver.save_screenshot(str(args.out / "templates-failed.png"))
+            print(driver.execute_script(
+                "return [...document.querySelectorAll('.p-dialog *')].filter((e) => e.children.length === 0"
+                " && /unifusion|custom/i.test(e.textContent)).map((e) => e.outerHTML.slice(0, 200))"),
+                file=sys.stderr)
+            raise
+        time.sleep(2.5)  # thumbnails load
+        driver.save_screenshot(str(args.out / "templates-dialog.png"))
+        cards = driver.find_elements(By.CSS_SELECTOR, ".template-card")
+        for k, c in enumerate(cards, 1):
+            c.screenshot(str(args.out / f"templates-card-{k}.png"))
+        report["_template_cards"] = [c.text.split("\n") for c in cards]
     json.dump(report, sys.stdout, indent=1)
     print()
     bad = [(name, n["id"], n["type"]) for name, r in report.items() if not name.startswith("_")
