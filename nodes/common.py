@@ -14,7 +14,6 @@ if __package__ and "." in __package__:
     uf = importlib.import_module(__package__.rsplit(".", 1)[0] + ".unifusion_core")
 else:
     uf = importlib.import_module("unifusion_core")
-importlib.import_module(uf.__name__ + ".advice")  # uf.advice: what a checkpoint was not trained for
 
 log = logging.getLogger(__name__)
 

@@ -337,7 +337,7 @@ def test_lap_encode_warns_when_rewrite_is_not_what_the_checkpoint_was_trained_wi
     verifi, enc = N["UniFusionVERIFIRewrite"](), N["UniFusionLAPEncode"]()
     on, _ = verifi.encode(vlm, "a fox", True, "Describe.", 6, True, 0)
     off, _ = verifi.encode(vlm, "a fox", False, "Describe.", 6, True, 0)
-    assert (uf.advice.rewrite_of(on), uf.advice.rewrite_of(off)) == (True, False)
+    assert (on.rewrite, off.rewrite) == (True, False)
     with caplog.at_level(logging.WARNING):
         assert isinstance(enc.encode(model, on, unique_id="4"), tuple)  # as trained, and no grammar to know
         out = enc.encode(model, off, unique_id="4")

@@ -377,14 +377,14 @@ def test_a_long_run_is_estimated_after_its_first_model_call(clock, caplog):
 
 
 def test_advice_says_nothing_it_cannot_know():
-    """No training size recorded: no size advice; features without a record of the sequence (a
-    features file) or without text tokens: no rewrite advice; not the scenes model: no grammar."""
+    """No training size recorded: no size advice; features that do not record whether they are a
+    rewrite (built by hand, a features file): no rewrite advice; not the scenes model: no grammar."""
     tiny = uf.get_preset("tiny")
     assert tiny.sampling.size is None and tiny.sampling.rewrite
     plain = uf.Features(torch.zeros(3, len(tiny.encoder.layers), 32), encoder=tiny.encoder, text="a fox")
     images = uf.Features(torch.zeros(2, len(tiny.encoder.layers), 32), encoder=tiny.encoder, sequence_ids=[1, 2, 3],
                          positions=torch.tensor([1, 2]), is_image=torch.ones(2, dtype=torch.bool))
-    assert advice.rewrite_of(plain) is None and advice.rewrite_of(images) is None
+    assert plain.rewrite is None and images.rewrite is None
     assert advice.advice(tiny, features=plain, width=4096, height=4096) == []
     sized = tiny.replace(sampling={"size": (512, 512)})
     assert advice.advice(sized, width=1024, height=768) == []  # 3x the pixels: near enough

@@ -1,6 +1,6 @@
 """UniFusion core: LAP, refiner, DiT and rectified-flow sampling, independent of ComfyUI."""
 
-from . import guard
+from . import advice, guard
 from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model, read_config, save_model
 from .conditioning import Conditioning
@@ -48,6 +48,7 @@ __all__ = [
     "every_nth_layer",
     "get_latent_space",
     "get_preset",
+    "advice",
     "guard",
     "load_model",
     "load_vlm",

@@ -32,13 +32,13 @@ def advice(config: UniFusionConfig, *, prompt: str | None = None, features: Feat
     """Sentences on what this checkpoint was not trained for in a run; empty when there is nothing to say.
 
     prompt: the conditioning text (default: features.text, the rewrite or the prompt). rewrite:
-    whether the conditioning is a VERIFI rewrite (default: read from the features, rewrite_of;
+    whether the conditioning is a VERIFI rewrite (default: what the features record, Features.rewrite;
     None: unknown, not checked). width, height: the image size (None: not checked).
     """
     notes = size_advice(config, width, height) if width and height else []
     if features is not None:
         prompt = features.text if prompt is None else prompt
-        rewrite = rewrite_of(features) if rewrite is None else rewrite
+        rewrite = features.rewrite if rewrite is None else rewrite
     trained = config.sampling.rewrite
     if rewrite is not None and rewrite != trained:
         notes.append(
@@ -90,12 +90,6 @@ def knows_scenes(config: UniFusionConfig) -> bool:
     """Whether a checkpoint was trained on the scene grammar (scenes.py): its stored config is the
     embedded model's (that file, a copy, or a retrain of its recipe), the one record there is."""
     return config == _scenes_config()
-
-
-def rewrite_of(features: Features) -> bool | None:
-    """Whether features hold a VERIFI rewrite (True) or the prompt's own words (False), as the
-    encoder recorded it; None when nothing says (features built by hand or read from a file)."""
-    return features.rewrite
 
 
 def timed(callback: Callback | None, config: UniFusionConfig, width: int, height: int, sampler: str = "euler",

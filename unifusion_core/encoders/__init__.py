@@ -17,8 +17,8 @@ from .qwen2 import Qwen2
 from .qwen3 import Qwen3
 from .qwen3vl import Qwen3VL
 from .qwen25vl import Qwen25VL
-from .registry import CAUSAL_LM_TYPES, FAMILIES, SUPPORTED, VISION_LANGUAGE, family
+from .registry import FAMILIES, SUPPORTED, family
 
-__all__ = ["CAUSAL_LM_TYPES", "EMPTY_REWRITE_ADVICE", "FAMILIES", "SUPPORTED", "VISION_LANGUAGE", "Gemma3",
+__all__ = ["EMPTY_REWRITE_ADVICE", "FAMILIES", "SUPPORTED", "Gemma3",
            "Gemma3Text", "InternVL", "Layout", "Llama", "PreparedPrompt", "Qwen2", "Qwen3", "Qwen25VL", "Qwen3VL",
            "Rewrite", "TextOnly", "VLMEncoder", "VisionLanguage", "family", "load_vlm"]

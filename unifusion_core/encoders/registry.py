@@ -62,6 +62,3 @@ def _types(families) -> str:
 
 SUPPORTED = (f"{_types(vision_families())}, text-only decoders: {_types(text_families())}, and .gguf files of "
              "the text-only decoders")
-CAUSAL_LM_TYPES = tuple(t for f in text_families() for t in f.model_types)
-# model_type -> (transformers model class name, family)
-VISION_LANGUAGE = {t: (f.model_class, f) for f in vision_families() for t in f.model_types}
