@@ -12,6 +12,7 @@ held-out compositions are never seen in training whatever the seed or the vocabu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -101,11 +102,16 @@ def scenes(split: str | None = None, kind: str | None = None) -> list[Scene]:
     return [s for s in all_scenes() if (split is None or s.split == split) and (kind is None or s.kind == kind)]
 
 
+@functools.cache
+def _by_prompt() -> dict[str, Scene]:
+    return {s.prompt: s for s in all_scenes()}
+
+
 def parse_prompt(prompt: str) -> Scene:
     """The Scene a prompt of this grammar describes; ValueError for anything else."""
-    for s in all_scenes():
-        if s.prompt == prompt.strip().lower():
-            return s
+    found = _by_prompt().get(prompt.strip().lower())
+    if found is not None:
+        return found
     raise ValueError(
         f"{prompt!r} is not a prompt of the synthetic-scene grammar: 'a <colour> <shape> <position>' or "
         f"'a <colour> <shape> <relation> a <colour> <shape>' with colours {list(COLORS)}, shapes "

