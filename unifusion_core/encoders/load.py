@@ -33,9 +33,10 @@ def load_vlm(
     cache_dir: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
 ) -> VLMEncoder:
-    """Load a VLM / LLM from a local Hugging Face folder (safetensors), a .gguf file, or one
+    """Load a VLM / LLM from a local Hugging Face folder (safetensors), a .gguf file, one
     .safetensors file as ComfyUI keeps LLM text encoders (`encoders/single_file.py`: `tokenizer`
-    names its tokenizer folder); never downloads.
+    names its tokenizer folder), or the pack's own scene VLM file (`scene_vlm.py`, merged over
+    its base GGUF in memory); never downloads.
 
     dtype defaults to float32 on the CPU and bfloat16 elsewhere. The model is frozen: eval mode,
     no gradients, never modified.
@@ -61,6 +62,14 @@ def load_vlm(
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes): the download or copy did not finish; fetch it again")
     if path.is_file() and path.suffix == ".safetensors":
+        from .. import scene_vlm
+
+        if scene_vlm.is_scene_vlm(path):  # the pack's own small VLM over its base model
+            model, tok = scene_vlm.load(path, dtype=dtype, cache=cache_dir if cache_dir is not None else
+                                        gguf_cache.GGUF_CACHE)
+            model = model.to(device).eval().requires_grad_(False)
+            adapter = registry.family(model.config.model_type)
+            return VLMEncoder(model, tok, adapter(model, tok), name=path.stem)
         return _load_single_file(path, dtype, device, tokenizer)
     if path.is_file():
         if path.suffix != ".gguf":

