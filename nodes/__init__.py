@@ -4,6 +4,7 @@ from . import host
 from .lap_encode import UniFusionLAPEncode
 from .model_load import UniFusionModelLoad
 from .sample import UniFusionSample
+from .scene_render import UniFusionSceneRender
 from .tile_images import UniFusionTileImages
 from .verifi_rewrite import UniFusionVERIFIRewrite
 from .vlm_load import UniFusionVLMLoad
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "UniFusionModelLoad": UniFusionModelLoad,
     "UniFusionLAPEncode": UniFusionLAPEncode,
     "UniFusionSample": UniFusionSample,
+    "UniFusionSceneRender": UniFusionSceneRender,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "UniFusionVLMLoad": "UniFusion VLM Load",
@@ -26,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniFusionModelLoad": "UniFusion Model Load",
     "UniFusionLAPEncode": "UniFusion LAP Encode",
     "UniFusionSample": "UniFusion Sample",
+    "UniFusionSceneRender": "UniFusion Scene Render",
 }

@@ -8,6 +8,7 @@ the user's folders.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -17,6 +18,9 @@ from pathlib import Path
 import torch
 
 from .common import uf
+
+# Not among the core package's exports: imported by name, as a submodule of whichever package `uf` is.
+scene_vlm = importlib.import_module(f"{uf.__name__}.scene_vlm")
 
 try:
     import comfy.model_management as mm
@@ -72,11 +76,22 @@ def gguf_cache() -> Path | None:
     return uf.encoders.gguf_cache.GGUF_CACHE
 
 
+def scene_vlm_folder() -> Path | None:
+    """The folder of the pack's own scene VLM (the assets folder), when the pack ships it: the last path of
+    `LLM` for this pack's nodes, but not registered with ComfyUI, whose other packs' LLM loaders would
+    then offer the UniFusion checkpoint that shares the folder."""
+    found = uf.assets.scene_vlm()
+    return found.parent if found is not None else None
+
+
 def folder_paths_for(name: str) -> list[Path]:
     if IN_COMFYUI:
-        return [Path(p) for p in folder_paths.get_folder_paths(name)]
-    bundled = bundled_folders().get(name)
-    return [Path(MODELS_DIR) / name] + ([bundled] if bundled else [])
+        paths = [Path(p) for p in folder_paths.get_folder_paths(name)]
+    else:
+        bundled = bundled_folders().get(name)
+        paths = [Path(MODELS_DIR) / name] + ([bundled] if bundled else [])
+    own = scene_vlm_folder() if name == "LLM" else None
+    return paths + ([own] if own is not None else [])
 
 
 def comfy_tokenizers() -> dict[str, Path]:
@@ -88,10 +103,10 @@ def comfy_tokenizers() -> dict[str, Path]:
 
 
 def list_vlms() -> list[str]:
-    """Hugging Face model folders (with config.json), .gguf files, and one-file LLM encoders
-    (.safetensors that encoders.single_file recognises), one level deep or two. Each other
-    .safetensors file is named in the log once, with the reason (ComfyUI's CLIP and T5 files, which
-    share the folder, only at debug level)."""
+    """Hugging Face model folders (with config.json), .gguf files, one-file LLM encoders
+    (.safetensors that encoders.single_file recognises) and the pack's scene VLM files, one level deep
+    or two. Each other .safetensors file is named in the log once, with the reason (ComfyUI's CLIP
+    and T5 files and UniFusion checkpoints, which share the folders, only at debug level)."""
     single_file = uf.encoders.single_file
     names = set()
     for folder in (p for f in VLM_FOLDERS for p in folder_paths_for(f)):
@@ -102,6 +117,9 @@ def list_vlms() -> list[str]:
         names.update(p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf"))
         for path in folder.rglob("*.safetensors"):
             if (path.parent / "config.json").is_file():  # a weights shard of a model folder
+                continue
+            if scene_vlm.is_scene_vlm(path):  # holds no LLM of its own: read_layout would refuse it
+                names.add(path.relative_to(folder).as_posix())
                 continue
             try:
                 single_file.read_layout(path)
@@ -131,7 +149,8 @@ def list_tokenizers() -> list[str]:
 
 def list_models() -> list[str]:
     """UniFusion checkpoints: .safetensors whose metadata says format 'unifusion'. Each other file is
-    named in the log once, with the reason it is not listed."""
+    named in the log once, with the reason it is not listed (a scene VLM, which shares the pack's
+    assets folder with the bundled checkpoint, only at debug level)."""
     names = set()
     for folder in (p for f in MODEL_FOLDERS for p in folder_paths_for(f)):
         if not folder.is_dir():
@@ -140,6 +159,8 @@ def list_models() -> list[str]:
             problem = unifusion_file_problem(path)
             if problem is None:
                 names.add(path.relative_to(folder).as_posix())
+            elif scene_vlm.is_scene_vlm(path):
+                _report_once(path, "the pack's scene VLM (UniFusion VLM Load lists it)", level=logging.DEBUG)
             else:
                 _report_once(path, problem)
     return sorted(names)

