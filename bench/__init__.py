@@ -24,4 +24,6 @@ the same run). Not part of the ComfyUI pack (.comfyignore leaves this folder out
     python -m bench dit-vs-diffusers [...]   our DiT against diffusers' Flux and Lumina 2 (dit_vs_diffusers.py)
     python -m bench distributed [...]        the trainer from 1 to N processes (distributed.py)
     python -m bench gpu-train [...]          the trainer's bf16 step on a GPU (gpu_train.py)
+    python -m bench scene-vlm [--vlm FILE]   the pack's scene VLM: reading a tile against text, its
+        description, the trainer's step (scene_vlm.py)
 """

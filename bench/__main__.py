@@ -15,6 +15,7 @@ BENCHMARKS = {
     "dit-vs-diffusers": ("dit_vs_diffusers", "main"),
     "distributed": ("distributed", "main"),
     "gpu-train": ("gpu_train", "main"),
+    "scene-vlm": ("scene_vlm", "main"),
 }
 
 
