@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
       "captions, a .jsonl/.parquet manifest, or a tar-shard glob")
     a("--resolution", type=int, default=64, help="training image size (square)")
     a("--scene-kinds", default="single,pair", help="--data scenes: which prompt kinds to train on")
+    a("--scene-tasks", default="t2i", help="--data scenes: which tasks (t2i, reconstruction, edit: "
+      "scene_edits.py's edits), in the --mix ratios; the VLM must read images (--vlm a scene VLM file)")
+    a("--scene-references", type=float, default=0.0, help="--data scenes with edit: the share of edit samples "
+      "that compose two reference images (0: single-reference edits only, the paper's Sec. 5.4 setting)")
     a("--mix", default=",".join(f"{t}={r:.2f}" for t, r in PAPER_RATIOS.items()),
       help="task ratios (paper Sec. 2.2); tasks without data are dropped")
     # encoder

@@ -14,7 +14,7 @@ from ..config import EncoderSpec, select_layers
 from ..features import Features, read_features_file
 from .data import Sample
 from .mixture import TaskMixture
-from .sources import SyntheticScenes, load_sources
+from .sources import SceneEdits, SceneReconstructions, SyntheticScenes, load_sources
 from .tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,24 @@ def make_data(args, seed: int):
     """The task mixture and its sources."""
     if args.data == "scenes":
         kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
-        sources = {"t2i": SyntheticScenes("train", args.resolution, seed, kinds=kinds)}
-        return TaskMixture(sources, {"t2i": 1.0}, seed), sources
+        tasks = [t.strip() for t in getattr(args, "scene_tasks", "t2i").split(",") if t.strip()]
+        makers = {"t2i": lambda: SyntheticScenes("train", args.resolution, seed, kinds=kinds),
+                  "reconstruction": lambda: SceneReconstructions("train", args.resolution, seed),
+                  "edit": lambda: SceneEdits("train", args.resolution, seed,
+                                             references=getattr(args, "scene_references", 0.0))}
+        unknown = sorted(set(tasks) - set(makers))
+        if unknown or not tasks:
+            raise ConfigError(f"--scene-tasks {','.join(tasks)!r}: expected some of {', '.join(makers)}")
+        sources = {t: makers[t]() for t in tasks}
+        if tasks == ["t2i"]:
+            return TaskMixture(sources, {"t2i": 1.0}, seed), sources
+        mix = parse_mix(args.mix)
+        ratios = {t: mix.get(t, 0.0) for t in tasks}
+        if not all(ratios.values()):
+            missing = [t for t, r in ratios.items() if not r]
+            raise ConfigError(f"--mix {args.mix!r} gives no ratio to {missing} of --scene-tasks; give each a "
+                              "ratio (e.g. --mix t2i=0.85,reconstruction=0.05,edit=0.10)")
+        return TaskMixture(sources, ratios, seed), sources
     mix = parse_mix(args.mix)  # the flag checked before the data is read
     sources = {k: s for k, s in load_sources(args.data, args.resolution).items() if len(s)}
     ratios = {k: v for k, v in mix.items() if k in sources}
@@ -89,7 +105,8 @@ class PromptFeatures:
                              f"(they hold {list(stored_layers)})")
         self.pick = [stored_layers.index(i) for i in spec.layers]
         self.table = table or {}  # prompt text -> (T, L_stored, D)
-        self.memo: dict[str, Features] = {}
+        self.memo: dict[str, Features] = {}  # prompt-only features, shared by every sample with the prompt
+        self.once: dict[str, Features] = {}  # features of samples with images, for the current call only
 
     def features(self, hidden: torch.Tensor, text: str) -> Features:
         return Features(hidden[:, self.pick].float(), self.spec.layers, self.spec, text)
@@ -100,12 +117,12 @@ class PromptFeatures:
         for s in samples:  # precomputed prompts (features file): sliced to the model's layers once
             if s.cond_id not in self.memo and not TASKS[s.task].images and s.prompt in self.table:
                 self.memo[s.cond_id] = self.features(self.table[s.prompt], s.prompt)
-        todo = {s.cond_id: s for s in samples if s.cond_id not in self.memo}
+        todo = {s.cond_id: s for s in samples if s.cond_id not in self.memo and s.cond_id not in self.once}
         if not todo:
             return
         if any(TASKS[s.task].images for s in todo.values()) or self.vlm is None:
-            for cid, s in todo.items():
-                self.memo[cid] = self._one(s)
+            for cid, s in todo.items():  # a sample with images is its own conditioning: kept for this call only
+                (self.once if TASKS[s.task].images else self.memo)[cid] = self._one(s)
             return
         if self.cache is not None:
             # build() writes one shard per call: for data seen prompt by prompt, many small shards
@@ -140,8 +157,11 @@ class PromptFeatures:
         return Features(f.hidden.float(), f.layers, self.spec, f.text, is_image=f.is_image, image_index=f.image_index)
 
     def __call__(self, samples: list[Sample]) -> list[Features]:
+        self.once = {}
         self.prepare(samples)
-        return [self.memo[s.cond_id] for s in samples]
+        out = [self.once[s.cond_id] if s.cond_id in self.once else self.memo[s.cond_id] for s in samples]
+        self.once = {}
+        return out
 
 
 def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatures, EncoderSpec]:

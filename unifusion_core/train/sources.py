@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from torch import Tensor
 
+from .. import scene_edits
 from .. import scenes as sc
 from ..pixels import uint8_to_unit
 from .data import BadSample, Sample, Source
@@ -55,6 +56,54 @@ class SyntheticScenes:
         id = f"scene-{self.seed}-{index}"
         return Sample(id=id, task="t2i", prompt=scene.prompt, target=uint8_to_unit(img),  # (3, H, W) in 0..1
                       cond_id=TASKS["t2i"].cond_id(id, scene.prompt))
+
+
+class SceneReconstructions:
+    """The synthetic scenes of one split as an endless `reconstruction` source: the render is both
+    the VLM's image and the target (index i -> scene i mod N, jitter from (seed, i))."""
+
+    def __init__(self, split: str = "train", size: int = 64, seed: int = 0, length: int = 1_000_000):
+        self.scenes = sc.scenes(split)
+        self.size, self.seed, self.length = size, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get(self, index: int) -> Sample:
+        scene = self.scenes[index % len(self.scenes)]
+        img = sc.render(scene, self.size, np.random.default_rng([self.seed, index]))
+        return Sample(id=f"scene-rec-{self.seed}-{index}", task="reconstruction", target=uint8_to_unit(img),
+                      images=[Image.fromarray(img)])
+
+
+class SceneEdits:
+    """Edits of the synthetic scenes (`scene_edits.py`) of one split as an endless `edit` source:
+    index i -> edit i mod N, the source and the target rendered with the same jitter draw from
+    (seed, i), so what the instruction leaves alone stays in place. With `references`, two-image
+    compositions are drawn too (one in every `1 / references` samples), each image jittered on its own."""
+
+    def __init__(self, split: str = "train", size: int = 64, seed: int = 0, length: int = 1_000_000,
+                 references: float = 0.0):
+        if not 0 <= references <= 1:
+            raise ValueError(f"references must be a share in 0..1, got {references}")
+        self.edits, self.refs = scene_edits.edits(split), scene_edits.references(split)
+        self.size, self.seed, self.length, self.share = size, seed, length, references
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get(self, index: int) -> Sample:
+        id = f"scene-edit-{self.seed}-{index}"
+        jitter = lambda *k: np.random.default_rng([self.seed, index, *k])  # one draw per image of the sample
+        if self.share and (index * 0.6180339887) % 1 < self.share:  # a fixed, evenly spread share of indices
+            r = self.refs[index % len(self.refs)]
+            images = [Image.fromarray(sc.render(s, self.size, jitter(k + 1))) for k, s in enumerate(r.sources)]
+            target, prompt = sc.render(r.target, self.size, jitter()), r.instruction
+        else:
+            e = self.edits[index % len(self.edits)]
+            images = [Image.fromarray(sc.render(e.source, self.size, jitter()))]
+            target, prompt = sc.render(e.target, self.size, jitter()), e.instruction
+        return Sample(id=id, task="edit", prompt=prompt, target=uint8_to_unit(target), images=images)
 
 
 # --------------------------------------------------------------------------------------------
