@@ -4,12 +4,17 @@
         [--split train,heldout] [--limit N] [--seeds 4] [--steps S] [--cfg G] [--size 64]
         [--rewrite | --no-rewrite] [--layer-study]
     python -m unifusion_core.eval --task describe --out DIR [--vlm PATH] [--limit N]
+    python -m unifusion_core.eval --task edit|reconstruct|multiref --model CKPT --vlm PATH --out DIR
+        [--limit N] [--seeds 4] [--rewrite | --no-rewrite]
 
 Writes DIR/report.json (with every prompt's result), DIR/grid_<split>.png (seed 0; green border =
 all correct) and, with --layer-study, DIR/layer_weights.png and DIR/layer_drop.png. Prints the
 report without the per-prompt list to stdout. --task describe scores a VLM's greedy VERIFI
 rewrites instead (eval/describe.py: describe, question, edit, reference, text; --limit examples
-per task and split, default 100; --vlm defaults to the pack's scene VLM).
+per task and split, default 100; --vlm defaults to the pack's scene VLM). edit, reconstruct and
+multiref have a checkpoint draw the target scene of edits, reconstructions and two-image
+references from the VLM's features of the instruction and source images (eval/edits.py; --limit
+cases per split, default 60).
 """
 
 from __future__ import annotations
@@ -71,8 +76,9 @@ def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str]
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m unifusion_core.eval", description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=("t2i", "describe"), default="t2i",
-                    help="t2i: a UniFusion checkpoint draws the prompts; describe: a VLM reads the scenes")
+    ap.add_argument("--task", choices=("t2i", "describe", "edit", "reconstruct", "multiref"), default="t2i",
+                    help="t2i: a UniFusion checkpoint draws the prompts; describe: a VLM reads the scenes; edit, "
+                    "reconstruct, multiref: a checkpoint draws from a VLM's features of instructions and images")
     ap.add_argument("--model", type=Path, help="a pixel-space UniFusion .safetensors checkpoint (--task t2i)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--features", type=Path, help="safetensors file of per-prompt VLM features (instead of --vlm)")
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--split {args.split!r}: expected a comma-separated list of 'train' and 'heldout'")
     if args.task == "describe":
         return describe_main(args, splits)
+    if args.task != "t2i":
+        return edits_main(args, splits)
     if args.model is None:
         raise SystemExit("--task t2i needs --model CKPT.safetensors")
     if args.seeds < 1:
@@ -142,6 +150,29 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     summary = {k: v for k, v in report.items() if k != "per_prompt"}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    return report
+
+
+def edits_main(args, splits: list[str]) -> dict:
+    """--task edit|reconstruct|multiref: a checkpoint draws the target scenes of image-conditioned cases."""
+    from ..encoders import load_vlm
+    from . import edits
+
+    if args.model is None or args.vlm is None:
+        raise SystemExit(f"--task {args.task} needs --model CKPT.safetensors and --vlm (the VLM it was trained on)")
+    model = load_model(args.model, dtype=torch.float32 if args.device == "cpu" else None, device=args.device)
+    check_pixel_space(model)
+    rewrite = model.config.sampling.rewrite if args.rewrite is None else args.rewrite
+    size = image_size(model, args.size)[0]
+    case_list = [c for split in splits for c in edits.cases(args.task, split, args.limit or 60, size)]
+    vlm = load_vlm(args.vlm, device=args.device)
+    features = edits.encode(vlm, case_list, model.config.encoder, rewrite)
+    draw = edits.model_draw(model, steps=args.steps, cfg=args.cfg, size=args.size, batch_size=args.batch_size)
+    report = edits.evaluate(draw, case_list, features, list(range(args.seeds)))
+    report["settings"] = {"task": args.task, "model": str(args.model), "vlm": str(args.vlm), "rewrite": rewrite}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -1,0 +1,59 @@
+"""The image side of the benchmark (eval/edits.py): fixed cases whose targets are exact, a
+drawer that draws the target scores 1, one that draws the source scores what the kind allows,
+and the CLI runs a checkpoint against a VLM that reads images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from unifusion_core import scenes
+from unifusion_core.eval import edits
+
+
+@pytest.mark.parametrize("task", edits.TASKS)
+def test_cases_are_fixed_and_of_their_split(task):
+    a, b = edits.cases(task, "heldout", 12), edits.cases(task, "heldout", 12)
+    assert [(c.text, c.target) for c in a] == [(c.text, c.target) for c in b]
+    assert all(np.array_equal(x, y) for c, d in zip(a, b) for x, y in zip(c.images, d.images))
+    assert {len(c.images) for c in a} == ({2} if task == "multiref" else {1})
+    assert all(c.split == "heldout" for c in a)
+
+
+def test_drawing_the_target_scores_one_and_drawing_the_source_only_what_is_unchanged():
+    case_list = edits.cases("edit", "train", 40) + edits.cases("reconstruct", "heldout", 10)
+    by_id = {id(c): c for c in case_list}
+    features = [id(c) for c in case_list]  # the drawer below reads the case back from its "features"
+
+    def target(feats, seed):
+        return [scenes.render(by_id[f].target, 64, np.random.default_rng(seed)) for f in feats]
+
+    def source(feats, seed):
+        return [by_id[f].images[0] for f in feats]
+
+    best = edits.evaluate(target, case_list, features, [0, 1])
+    assert best["train"]["all"]["avg"] == 1.0 and best["heldout"]["reconstruct"]["best_of_2"] == 1.0
+    lazy = edits.evaluate(source, case_list, features, [0])
+    assert lazy["heldout"]["reconstruct"]["avg"] == 1.0  # a reconstruction is its source
+    assert lazy["train"]["all"]["avg"] < 0.2  # an edit is not
+
+
+def test_the_cli_scores_a_checkpoint_with_a_vlm_that_reads_images(tmp_path, tiny):
+    from tiny_vlms import make_tiny_internvl
+
+    import unifusion_core as uf
+    from unifusion_core.eval.__main__ import main
+
+    vlm_path = make_tiny_internvl(tmp_path / "vlm")
+    vlm = uf.load_vlm(vlm_path)
+    model = uf.UniFusionModel.from_preset("tiny", vlm=vlm, latent="pixel")
+    uf.save_model(model, tmp_path / "m.safetensors")
+    report = main(["--task", "multiref", "--model", str(tmp_path / "m.safetensors"), "--vlm", str(vlm_path),
+                   "--out", str(tmp_path / "out"), "--limit", "2", "--seeds", "2", "--steps", "2", "--size", "16",
+                   "--split", "heldout", "--no-rewrite"])
+    assert report["heldout"]["reference"]["n"] == 2 and 0 <= report["heldout"]["all"]["avg"] <= 1
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["settings"]["task"] == "multiref"
+    with pytest.raises(SystemExit, match="needs --model"):
+        main(["--task", "edit", "--out", str(tmp_path / "x")])
