@@ -145,6 +145,33 @@ def test_rewrite_true_without_rewrites_makes_them(vlms):
         assert_same_features(f, vlm.encode(p, system_prompt=SYSTEM, max_new_tokens=5))
 
 
+def test_batched_with_images_equals_one_by_one(vlms):
+    """Prompts with one, two or no images (one empty, as a reconstruction writes it), batched
+    unevenly: each row's features equal encode's, its image tokens included and in order."""
+    vlm = vlms["internvl"]
+    g = torch.Generator().manual_seed(1)
+    pic = lambda h, w: torch.rand(1, h, w, 3, generator=g)
+    images = [[pic(40, 40)], None, [pic(30, 60), pic(56, 56)], [pic(56, 112)]]
+    prompts = ["make it red", "a cat on a mat", "the first beside the second", ""]
+    batched = vlm.encode_batch(prompts, layers=(0, 2, 6), batch_size=3, images=images, max_tiles=2)
+    for prompt, ims, got in zip(prompts, images, batched):
+        want = vlm.encode(prompt, images=ims, rewrite=False, layers=(0, 2, 6), max_tiles=2)
+        assert_same_features(got, want)
+        assert int(got.is_image.sum()) == (0 if ims is None else int(want.is_image.sum())) and (ims is None or
+                                                                                            got.is_image.any())
+
+
+def test_batched_images_are_refused_where_one_forward_cannot_take_them(vlms):
+    pic = torch.rand(1, 40, 40, 3)
+    with pytest.raises(ValueError, match="one entry .* per prompt"):
+        vlms["internvl"].encode_batch(["a", "b"], images=[[pic]])
+    with pytest.raises(ValueError, match="without rewriting"):
+        vlms["internvl"].encode_batch(["a"], rewrite=True, images=[[pic]])
+    for family in ("gemma3", "qwen25vl"):
+        with pytest.raises(ValueError, match="per prompt"):
+            vlms[family].encode_batch(["a"], images=[[pic]])
+
+
 def test_errors_say_what_to_do(vlms):
     vlm = vlms["internvl"]
     with pytest.raises(ValueError, match=r"item 1 is a tuple.*VLMEncoder.encode\(prompt, images\)"):

@@ -75,7 +75,8 @@ def test_held_out_edits_never_reach_training():
 
 def test_the_trainer_trains_on_scene_edits_with_a_vlm_that_reads_images(tmp_path, monkeypatch):
     """Three steps of t2i + reconstruction + edit on the scenes with a tiny InternVL read online:
-    the image samples reach the VLM with their images, one or two each."""
+    the image samples reach the VLM with their images (one or two each), batched, and train
+    exactly as when each is encoded alone."""
     import json
 
     from tiny_vlms import make_tiny_internvl
@@ -84,23 +85,27 @@ def test_the_trainer_trains_on_scene_edits_with_a_vlm_that_reads_images(tmp_path
     from unifusion_core.train.__main__ import main
 
     seen = []
-    encode = VLMEncoder.encode
+    encode_batch = VLMEncoder.encode_batch
 
-    def counting(self, prompt, images=None, **kw):
-        seen.append(len(images or []))
-        return encode(self, prompt, images=images, **kw)
+    def counting(self, prompts, *a, images=None, **kw):
+        seen.extend(len(im or []) for im in images or [])
+        return encode_batch(self, prompts, *a, images=images, **kw)
 
-    monkeypatch.setattr(VLMEncoder, "encode", counting)
-
+    monkeypatch.setattr(VLMEncoder, "encode_batch", counting)
     vlm = make_tiny_internvl(tmp_path / "vlm")
-    out = tmp_path / "run"
-    main(["--out", str(out), "--vlm", str(vlm), "--data", "scenes", "--scene-tasks", "t2i,reconstruction,edit",
-          "--scene-references", "0.5", "--mix", "t2i=0.4,reconstruction=0.3,edit=0.3", "--resolution", "16",
-          "--preset", "tiny", "--dit-width", "64", "--dit-depth", "2", "--dit-heads", "4", "--patch", "2",
-          "--prompts-per-step", "4", "--timesteps-per-prompt", "2", "--steps", "3", "--val-prompts", "2",
-          "--sample-steps", "2", "--threads", "1", "--log-every", "1"])
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == 3 and all(np.isfinite(losses))
-    assert (out / "model.safetensors").is_file()
+
+    def run(out):
+        main(["--out", str(out), "--vlm", str(vlm), "--data", "scenes", "--scene-tasks", "t2i,reconstruction,edit",
+              "--scene-references", "0.5", "--mix", "t2i=0.4,reconstruction=0.3,edit=0.3", "--resolution", "16",
+              "--preset", "tiny", "--dit-width", "64", "--dit-depth", "2", "--dit-heads", "4", "--patch", "2",
+              "--prompts-per-step", "4", "--timesteps-per-prompt", "2", "--steps", "3", "--val-prompts", "2",
+              "--sample-steps", "2", "--threads", "1", "--log-every", "1"])
+        assert (out / "model.safetensors").is_file()
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if "loss" in line]
+
+    batched = run(tmp_path / "batched")
+    assert len(batched) == 3 and all(np.isfinite(batched))
     assert 1 in seen and 2 in seen  # single-image edits and reconstructions, two-image references
+    monkeypatch.setattr(VLMEncoder, "batches_images", property(lambda self: False))
+    assert run(tmp_path / "alone") == pytest.approx(batched, rel=1e-5)

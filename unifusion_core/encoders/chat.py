@@ -92,8 +92,10 @@ def check_special(text: str, what: str, specials: Sequence[str], name: str) -> N
                      f"text; remove it from {what}")
 
 
-def check_prompts(prompts, caller: str, specials: Sequence[str], name: str) -> list[str]:
-    """A list of non-empty text-only prompts without special tokens, or ValueError naming the bad item."""
+def check_prompts(prompts, caller: str, specials: Sequence[str], name: str,
+                  with_images: Sequence[bool] | None = None) -> list[str]:
+    """A list of text prompts without special tokens, each non-empty unless it comes with images
+    (with_images[i]), or ValueError naming the bad item."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(f"{caller} takes a list of prompts, got {type(prompts).__name__}; wrap one prompt in a list")
     for i, t in enumerate(prompts):
@@ -102,8 +104,8 @@ def check_prompts(prompts, caller: str, specials: Sequence[str], name: str) -> l
                 f"{caller} takes text-only prompts (str), but item {i} is a {type(t).__name__}; encode a prompt "
                 "with reference images one at a time with VLMEncoder.encode(prompt, images)"
             )
-        if not t.strip():
-            raise ValueError(f"{caller}: prompt {i} is empty; give every prompt some text")
+        if not t.strip() and not (with_images and with_images[i]):
+            raise ValueError(f"{caller}: prompt {i} is empty; give every prompt some text (or images)")
         check_special(t, f"prompt {i}", specials, name)
     return list(prompts)
 

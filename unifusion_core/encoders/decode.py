@@ -133,13 +133,16 @@ def batch_cache(prefix, B: int):
 
 
 def shared_prefix(prepared: list[PreparedPrompt]) -> int:
-    """How many leading tokens every templated prompt shares, ending before any user text.
+    """How many leading tokens every templated prompt shares, ending before any user text or image token.
 
     Compared as token ids of each whole templated prompt, so a BPE merge across the boundary
     between template and user text simply ends the shared prefix earlier.
     """
-    cap = min(min(len(p.ids) - 1, int(p.user_text.nonzero()[0, 0]) if p.user_text.any() else len(p.ids) - 1)
-              for p in prepared)
+    def own(p: PreparedPrompt) -> int:  # where the prompt's own tokens start: its first text or image token
+        mine = p.user_text | (p.image_index >= 0)
+        return int(mine.nonzero()[0, 0]) if mine.any() else len(p.ids) - 1
+
+    cap = min(min(len(p.ids) - 1, own(p)) for p in prepared)
     first = prepared[0].ids[:cap]
     same = torch.stack([p.ids[:cap] == first for p in prepared]).all(0)  # (cap,)
     return int(same.long().cumprod(0).sum())
@@ -155,9 +158,10 @@ def length_batches(seqs: list[Tensor], batch_size: int, same_length: bool = Fals
 
 
 def forward_suffixes(model, layers: nn.ModuleList, prefix, P: int, seqs: list[Tensor], keeps: list[Tensor],
-                     chosen: tuple[int, ...], pad: int) -> list[Tensor]:
+                     chosen: tuple[int, ...], pad: int, inputs: dict | None = None) -> list[Tensor]:
     """One forward of right-padded suffixes after the cached prefix; the `keeps` positions' states
-    at the chosen layers per row, (T_r, L, D) each."""
+    at the chosen layers per row, (T_r, L, D) each. inputs: the pixel inputs of the rows' images, in
+    row order (the model puts them at its image tokens in that order)."""
     B, T = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, T), pad, dtype=torch.long)
     mask = torch.zeros(B, P + T, dtype=torch.long)  # over [prefix ; suffix]
@@ -170,7 +174,7 @@ def forward_suffixes(model, layers: nn.ModuleList, prefix, P: int, seqs: list[Te
     with BatchCapture(layers, chosen, keep) as capture:
         model.model(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=True,
-            **{cache_kwarg(model.model): batch_cache(prefix, B)},
+            **{cache_kwarg(model.model): batch_cache(prefix, B)}, **(inputs or {}),
         )
     return capture.result()
 

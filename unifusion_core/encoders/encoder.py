@@ -18,6 +18,7 @@ from ..features import Features
 from ..prompts import system_prompt_or_default
 from ..tiling import TiledImage
 from . import chat, decode
+from .base import VisionLanguage
 from .capture import LayerCapture
 from .decode import EMPTY_REWRITE_ADVICE, Rewrite
 from .registry import labels, vision_families
@@ -201,8 +202,16 @@ class VLMEncoder:
         batch_size: int = 32,
         rewrites: Sequence[Rewrite | Sequence[int]] | None = None,
         max_new_tokens: int = 256,
+        images: Sequence | None = None,
+        max_tiles: int = 10,
+        thumbnail: bool = True,
     ) -> list[Features]:
-        """Features of many text-only prompts, in input order, equal to `encode` one prompt at a time.
+        """Features of many prompts, in input order, equal to `encode` one prompt at a time.
+
+        images: per prompt, its reference images (anything `encode` takes, or None), for families
+        that read images in one plain forward (InternVL; not Gemma-3's bidirectional image
+        attention nor Qwen-VL's 3-axis positions); a prompt with images may be empty. With images,
+        rewrite=False only (what the trainer encodes).
 
         rewrite=False: as encode(p, rewrite=False). rewrite=True (teacher-forced VERIFI): one plain
         forward over [template + prompt + generation prompt + rewrite ids] gives the features that
@@ -211,7 +220,8 @@ class VLMEncoder:
         max_new_tokens. The chat-template prefix shared by all prompts runs once (memoized across
         calls in prefix_memo); every batch of suffixes, sorted by length, reuses its KV cache.
         """
-        texts = chat.check_prompts(prompts, "encode_batch", self.special_tokens, self.name)
+        tiled = self._batch_images(prompts, images, rewrite, max_tiles, thumbnail)
+        texts = chat.check_prompts(prompts, "encode_batch", self.special_tokens, self.name, [bool(t) for t in tiled])
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         chosen = self.select_layers(layers)
@@ -229,7 +239,7 @@ class VLMEncoder:
                 raise ValueError(
                     f"rewrite {i} is empty (no text tokens) for prompt {texts[i]!r}; make it again or use rewrite=False"
                 )
-        prepared = [self.prepare_prompt(t, [], system, generation_prompt=rewrite) for t in texts]
+        prepared = [self.prepare_prompt(t, ti, system, generation_prompt=rewrite) for t, ti in zip(texts, tiled)]
         for i, (p, f) in enumerate(zip(prepared, fed)):
             self._check_context(len(p.ids) + len(f), f"prompt {i} and its {len(f)} rewrite tokens take",
                                 "fewer rewrite tokens")
@@ -238,13 +248,16 @@ class VLMEncoder:
         prefix = self.prefix_cache(prepared[0].ids[:P], system)
         # Per prompt: the tokens after the prefix and which of them condition.
         suffixes = [torch.cat([p.ids[P:], f]) for p, f in zip(prepared, fed)]
-        keep_prompt = [torch.zeros_like(p.user_text) if rewrite else p.user_text for p in prepared]
+        keep_prompt = [torch.zeros_like(p.user_text) if rewrite else p.user_text | (p.image_index >= 0)
+                       for p in prepared]
         keeps = [torch.cat([k[P:], kf]) for k, kf in zip(keep_prompt, keep_fed)]
         hidden: list[Tensor | None] = [None] * len(texts)
         pad = decode.pad_id(self.tokenizer, self.stop_ids)
         for batch in decode.length_batches(suffixes, batch_size):
+            pixels = [prepared[i].inputs["pixel_values"] for i in batch if tiled[i]]
             states = decode.forward_suffixes(self.model, self.adapter.decoder_layers(), prefix, P,
-                                             [suffixes[i] for i in batch], [keeps[i] for i in batch], chosen, pad)
+                                             [suffixes[i] for i in batch], [keeps[i] for i in batch], chosen, pad,
+                                             {"pixel_values": torch.cat(pixels)} if pixels else None)
             for i, h in zip(batch, states):
                 hidden[i] = h.cpu()  # (T_i, L, D)
 
@@ -253,13 +266,36 @@ class VLMEncoder:
         for i, (t, p, f) in enumerate(zip(texts, prepared, fed)):
             cond = torch.cat([keep_prompt[i], keep_fed[i]])  # over sequence_ids
             text = self.tokenizer.decode(f[keep_fed[i]], skip_special_tokens=True).strip() if rewrite else t
-            image_index = torch.full((len(p.ids) + len(f),), -1, dtype=p.image_index.dtype)[cond]
+            image_index = torch.cat([p.image_index, torch.full((len(f),), -1, dtype=p.image_index.dtype)])[cond]
             out.append(Features(
                 hidden=hidden[i], encoder=spec, text=text, sequence_ids=torch.cat([p.ids, f]).tolist(),
                 positions=cond.nonzero().flatten(), is_image=image_index >= 0, image_index=image_index,
                 rewrite=rewrite,
             ))
         return out
+
+    @property
+    def batches_images(self) -> bool:
+        """Whether encode_batch takes images: the family reads them in one plain forward."""
+        a = type(self.adapter)
+        return a.takes_images and a.reuses_prefix and a.extra_inputs is VisionLanguage.extra_inputs
+
+    def _batch_images(self, prompts, images, rewrite: bool, max_tiles: int, thumbnail: bool) -> list[list[TiledImage]]:
+        """Each prompt's tiled images for encode_batch ([] without), or ValueError when this family
+        or the rewrite setting cannot take them in one batched forward."""
+        if images is None:
+            return [[] for _ in range(len(prompts) if isinstance(prompts, Sequence) else 0)]
+        if isinstance(prompts, str) or len(images) != len(prompts):
+            raise ValueError(f"encode_batch: images must give one entry (None or images) per prompt; got "
+                             f"{len(images)} for {1 if isinstance(prompts, str) else len(prompts)} prompts")
+        if any(im is not None for im in images):
+            if rewrite:
+                raise ValueError("encode_batch encodes prompts with images without rewriting (rewrite=False); "
+                                 "for VERIFI with images call encode(prompt, images, rewrite=True) per prompt")
+            if not self.batches_images:
+                raise ValueError(f"{self.name} ({self.adapter.label}) cannot encode images in one batched forward; "
+                                 "call encode(prompt, images) per prompt")
+        return [self.tile(im, max_tiles, thumbnail) if im is not None else [] for im in images]
 
     @torch.no_grad()
     def rewrite_batch(

@@ -120,7 +120,19 @@ class PromptFeatures:
         todo = {s.cond_id: s for s in samples if s.cond_id not in self.memo and s.cond_id not in self.once}
         if not todo:
             return
-        if any(TASKS[s.task].images for s in todo.values()) or self.vlm is None:
+        with_images = {cid: s for cid, s in todo.items() if TASKS[s.task].images}
+        if with_images and self.vlm is not None and self.vlm.batches_images and not self.rewrite:
+            # a sample with images is its own conditioning: encoded in one batch, kept for this call only
+            feats = self.vlm.encode_batch([s.prompt for s in with_images.values()], layers=self.spec.layers,
+                                          system_prompt=self.spec.system_prompt,
+                                          images=[s.images for s in with_images.values()])
+            for cid, f in zip(with_images, feats):
+                self.once[cid] = Features(f.hidden.float(), f.layers, self.spec, f.text, is_image=f.is_image,
+                                          image_index=f.image_index)
+            todo = {cid: s for cid, s in todo.items() if cid not in with_images}
+            if not todo:
+                return
+        if with_images or self.vlm is None:
             for cid, s in todo.items():  # a sample with images is its own conditioning: kept for this call only
                 (self.once if TASKS[s.task].images else self.memo)[cid] = self._one(s)
             return
