@@ -57,3 +57,38 @@ def test_the_cli_scores_a_checkpoint_with_a_vlm_that_reads_images(tmp_path, tiny
     assert json.loads((tmp_path / "out" / "report.json").read_text())["settings"]["task"] == "multiref"
     with pytest.raises(SystemExit, match="needs --model"):
         main(["--task", "edit", "--out", str(tmp_path / "x")])
+
+
+def test_the_schedule_at_its_ends_is_either_conditioning_alone(tiny):
+    """sample_features with next_features: switch_at 1 draws from the first conditioning only,
+    0 from the second only (Sec. 5.2's schedule between them)."""
+    import torch
+    from conftest import tiny_features
+
+    from unifusion_core.features import Features
+    from unifusion_core.generate import sample_features
+
+    spec = tiny.config.encoder
+    a, b = (Features(tiny_features(1, 5, seed=s)[0], spec.layers, spec, "x") for s in (1, 2))
+    kw = dict(steps=3, cfg=2.0, width=16, height=16)
+    first, second = sample_features(tiny, [a], [0], **kw), sample_features(tiny, [b], [0], **kw)
+    assert torch.equal(sample_features(tiny, [a], [0], next_features=[b], switch_at=1.0, **kw), first)
+    assert torch.equal(sample_features(tiny, [a], [0], next_features=[b], switch_at=0.0, **kw), second)
+    mixed = sample_features(tiny, [a], [0], next_features=[b], switch_at=0.5, **kw)
+    assert not torch.equal(mixed, first) and not torch.equal(mixed, second)
+
+
+def test_the_cli_runs_the_schedule_with_the_vlms_own_rewrite(tmp_path):
+    from tiny_vlms import make_tiny_internvl
+
+    import unifusion_core as uf
+    from unifusion_core.eval.__main__ import main
+
+    vlm_path = make_tiny_internvl(tmp_path / "vlm")
+    model = uf.UniFusionModel.from_preset("tiny", vlm=uf.load_vlm(vlm_path), latent="pixel")
+    uf.save_model(model, tmp_path / "m.safetensors")
+    report = main(["--task", "edit", "--model", str(tmp_path / "m.safetensors"), "--vlm", str(vlm_path),
+                   "--out", str(tmp_path / "out"), "--limit", "2", "--seeds", "1", "--steps", "2", "--size", "16",
+                   "--split", "heldout", "--switch-at", "0.2"])
+    assert report["settings"]["switch_at"] == 0.2 and 0 <= report["rewrites_exact"] <= 1
+    assert report["heldout"]["all"]["n"] == 2

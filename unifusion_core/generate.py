@@ -83,11 +83,14 @@ def to_rgb(latent: Tensor) -> list[np.ndarray]:
 @torch.no_grad()
 def sample_features(model: UniFusionModel, features: list[Features], seeds: list[int], steps: int | None = None,
                     cfg: float | None = None, width: int | None = None, height: int | None = None,
-                    layer_drop=()) -> Tensor:
+                    layer_drop=(), next_features: list[Features] | None = None, switch_at: float = 0.2) -> Tensor:
     """A batch of raw latents, one per (features, seed) pair, each equal to what that pair gives alone
-    (the noise of item i is drawn from seeds[i] only, whatever else shares the batch)."""
+    (the noise of item i is drawn from seeds[i] only, whatever else shares the batch). With
+    next_features, those condition the steps after `switch_at` (paper Sec. 5.2)."""
     width, height = image_size(model.config, width, height)
     _, _, H, W = latent_grid(model.config, width, height)
     noise = torch.cat([make_noise((1, model.config.latent.channels, H, W), seed) for seed in seeds])
     cond = model.encode(features, layer_drop=layer_drop)
-    return sample(model, cond, width, height, steps=steps, cfg=cfg, noise=noise.to(model.device))
+    after = model.encode(next_features, layer_drop=layer_drop) if next_features else None
+    return sample(model, cond, width, height, steps=steps, cfg=cfg, noise=noise.to(model.device), next_cond=after,
+                  switch_at=switch_at)

@@ -26,6 +26,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import scenes as sc
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rewrite", action=argparse.BooleanOptionalAction, default=None,
                     help="VERIFI rewrites (default: as the checkpoint was trained)")
     ap.add_argument("--layer-study", action="store_true", help="also the layer-weight and layer-drop figures")
+    ap.add_argument("--switch-at", type=float, help="--task edit|multiref: the conditioning schedule of Sec. 5.2 "
+                    "(the images' tokens for this fraction of the steps, then the VLM's rewrite as text)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -166,10 +169,18 @@ def edits_main(args, splits: list[str]) -> dict:
     size = image_size(model, args.size)[0]
     case_list = [c for split in splits for c in edits.cases(args.task, split, args.limit or 60, size)]
     vlm = load_vlm(args.vlm, device=args.device)
-    features = edits.encode(vlm, case_list, model.config.encoder, rewrite)
-    draw = edits.model_draw(model, steps=args.steps, cfg=args.cfg, size=args.size, batch_size=args.batch_size)
+    then, rewrites = None, None
+    if args.switch_at is not None:  # Sec. 5.2: image tokens first, then the VLM's own text of the target
+        features, then, rewrites = edits.encode_schedule(vlm, case_list, model.config.encoder)
+    else:
+        features = edits.encode(vlm, case_list, model.config.encoder, rewrite)
+    draw = edits.model_draw(model, steps=args.steps, cfg=args.cfg, size=args.size, batch_size=args.batch_size,
+                            then=then, switch_at=args.switch_at if args.switch_at is not None else 0.2)
     report = edits.evaluate(draw, case_list, features, list(range(args.seeds)))
-    report["settings"] = {"task": args.task, "model": str(args.model), "vlm": str(args.vlm), "rewrite": rewrite}
+    report["settings"] = {"task": args.task, "model": str(args.model), "vlm": str(args.vlm), "rewrite": rewrite,
+                          "switch_at": args.switch_at}
+    if rewrites is not None:
+        report["rewrites_exact"] = float(np.mean([r == c.target.prompt for r, c in zip(rewrites, case_list)]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     sys.stdout.write(json.dumps(report, indent=2) + "\n")

@@ -67,6 +67,26 @@ def encode(vlm, case_list: Sequence[Case], encoder, rewrite: bool = False) -> li
                        layers=encoder.layers, system_prompt=encoder.system_prompt) for c in case_list]
 
 
+def encode_schedule(vlm, case_list: Sequence[Case], encoder) -> tuple[list[Features], list[Features], list[str]]:
+    """The conditioning schedule of paper Sec. 5.2, for a model never trained on edits: the source
+    images' tokens alone (the user's text left out) first, then the text of the target, which the
+    VLM writes itself (its VERIFI rewrite of the instruction and images; the user's text where it
+    writes nothing). Returns (image features, text features, the rewrites)."""
+    from PIL import Image
+
+    first, rewrites = [], []
+    for c in case_list:
+        pictures = [Image.fromarray(im) for im in c.images]
+        first.append(vlm.encode("", images=pictures, rewrite=False, layers=encoder.layers,
+                                system_prompt=encoder.system_prompt))
+        rewrites.append(vlm.encode(c.text or "describe the image", images=pictures, rewrite=True,
+                                   max_new_tokens=48, system_prompt=encoder.system_prompt).text)
+    # an empty rewrite (a VLM that writes nothing) falls back to the user's own text
+    texts = [r if r.strip() else (c.text or "describe the image") for r, c in zip(rewrites, case_list)]
+    then = vlm.encode_batch(texts, layers=encoder.layers, system_prompt=encoder.system_prompt)
+    return first, then, rewrites
+
+
 def evaluate(draw: Callable[[list[Features], int], list[np.ndarray]], case_list: Sequence[Case],
              features: Sequence[Features], seeds: Sequence[int]) -> dict:
     """Per split and kind: all-correct mean over seeds and best-of-N. draw(features, seed) returns
@@ -90,8 +110,10 @@ def evaluate(draw: Callable[[list[Features], int], list[np.ndarray]], case_list:
 
 
 def model_draw(model, steps: int | None = None, cfg: float | None = None, size: int | None = None,
-               batch_size: int = 32) -> Callable[[list[Features], int], list[np.ndarray]]:
-    """draw(features, seed) for a pixel-space UniFusion model (see model_gen.model_generate_fn)."""
+               batch_size: int = 32, then: Sequence[Features] | None = None,
+               switch_at: float = 0.2) -> Callable[[list[Features], int], list[np.ndarray]]:
+    """draw(features, seed) for a pixel-space UniFusion model (see model_gen.model_generate_fn);
+    with `then` (one per case, in the order draw is given the cases), the schedule of Sec. 5.2."""
     from ..generate import sample_features, to_rgb
     from .model_gen import check_pixel_space, image_size
 
@@ -102,8 +124,9 @@ def model_draw(model, steps: int | None = None, cfg: float | None = None, size: 
         out = []
         for i in range(0, len(features), batch_size):
             part = features[i : i + batch_size]
+            after = list(then[i : i + batch_size]) if then is not None else None
             out += to_rgb(sample_features(model, part, [seed] * len(part), steps=steps, cfg=cfg, width=width,
-                                          height=height))
+                                          height=height, next_features=after, switch_at=switch_at))
         return out
 
     return draw
