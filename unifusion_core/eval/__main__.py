@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ..encoders import gguf_cache
+
+    if gguf_cache.GGUF_CACHE is None:  # as the demo CLI: a GGUF VLM is converted once, then read back
+        gguf_cache.GGUF_CACHE = Path.home() / ".cache" / "unifusion" / "gguf"
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     bad = [s for s in splits if s not in ("train", "heldout")]
     if bad or not splits:
