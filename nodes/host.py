@@ -101,12 +101,17 @@ def comfy_tokenizers() -> dict[str, Path]:
 def list_vlms() -> list[str]:
     """Hugging Face model folders (with config.json), .gguf files, one-file LLM encoders
     (.safetensors that encoders.single_file recognises) and the pack's scene VLM files, one level deep
-    or two. Each other .safetensors file is named in the log once, with the reason (ComfyUI's CLIP
-    and T5 files and UniFusion checkpoints, which share the folders, only at debug level)."""
+    or two. Each other .safetensors file of the user's folders is named in the log once, with the
+    reason (ComfyUI's CLIP and T5 files and UniFusion checkpoints, which share the folders, only at
+    debug level)."""
     single_file = uf.encoders.single_file
     names = set()
+    own = scene_vlm_folder()
     for folder in (p for f in VLM_FOLDERS for p in folder_paths_for(f)):
         if not folder.is_dir():
+            continue
+        if folder == own:  # the pack's assets: its scene VLM only, the UniFusion checkpoint beside it unmentioned
+            names.update(p.name for p in folder.glob("*.safetensors") if uf.scene_vlm.is_scene_vlm(p))
             continue
         for config in list(folder.glob("*/config.json")) + list(folder.glob("*/*/config.json")):
             names.add(config.parent.relative_to(folder).as_posix())

@@ -152,8 +152,9 @@ def test_bundled_model_and_vlms_are_listed_in_place(shipped, models_dir):
 
 
 def test_the_scene_vlm_is_listed_quietly_and_loads_through_load_vlm(shipped, monkeypatch, caplog):
-    """The scene VLM is a VLM Load entry like any other; the checkpoint beside it is not, and neither
-    file is logged above debug level by the loader that does not list it."""
+    """The scene VLM is a VLM Load entry like any other; the checkpoint beside it in the pack's own
+    folder is not, and is not mentioned (VLM Load reads only scene VLM files there); Model Load
+    names the scene VLM at debug level only."""
     ship, _ = shipped
     with caplog.at_level(logging.DEBUG, logger=nodes.host.log.name):
         vlms, models = listed()
@@ -161,7 +162,7 @@ def test_the_scene_vlm_is_listed_quietly_and_loads_through_load_vlm(shipped, mon
     assert "scene-vlm.safetensors" not in models
     about = {name: [r.levelno for r in caplog.records if name in r.getMessage()]
              for name in ("scene-vlm.safetensors", "unifusion-scenes-64.safetensors")}
-    assert about == {"scene-vlm.safetensors": [logging.DEBUG], "unifusion-scenes-64.safetensors": [logging.DEBUG]}
+    assert about == {"scene-vlm.safetensors": [logging.DEBUG], "unifusion-scenes-64.safetensors": []}
     loaded = []
 
     def load_vlm(path, **options):  # the core's reading of the file: tests/test_scene_vlm.py

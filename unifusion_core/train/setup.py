@@ -121,7 +121,7 @@ class PromptFeatures:
         if not todo:
             return
         with_images = {cid: s for cid, s in todo.items() if TASKS[s.task].images}
-        if with_images and self.vlm is not None and self.vlm.batches_images and not self.rewrite:
+        if with_images and getattr(self.vlm, "batches_images", False) and not self.rewrite:
             # a sample with images is its own conditioning: encoded in one batch, kept for this call only
             feats = self.vlm.encode_batch([s.prompt for s in with_images.values()], layers=self.spec.layers,
                                           system_prompt=self.spec.system_prompt,
