@@ -161,6 +161,20 @@ def test_batched_with_images_equals_one_by_one(vlms):
                                                                                             got.is_image.any())
 
 
+def test_batched_rewrites_with_images_equal_encodes(vlms):
+    """rewrite_batch with images, prompts of different lengths left-padded into one batch: each
+    row's greedy rewrite is the one encode(..., rewrite=True) writes alone."""
+    vlm = vlms["internvl"]
+    g = torch.Generator().manual_seed(2)
+    pic = lambda h, w: torch.rand(1, h, w, 3, generator=g)
+    images = [[pic(40, 40)], None, [pic(30, 60), pic(56, 56)], [pic(56, 112)]]
+    prompts = ["make it red", "a cat on a mat", "the first beside the second", ""]
+    batched = vlm.rewrite_batch(prompts, max_new_tokens=8, batch_size=4, images=images, max_tiles=2)
+    for prompt, ims, got in zip(prompts, images, batched):
+        want = vlm.encode(prompt, images=ims, rewrite=True, max_new_tokens=8, max_tiles=2)
+        assert list(got.ids) == want.sequence_ids[len(want.sequence_ids) - len(got.ids):] and got.text == want.text
+
+
 def test_batched_images_are_refused_where_one_forward_cannot_take_them(vlms):
     pic = torch.rand(1, 40, 40, 3)
     with pytest.raises(ValueError, match="one entry .* per prompt"):

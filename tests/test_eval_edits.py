@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from unifusion_core import scenes
 from unifusion_core.eval import edits
@@ -92,3 +94,22 @@ def test_the_cli_runs_the_schedule_with_the_vlms_own_rewrite(tmp_path):
                    "--split", "heldout", "--switch-at", "0.2"])
     assert report["settings"]["switch_at"] == 0.2 and 0 <= report["rewrites_exact"] <= 1
     assert report["heldout"]["all"]["n"] == 2
+
+
+def test_the_schedules_image_tokens_are_an_image_only_encodes(tmp_path):
+    """encode_schedule reads each case once: the image tokens of its rewriting pass equal those of
+    encoding the images alone."""
+    from tiny_vlms import make_tiny_internvl
+
+    import unifusion_core as uf
+
+    vlm = uf.load_vlm(make_tiny_internvl(tmp_path / "vlm"))
+    spec = vlm.encoder_spec()
+    case_list = edits.cases("multiref", "heldout", 2, size=16)
+    first, then, rewrites = edits.encode_schedule(vlm, case_list, spec)
+    assert len(then) == len(rewrites) == 2
+    for c, f in zip(case_list, first):
+        alone = vlm.encode("", images=[Image.fromarray(im) for im in c.images], rewrite=False,
+                           layers=spec.layers).image_tokens()
+        assert bool(f.is_image.all()) and torch.equal(f.image_index, alone.image_index)
+        torch.testing.assert_close(f.hidden, alone.hidden, atol=1e-4, rtol=1e-4)

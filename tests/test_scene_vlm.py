@@ -85,7 +85,7 @@ def test_batched_greedy_answers_equal_encodes_rewrite(lm_folder):
     scene = scenes.scenes("train")[5]
     batch = [describe.Example(scene_edits.DESCRIBE, [Image.fromarray(scenes.render(scene, 64, rng))], scene.prompt,
                               "describe") for _ in range(3)]
-    got = describe.answers(model, enc, batch, max_new_tokens=6)
+    got = describe.answers(enc, batch, max_new_tokens=6)
     want = [enc.encode(t, images=i, rewrite=True, max_new_tokens=6, max_tiles=1).text for t, i, *_ in batch]
     assert got == want
 
@@ -197,6 +197,6 @@ def test_the_shipped_scene_vlm_scores_as_recorded(shipped):
     """A fixed slice of the benchmark on held-out examples (greedy, fixed render seeds: the same
     every run). Shipped: 12 of 12 on every task but text (11: "beneath", a word training never
     used, docs/scene-vlm.md); one miss more is allowed for a near-tie that other hardware breaks."""
-    got = describe.evaluate(shipped.model, shipped, 12, "heldout", describe.make_pools())
+    got = describe.evaluate(shipped, 12, "heldout", describe.make_pools())
     bars = {"describe": 11 / 12, "question": 11 / 12, "edit": 11 / 12, "reference": 11 / 12, "text": 10 / 12}
     assert all(got[t] >= bar for t, bar in bars.items()), got

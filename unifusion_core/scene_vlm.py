@@ -91,23 +91,34 @@ def lora_modules(model) -> dict[str, nn.Linear]:
             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in LORA_TARGETS}
 
 
-def delta_keys(model) -> list[str]:
-    """The names of the tensors that are the scene VLM's own (not SmolLM2's)."""
-    return [k for k in model.state_dict() if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))]
+OWN = ("model.vision_tower.", "model.multi_modal_projector.")  # the model's tensors the file holds whole
+
+
+def own_tensors(model) -> dict[str, torch.Tensor]:
+    """What is the scene VLM's own in a model from `build` (not SmolLM2's): tower and projector
+    tensors by name, and the image tokens' embedding rows as 'image_token_embeddings'."""
+    out = {k: v for k, v in model.state_dict().items() if k.startswith(OWN)}
+    out["image_token_embeddings"] = model.get_input_embeddings().weight[-len(IMAGE_TOKENS):]
+    return out
+
+
+@torch.no_grad()
+def load_own(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Load the tower, projector and image-token rows of a scene VLM file into a model from `build`."""
+    missing = set(own_tensors(model)) - set(tensors)
+    if missing:
+        raise ValueError(f"the scene VLM file lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict({k: v for k, v in tensors.items() if k.startswith(OWN)}, strict=False)
+    emb = model.get_input_embeddings().weight
+    rows = tensors["image_token_embeddings"]
+    emb[-len(rows):] = rows.to(emb.dtype)
 
 
 @torch.no_grad()
 def apply(model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Load the scene VLM's own tensors into a model from `build`: tower, projector, image-token
-    embedding rows, and each LoRA pair merged, W += (alpha / rank) B A."""
-    own = {k: v for k, v in tensors.items() if not k.startswith(("lora.", "image_token_embeddings"))}
-    missing = set(delta_keys(model)) - set(own)
-    if missing:
-        raise ValueError(f"the scene VLM file lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(own, strict=False)
-    emb = model.get_input_embeddings().weight
-    rows = tensors["image_token_embeddings"]
-    emb[-len(rows):] = rows.to(emb.dtype)
+    """Load a scene VLM file's tensors into a model from `build` (`load_own`) and merge each LoRA
+    pair into its weight, W += (alpha / rank) B A."""
+    load_own(model, tensors)
     scale = float(meta["lora_alpha"]) / int(meta["lora_rank"])
     for name, linear in lora_modules(model).items():
         a, b = tensors.get(f"lora.{name}.A"), tensors.get(f"lora.{name}.B")

@@ -180,10 +180,11 @@ def forward_suffixes(model, layers: nn.ModuleList, prefix, P: int, seqs: list[Te
 
 
 def greedy(model, prefix, P: int, seqs: list[Tensor], max_new_tokens: int, stop_ids: Sequence[int],
-           pad: int) -> list[Tensor]:
+           pad: int, inputs: dict | None = None) -> list[Tensor]:
     """Greedy decoding of left-padded suffixes after the cached prefix: the tokens fed back, per row.
 
     As generate: generation ends at a stop token (never fed) or after max_new_tokens fed tokens.
+    inputs: the pixel inputs of the rows' images, in row order, for the first forward.
     """
     dev = next(model.parameters()).device
     B, T = len(seqs), max(len(s) for s in seqs)
@@ -201,9 +202,11 @@ def greedy(model, prefix, P: int, seqs: list[Tensor], max_new_tokens: int, stop_
     step_ids, step_pos, mask = ids.to(dev), positions.to(dev), mask.to(dev)
     rows = list(range(B))  # the input rows still generating, in cache order
     fed: list[list[int]] = [[] for _ in range(B)]
+    first = inputs or {}
     while True:
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                    **{kw: cache}, **logits_kw)
+                    **{kw: cache}, **logits_kw, **first)
+        first = {}
         nxt = out.logits[:, -1].float().argmax(-1)  # (b,) as generate: fp32 logits, first maximum
         stopped = torch.isin(nxt, stop).tolist()
         for r, s, t in zip(rows, stopped, nxt.tolist()):

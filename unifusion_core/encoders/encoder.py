@@ -209,9 +209,9 @@ class VLMEncoder:
         """Features of many prompts, in input order, equal to `encode` one prompt at a time.
 
         images: per prompt, its reference images (anything `encode` takes, or None), for families
-        that read images in one plain forward (InternVL; not Gemma-3's bidirectional image
-        attention nor Qwen-VL's 3-axis positions); a prompt with images may be empty. With images,
-        rewrite=False only (what the trainer encodes).
+        that read images in one plain forward (`batches_images`: InternVL; not Gemma-3's
+        bidirectional image attention nor Qwen-VL's 3-axis positions); a prompt with images may be
+        empty. With images, rewrite=False only (what the trainer encodes).
 
         rewrite=False: as encode(p, rewrite=False). rewrite=True (teacher-forced VERIFI): one plain
         forward over [template + prompt + generation prompt + rewrite ids] gives the features that
@@ -220,7 +220,10 @@ class VLMEncoder:
         max_new_tokens. The chat-template prefix shared by all prompts runs once (memoized across
         calls in prefix_memo); every batch of suffixes, sorted by length, reuses its KV cache.
         """
-        tiled = self._batch_images(prompts, images, rewrite, max_tiles, thumbnail)
+        tiled = self._batch_images(prompts, images, "encode_batch", max_tiles, thumbnail)
+        if rewrite and any(tiled):
+            raise ValueError("encode_batch encodes prompts with images without rewriting (rewrite=False); "
+                             "for VERIFI with images call encode(prompt, images, rewrite=True) per prompt")
         texts = chat.check_prompts(prompts, "encode_batch", self.special_tokens, self.name, [bool(t) for t in tiled])
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -254,10 +257,9 @@ class VLMEncoder:
         hidden: list[Tensor | None] = [None] * len(texts)
         pad = decode.pad_id(self.tokenizer, self.stop_ids)
         for batch in decode.length_batches(suffixes, batch_size):
-            pixels = [prepared[i].inputs["pixel_values"] for i in batch if tiled[i]]
             states = decode.forward_suffixes(self.model, self.adapter.decoder_layers(), prefix, P,
                                              [suffixes[i] for i in batch], [keeps[i] for i in batch], chosen, pad,
-                                             {"pixel_values": torch.cat(pixels)} if pixels else None)
+                                             self._pixels(prepared, batch))
             for i, h in zip(batch, states):
                 hidden[i] = h.cpu()  # (T_i, L, D)
 
@@ -276,26 +278,28 @@ class VLMEncoder:
 
     @property
     def batches_images(self) -> bool:
-        """Whether encode_batch takes images: the family reads them in one plain forward."""
+        """Whether encode_batch and rewrite_batch take images: the family reads them in one plain forward."""
         a = type(self.adapter)
         return a.takes_images and a.reuses_prefix and a.extra_inputs is VisionLanguage.extra_inputs
 
-    def _batch_images(self, prompts, images, rewrite: bool, max_tiles: int, thumbnail: bool) -> list[list[TiledImage]]:
-        """Each prompt's tiled images for encode_batch ([] without), or ValueError when this family
-        or the rewrite setting cannot take them in one batched forward."""
+    def _batch_images(self, prompts, images, caller: str, max_tiles: int, thumbnail: bool) -> list[list[TiledImage]]:
+        """Each prompt's tiled images for a batched call ([] without), or ValueError when this family
+        cannot take them in one batched forward."""
         if images is None:
             return [[] for _ in range(len(prompts) if isinstance(prompts, Sequence) else 0)]
         if isinstance(prompts, str) or len(images) != len(prompts):
-            raise ValueError(f"encode_batch: images must give one entry (None or images) per prompt; got "
+            raise ValueError(f"{caller}: images must give one entry (None or images) per prompt; got "
                              f"{len(images)} for {1 if isinstance(prompts, str) else len(prompts)} prompts")
-        if any(im is not None for im in images):
-            if rewrite:
-                raise ValueError("encode_batch encodes prompts with images without rewriting (rewrite=False); "
-                                 "for VERIFI with images call encode(prompt, images, rewrite=True) per prompt")
-            if not self.batches_images:
-                raise ValueError(f"{self.name} ({self.adapter.label}) cannot encode images in one batched forward; "
-                                 "call encode(prompt, images) per prompt")
+        if any(im is not None for im in images) and not self.batches_images:
+            raise ValueError(f"{self.name} ({self.adapter.label}) cannot read images in one batched forward; "
+                             "call encode(prompt, images) per prompt")
         return [self.tile(im, max_tiles, thumbnail) if im is not None else [] for im in images]
+
+    @staticmethod
+    def _pixels(prepared: list, rows: Sequence[int]) -> dict | None:
+        """The pixel inputs of the rows' images, in row order (the model fills its image tokens so)."""
+        found = [prepared[i].inputs["pixel_values"] for i in rows if "pixel_values" in prepared[i].inputs]
+        return {"pixel_values": torch.cat(found)} if found else None
 
     @torch.no_grad()
     def rewrite_batch(
@@ -305,25 +309,30 @@ class VLMEncoder:
         max_new_tokens: int = 256,
         seed: int | None = None,
         batch_size: int = 32,
+        images: Sequence | None = None,
+        max_tiles: int = 10,
+        thumbnail: bool = True,
     ) -> list[Rewrite]:
-        """VERIFI rewrites of many text-only prompts, made once for teacher-forced encode_batch.
+        """VERIFI rewrites of many prompts, made once for teacher-forced encode_batch.
 
         seed=None: batched greedy decoding over the shared prefix cache, the same tokens as
         encode(p, rewrite=True) up to floating-point ties. A seed samples one prompt at a time
         through encode's own generate call, so each rewrite is exactly encode(p, seed=seed)'s.
+        images: per prompt, its reference images or None, as encode_batch takes them.
         """
-        texts = chat.check_prompts(prompts, "rewrite_batch", self.special_tokens, self.name)
+        tiled = self._batch_images(prompts, images, "rewrite_batch", max_tiles, thumbnail)
+        texts = chat.check_prompts(prompts, "rewrite_batch", self.special_tokens, self.name, [bool(t) for t in tiled])
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
         if self.no_lm_head:
             raise ValueError(self.no_lm_head)
         system = system_prompt_or_default(system_prompt)
-        prepared = [self.prepare_prompt(t, [], system, generation_prompt=True) for t in texts]
+        prepared = [self.prepare_prompt(t, ti, system, generation_prompt=True) for t, ti in zip(texts, tiled)]
         for i, p in enumerate(prepared):
             self._check_context(len(p.ids) + max_new_tokens + 1,
                                 f"prompt {i} (+ {max_new_tokens + 1} for the rewrite) takes", "fewer max_new_tokens")
         if seed is not None:
-            fed = [self.generate(p.ids[None].to(self.device), {}, max_new_tokens, seed) for p in prepared]
+            fed = [self.generate(p.ids[None].to(self.device), p.inputs, max_new_tokens, seed) for p in prepared]
         else:
             P = decode.shared_prefix(prepared)
             prefix = self.prefix_cache(prepared[0].ids[:P], system)
@@ -335,7 +344,7 @@ class VLMEncoder:
             sliding = any(getattr(layer, "is_sliding", False) for layer in getattr(prefix, "layers", []))
             for batch in decode.length_batches(suffixes, batch_size, same_length=sliding):
                 rows = decode.greedy(self.model, prefix, P, [suffixes[i] for i in batch], max_new_tokens,
-                                     self.stop_ids, pad)
+                                     self.stop_ids, pad, self._pixels(prepared, batch))
                 for i, f in zip(batch, rows):
                     fed[i] = f
         return [Rewrite(tuple(f.tolist()), self._text(f)) for f in fed]

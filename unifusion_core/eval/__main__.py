@@ -208,7 +208,7 @@ def describe_main(args, splits: list[str]) -> dict:
     pools, t0 = make_pools(), time.time()
     report = {"vlm": str(path), "examples_per_task": n, "tasks": list(TASKS)}
     for split in splits:
-        report[split] = evaluate(vlm.model, vlm, n, split, pools)
+        report[split] = evaluate(vlm, n, split, pools)
     report["seconds"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -17,11 +17,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .. import paraphrase, scene_edits, scenes
-from ..encoders.decode import batch_cache, cache_kwarg
 
 TASKS = ("describe", "question", "edit", "reference", "text")
 EVAL_SALT = 7_000_001  # seeds evaluation images are rendered at: never a training seed
@@ -64,44 +62,15 @@ def example(task: str, rng: np.random.Generator, split: str, pools: dict) -> Exa
     return Example(r.instruction, [render(s) for s in r.sources], r.target.prompt, task)
 
 
-@torch.no_grad()
-def answers(model, enc, examples: list[Example], max_new_tokens: int = 24) -> list[str]:
-    """Greedy answers to a batch of examples whose templated prompts have one length (the
-    caller groups them): the shared prefix's KV cache once, the rest batched, as encode's
-    greedy rewrite reads them (the tests check the two agree)."""
-    tok = enc.tokenizer
-    prepared, tiled_all = [], []
-    for text, images, *_ in examples:
-        tiled = enc.tile(images, max_tiles=1) if images else []
-        prepared.append(enc.prepare_prompt(text, tiled).ids)
-        tiled_all += tiled
-    ids = torch.stack(prepared).to(enc.device)
-    P = 0
-    while P < ids.shape[1] - 1 and bool((ids[:, P] == ids[0, P]).all()) and ids[0, P] != enc.adapter.image_token_id():
-        P += 1
-    cache = {cache_kwarg(model.model): batch_cache(enc.prefix_cache(ids[0, :P]), len(ids))}
-    inputs = enc.adapter.pixel_inputs(tiled_all, model.dtype, enc.device) if tiled_all else {}
-    stop_ids = torch.tensor(enc.stop_ids, device=enc.device)
-    step_ids, out = ids[:, P:], []
-    done = torch.zeros(len(ids), dtype=torch.bool, device=enc.device)
-    for _ in range(max_new_tokens):
-        h = model.model(input_ids=step_ids, use_cache=True, **cache, **inputs).last_hidden_state
-        inputs = {}
-        nxt = model.lm_head(h[:, -1]).argmax(-1)
-        out.append(nxt)
-        done |= torch.isin(nxt, stop_ids)
-        if bool(done.all()):
-            break
-        step_ids = nxt[:, None]
-    gen = torch.stack(out, 1).cpu()
-    texts = []
-    for row in gen:
-        stop = [i for i, t in enumerate(row.tolist()) if t in enc.stop_ids]
-        texts.append(tok.decode(row[: stop[0] if stop else len(row)], skip_special_tokens=True).strip())
-    return texts
+def answers(enc, examples: list[Example], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+    """The VLM's greedy VERIFI rewrites of examples, batched (`VLMEncoder.rewrite_batch`: the same
+    text as `encode(..., rewrite=True)` one at a time; the tests check it)."""
+    rewrites = enc.rewrite_batch([ex.text for ex in examples], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 images=[ex.images or None for ex in examples], max_tiles=1)
+    return [r.text for r in rewrites]
 
 
-def evaluate(model, enc, n: int, split: str, pools: dict, tasks=TASKS, batch: int = 32) -> dict:
+def evaluate(enc, n: int, split: str, pools: dict, tasks=TASKS, batch_size: int = 32) -> dict:
     """Exact-match of greedy answers per task on n examples each, rendered at evaluation seeds,
     and per edit kind under 'edit_kinds' (with how many of each were drawn)."""
     out: dict = {}
@@ -109,19 +78,12 @@ def evaluate(model, enc, n: int, split: str, pools: dict, tasks=TASKS, batch: in
     for task in tasks:
         rng = np.random.default_rng([EVAL_SALT, TASKS.index(task), 0 if split == "train" else 1])
         examples = [example(task, rng, split, pools) for _ in range(n)]
-        groups: dict[int, list] = {}
-        for ex in examples:
-            tiled = enc.tile(ex.images, max_tiles=1) if ex.images else []
-            groups.setdefault(len(enc.prepare_prompt(ex.text, tiled).ids), []).append(ex)
         right = 0
-        for group in groups.values():
-            for i in range(0, len(group), batch):
-                chunk = group[i : i + batch]
-                for got, ex in zip(answers(model, enc, chunk), chunk):
-                    right += got == ex.answer
-                    if task == "edit":
-                        kinds.setdefault(ex.kind, [0, 0])[0] += got == ex.answer
-                        kinds[ex.kind][1] += 1
+        for got, ex in zip(answers(enc, examples, batch_size=batch_size), examples):
+            right += got == ex.answer
+            if task == "edit":
+                kinds.setdefault(ex.kind, [0, 0])[0] += got == ex.answer
+                kinds[ex.kind][1] += 1
         out[task] = right / n
     if kinds:
         out["edit_kinds"] = {k: {"exact": r / c, "n": c} for k, (r, c) in sorted(kinds.items())}

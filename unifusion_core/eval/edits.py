@@ -69,22 +69,21 @@ def encode(vlm, case_list: Sequence[Case], encoder, rewrite: bool = False) -> li
 
 def encode_schedule(vlm, case_list: Sequence[Case], encoder) -> tuple[list[Features], list[Features], list[str]]:
     """The conditioning schedule of paper Sec. 5.2, for a model never trained on edits: the source
-    images' tokens alone (the user's text left out) first, then the text of the target, which the
-    VLM writes itself (its VERIFI rewrite of the instruction and images; the user's text where it
-    writes nothing). Returns (image features, text features, the rewrites)."""
+    images' tokens alone first, then the text of the target, which the VLM writes itself (its
+    VERIFI rewrite of the instruction and images; the user's text where it writes nothing).
+    Returns (image features, text features, the rewrites).
+
+    One VLM pass a case: the image tokens of the rewriting pass are those an image-only encode
+    would give (they come before the user's text, and the model is causal)."""
     from PIL import Image
 
-    first, rewrites = [], []
-    for c in case_list:
-        pictures = [Image.fromarray(im) for im in c.images]
-        first.append(vlm.encode("", images=pictures, rewrite=False, layers=encoder.layers,
-                                system_prompt=encoder.system_prompt))
-        rewrites.append(vlm.encode(c.text or "describe the image", images=pictures, rewrite=True,
-                                   max_new_tokens=48, system_prompt=encoder.system_prompt).text)
-    # an empty rewrite (a VLM that writes nothing) falls back to the user's own text
+    passes = [vlm.encode(c.text or "describe the image", images=[Image.fromarray(im) for im in c.images],
+                         rewrite=True, max_new_tokens=48, layers=encoder.layers, system_prompt=encoder.system_prompt)
+              for c in case_list]
+    rewrites = [f.text for f in passes]
     texts = [r if r.strip() else (c.text or "describe the image") for r, c in zip(rewrites, case_list)]
     then = vlm.encode_batch(texts, layers=encoder.layers, system_prompt=encoder.system_prompt)
-    return first, then, rewrites
+    return [f.image_tokens() for f in passes], then, rewrites
 
 
 def evaluate(draw: Callable[[list[Features], int], list[np.ndarray]], case_list: Sequence[Case],

@@ -130,6 +130,7 @@ class PromptFeatures:
                 self.once[cid] = Features(f.hidden.float(), f.layers, self.spec, f.text, is_image=f.is_image,
                                           image_index=f.image_index)
             todo = {cid: s for cid, s in todo.items() if cid not in with_images}
+            with_images = {}  # encoded: the prompts left take the batched text path below
             if not todo:
                 return
         if with_images or self.vlm is None:

@@ -36,7 +36,7 @@ from torch import nn
 from .. import scene_vlm, scenes
 from ..assets import bundled_vlm
 from ..encoders import load_vlm
-from ..encoders.decode import batch_cache, cache_kwarg
+from ..encoders.decode import batch_cache, cache_kwarg, shared_prefix
 from ..encoders.encoder import VLMEncoder
 from ..encoders.internvl import InternVL
 from ..eval.describe import TASKS, Example, evaluate, example, make_pools
@@ -126,20 +126,16 @@ def batch_loss(model, enc: VLMEncoder, examples: list[Example]) -> tuple[torch.T
     prefix (system prompt and the user turn's opening) is computed once, without gradient."""
     tok = enc.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    seqs, targets, tiled_all = [], [], []
+    prepared, seqs, targets = [], [], []
     for text, images, answer, _ in examples:
-        tiled = enc.tile(images, max_tiles=1) if images else []
-        p = enc.prepare_prompt(text, tiled)
+        p = enc.prepare_prompt(text, enc.tile(images, max_tiles=1) if images else [])
         answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [end]
+        prepared.append(p)
         seqs.append(p.ids.tolist() + answer_ids)
         targets.append([-100] * len(p.ids) + answer_ids)
-        tiled_all += tiled
-    P = 0  # the shared prefix, never past an image token
-    first = seqs[0]
-    while all(len(s) > P + 1 and s[P] == first[P] for s in seqs) and first[P] != enc.adapter.image_token_id():
-        P += 1
+    P = shared_prefix(prepared)  # the system prompt and the user turn's opening, before any image or text
     with torch.no_grad():
-        prefix = enc.prefix_cache(torch.tensor(first[:P]))
+        prefix = enc.prefix_cache(prepared[0].ids[:P])
     enc.clear_prefix_memo()  # the LoRA weights change every step
     S = max(len(s) for s in seqs) - P
     ids = torch.full((len(seqs), S), tok.pad_token_id or 0)
@@ -149,7 +145,8 @@ def batch_loss(model, enc: VLMEncoder, examples: list[Example]) -> tuple[torch.T
         ids[i, : len(s) - P] = torch.tensor(s[P:])
         labels_[i, : len(s) - P] = torch.tensor(t[P:])
         mask[i, : len(s)] = 1
-    inputs = enc.adapter.pixel_inputs(tiled_all, torch.float32, "cpu") if tiled_all else {}
+    pixels = [p.inputs["pixel_values"] for p in prepared if p.inputs]  # in row order, as the model fills them
+    inputs = {"pixel_values": torch.cat(pixels)} if pixels else {}
     cache = {cache_kwarg(model.model): batch_cache(prefix, len(seqs))}
     out = model.model(input_ids=ids, attention_mask=mask, use_cache=True, **cache, **inputs)
     h = out.last_hidden_state[:, :-1]
@@ -164,9 +161,7 @@ def export(model, lora: dict[str, LoRALinear], args, path: Path, base: str) -> N
     scene_vlm.read takes them."""
     from safetensors.torch import save_file
 
-    sd = model.state_dict()
-    tensors = {k: sd[k] for k in sd if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
-    tensors["image_token_embeddings"] = model.get_input_embeddings().weight[-len(scene_vlm.IMAGE_TOKENS):]
+    tensors = scene_vlm.own_tensors(model)
     for name, m in lora.items():
         tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = m.A, m.B
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
@@ -181,10 +176,7 @@ def export(model, lora: dict[str, LoRALinear], args, path: Path, base: str) -> N
 def init_from(model, lora: dict[str, LoRALinear], path: Path) -> None:
     """Continue from a scene VLM file: its tower, projector, image-token rows and LoRA factors."""
     tensors, _ = scene_vlm.read(path)
-    own = {k: v for k, v in tensors.items() if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
-    model.load_state_dict(own, strict=False)
-    rows = tensors["image_token_embeddings"]
-    model.get_input_embeddings().weight[-len(rows):] = rows.float()
+    scene_vlm.load_own(model, tensors)
     for name, m in lora.items():
         m.A.copy_(tensors[f"lora.{name}.A"].float())
         m.B.copy_(tensors[f"lora.{name}.B"].float())
@@ -283,7 +275,7 @@ def main(argv=None) -> int:
             n_eval = args.eval_n * (5 if last else 1)
             row = {"stage": 2, "step": step + 1, "eval_n": n_eval}
             for split in ("train", "heldout"):
-                row[split] = evaluate(model, enc, n_eval, split, pools)
+                row[split] = evaluate(enc, n_eval, split, pools)
             record(row)
             export(model, lora, args, out / "scene-vlm.safetensors", base_name)
             model.train()
