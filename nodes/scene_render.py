@@ -13,8 +13,8 @@ EXAMPLE = uf.scenes.EXAMPLE
 class UniFusionSceneRender:
     DESCRIPTION = (
         "Draws a scene of the bundled models' synthetic grammar (flat coloured shapes on black, e.g. "
-        f"'{EXAMPLE}') exactly, as an IMAGE: an input picture for the bundled models' edit, reference and "
-        "reconstruction workflows that needs no file. Any paraphrase of the grammar is read too. "
+        f"'{EXAMPLE}') exactly, as an IMAGE: an input picture that needs no file, known exactly (the scene VLM "
+        "workflow reads it). Any paraphrase of the grammar is read too. "
         "Swap in Load Image for a picture of your own."
     )
     CATEGORY = CATEGORY
