@@ -21,9 +21,15 @@ the same run). Not part of the ComfyUI pack (.comfyignore leaves this folder out
     python -m bench load [--model PATH]
         Loading a .gguf VLM: converted by transformers (cold, writing the converted-weights cache)
         vs read back from that cache (warm), and the features of one prompt compared.
+    python -m bench lora [--rank 8] [--steps 4] [--threads 1]
+        LoRA (rank 8 on the DiT blocks; and on every target) vs full training of the embedded model:
+        trainable parameters, optimizer and EMA state, peak RSS and step time, each in its own process.
     python -m bench dit-vs-diffusers [...]   our DiT against diffusers' Flux and Lumina 2 (dit_vs_diffusers.py)
     python -m bench distributed [...]        the trainer from 1 to N processes (distributed.py)
     python -m bench gpu-train [...]          the trainer's bf16 step on a GPU (gpu_train.py)
     python -m bench scene-vlm [--vlm FILE]   the pack's scene VLM: reading a tile against text, its
         description, the trainer's step (scene_vlm.py)
+    python -m bench node-overhead [--preset small] [--size 256] [--steps 4] [--device cpu] [--comfyui ROOT]
+        LAP Encode + Sample (the nodes, plainly or inside ComfyUI's modules) vs generate() on the same
+        model, features and seed: time ratio, latents compared (node_overhead.py)
 """

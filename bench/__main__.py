@@ -12,10 +12,13 @@ BENCHMARKS = {
     "encode": ("vlm", "bench_encode"),
     "load": ("vlm", "bench_load"),
     "train": ("train", "bench_train"),
+    "lora": ("lora", "main"),
+    "train-buckets": ("buckets", "main"),
     "dit-vs-diffusers": ("dit_vs_diffusers", "main"),
     "distributed": ("distributed", "main"),
     "gpu-train": ("gpu_train", "main"),
     "scene-vlm": ("scene_vlm", "main"),
+    "node-overhead": ("node_overhead", "main"),
 }
 
 

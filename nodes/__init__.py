@@ -2,6 +2,7 @@
 
 from . import host
 from .lap_encode import UniFusionLAPEncode
+from .lora_load import UniFusionLoRALoader
 from .model_load import UniFusionModelLoad
 from .sample import UniFusionSample
 from .scene_render import UniFusionSceneRender
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "UniFusionTileImages": UniFusionTileImages,
     "UniFusionVERIFIRewrite": UniFusionVERIFIRewrite,
     "UniFusionModelLoad": UniFusionModelLoad,
+    "UniFusionLoRALoader": UniFusionLoRALoader,
     "UniFusionLAPEncode": UniFusionLAPEncode,
     "UniFusionSample": UniFusionSample,
     "UniFusionSceneRender": UniFusionSceneRender,
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniFusionTileImages": "UniFusion Tile Images",
     "UniFusionVERIFIRewrite": "UniFusion VERIFI Rewrite",
     "UniFusionModelLoad": "UniFusion Model Load",
+    "UniFusionLoRALoader": "UniFusion LoRA Loader",
     "UniFusionLAPEncode": "UniFusion LAP Encode",
     "UniFusionSample": "UniFusion Sample",
     "UniFusionSceneRender": "UniFusion Scene Render",

@@ -8,6 +8,8 @@ the user's folders.
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import struct
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .common import uf
 
@@ -34,6 +37,8 @@ IN_COMFYUI = folder_paths is not None
 # UniFusion checkpoints from unifusion (ours) and diffusion_models.
 VLM_FOLDERS = ("text_encoders", "LLM")
 MODEL_FOLDERS = ("unifusion", "diffusion_models")
+# UniFusion LoRAs: ComfyUI's own loras folder, and ours beside the checkpoints.
+LORA_FOLDERS = ("loras", "unifusion")
 _EXTENSIONS = {"LLM": {".gguf", ".safetensors"}, "unifusion": {".safetensors"}}
 # Without ComfyUI: the root of the model folders (MODELS_DIR / "unifusion", ...). A plain setting,
 # not an environment variable: the pack reads no environment inside ComfyUI (the registry's scanner
@@ -178,16 +183,18 @@ def _report_once(path: Path, problem: str, node: str = "UniFusion Model Load", l
 
 def resolve(kind: str, name: str) -> Path:
     """A listed name -> its full path; FileNotFoundError naming the folders searched."""
-    folders = [p for f in (VLM_FOLDERS if kind == "vlm" else MODEL_FOLDERS) for p in folder_paths_for(f)]
+    kinds = {"vlm": VLM_FOLDERS, "lora": LORA_FOLDERS}
+    folders = [p for f in kinds.get(kind, MODEL_FOLDERS) for p in folder_paths_for(f)]
     for folder in folders:
         if (folder / name).exists():
             return folder / name
     raise FileNotFoundError(f"{name!r} is not in any of the model folders {[str(f) for f in folders]}")
 
 
-def unifusion_file_problem(path: Path) -> str | None:
-    """Why `path` is not a UniFusion checkpoint, or None when it is. Reads only the safetensors
-    header (8-byte length + JSON) for the format tag."""
+def unifusion_file_problem(path: Path, kind: str = "unifusion") -> str | None:
+    """Why `path` is not a UniFusion checkpoint (kind 'unifusion'; 'unifusion-lora': a UniFusion
+    LoRA), or None when it is. Reads only the safetensors header (8-byte length + JSON) for the
+    format tag."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -201,9 +208,28 @@ def unifusion_file_problem(path: Path) -> str | None:
         return f"cannot be read ({e.strerror or e})"
     except (ValueError, AttributeError):
         return "not a safetensors file (its header is not JSON): truncated or corrupt"
-    if meta.get("format") != "unifusion":
+    if meta.get("format") != kind:
+        if kind == "unifusion-lora":
+            return "no UniFusion LoRA metadata (format 'unifusion-lora'): a LoRA of another model, or not a LoRA"
         return "no UniFusion metadata (format 'unifusion'): the weights of another kind of model"
     return None
+
+
+def list_loras() -> list[str]:
+    """UniFusion LoRAs (.safetensors whose metadata says format 'unifusion-lora') in models/loras
+    and models/unifusion. The other LoRAs of models/loras (other models') are named in the log at
+    debug level only: that folder is shared by every model family."""
+    names = set()
+    for folder in (p for f in LORA_FOLDERS for p in folder_paths_for(f)):
+        if not folder.is_dir():
+            continue
+        for path in folder.rglob("*.safetensors"):
+            problem = unifusion_file_problem(path, "unifusion-lora")
+            if problem is None:
+                names.add(path.relative_to(folder).as_posix())
+            else:
+                _report_once(path, problem, "UniFusion LoRA Loader", logging.DEBUG)
+    return sorted(names)
 
 
 # --- devices and memory -------------------------------------------------------------------------
@@ -219,6 +245,32 @@ def offload_device(text_encoder: bool = False) -> torch.device:
     if not IN_COMFYUI:
         return torch.device("cpu")
     return mm.text_encoder_offload_device() if text_encoder else mm.unet_offload_device()
+
+
+def devices() -> list[str]:
+    """A node's device choices, as torch sees the machine now: 'default' (ComfyUI's), 'cpu', then each
+    accelerator (cuda:N, xpu:N, mps)."""
+    found = ["default", "cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found += [f"xpu:{i}" for i in range(xpu.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def chosen_device(name: str, node: str, text_encoder: bool = False) -> torch.device:
+    """A device choice of `node` -> the device; a ValueError when this machine has no such device now
+    (a workflow saved on another machine, a card gone)."""
+    if name == "default":
+        return load_device(text_encoder)
+    available = devices()
+    if name not in available:
+        raise ValueError(f"{node}: device {name!r} is not on this machine (it has {', '.join(available)}); "
+                         "choose one of those in the node's device input")
+    return torch.device(name)
 
 
 def intermediate_device() -> torch.device:
@@ -243,6 +295,64 @@ def operations(weight_dtype: torch.dtype | None, compute: torch.dtype):
     if not IN_COMFYUI:
         return None
     return comfy.ops.manual_cast if weight_dtype not in (None, compute) else comfy.ops.disable_weight_init
+
+
+# torch's layer classes -> their comfy.ops counterparts (the same parameters and forward, plus casting
+# to the input's device and dtype, which is what ComfyUI's low-VRAM partial loading relies on).
+_COMFY_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "LayerNorm", "GroupNorm")
+
+
+def comfy_layers(module: torch.nn.Module) -> int:
+    """Make a loaded model (a transformers VLM) partially loadable by ComfyUI, in place: each plain
+    torch.nn Linear / Conv / Embedding / LayerNorm / GroupNorm becomes its comfy.ops.disable_weight_init
+    class (the class changes, the weights stay as they are: same tensors, dtype, device, sharing), and
+    every other module that holds weights or buffers of its own (a transformers RMSNorm, a vision
+    tower's position embedding, a rotary table) has them brought to its input's device while it runs,
+    so that any of them may stay offloaded. Fully loaded, the forward is unchanged. Returns the number of
+    layers converted (0 without ComfyUI)."""
+    if not IN_COMFYUI:
+        return 0
+    ops = comfy.ops.disable_weight_init
+    classes = {getattr(torch.nn, n): getattr(ops, n) for n in _COMFY_LAYERS}
+    converted = 0
+    for m in module.modules():
+        if type(m) in classes:  # exact classes only: a subclass may have a forward of its own
+            m.__class__ = classes[type(m)]
+            converted += 1
+        elif not isinstance(m, comfy.ops.CastWeightBiasOp) and (
+            next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+        ):
+            m.register_forward_pre_hook(_bring_own_tensors, with_kwargs=True)
+            m.register_forward_hook(_restore_own_tensors, with_kwargs=True, always_call=True)
+    return converted
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+
+
+def _bring_own_tensors(m: torch.nn.Module, args, kwargs):
+    """Before a forward: m's own weights and buffers that lie on another device than its input, as copies
+    on the input's device (the stored ones are put back after the forward)."""
+    x = _first_tensor(args, kwargs)
+    if x is None:
+        return None
+    moved = {}
+    for store in (m._parameters, m._buffers):
+        for name, t in store.items():
+            if t is not None and t.device != x.device:
+                moved[(id(store), name)] = (store, name, t)
+                store[name] = t.to(x.device, non_blocking=True)
+    if moved:
+        m._unifusion_offloaded = moved
+    return None
+
+
+def _restore_own_tensors(m: torch.nn.Module, args, kwargs, output):
+    for store, name, t in getattr(m, "_unifusion_offloaded", {}).values():
+        store[name] = t
+    m.__dict__.pop("_unifusion_offloaded", None)
+    return None
 
 
 class _Holder(torch.nn.Module):
@@ -270,6 +380,30 @@ class Managed:
         if self.patcher is not None:
             mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=not self.partial)
         return self.obj
+
+
+def with_lora(managed: Managed, lora, strength: float) -> Managed:
+    """`managed` with a LoRA (a uf.lora.LoRAFile that fits it) added at `strength`, the input left as
+    it is. In ComfyUI: a clone of its ModelPatcher with the LoRA as weight patches (comfy.lora's
+    own reading of the kohya keys, as ComfyUI's LoraLoader does), applied when the model loads and
+    removed when another clone loads; partial loading patches each layer as it is loaded. Without
+    ComfyUI: a copy of the model with the LoRA merged into its weights."""
+    if managed.patcher is None:
+        model = copy.deepcopy(managed.obj)
+        uf.lora.merge_file(model, lora, strength)
+        return Managed(model, model, managed.device, offload_device(), managed.partial)
+    import comfy.lora
+
+    keys = {layer: f"module.{layer}.weight" for layer in lora.layers}  # the patcher holds _Holder(model)
+    patcher = managed.patcher.clone()
+    added = set(patcher.add_patches(comfy.lora.load_lora(lora.tensors, keys), strength))
+    if added != set(keys.values()):
+        left = sorted(set(keys.values()) - added)
+        raise ValueError(f"{lora.path.name}: ComfyUI did not take the patches of {len(left)} layers ({left[:3]}); "
+                         "the LoRA does not fit this model")
+    clone = copy.copy(managed)  # the same model and weights, another patcher
+    clone.patcher = patcher
+    return clone
 
 
 # --- progress and Cancel ------------------------------------------------------------------------
@@ -315,11 +449,42 @@ _LATENT_FORMATS = {"flux": "Flux", "sd3": "SD3", "sdxl": "SDXL"}  # ComfyUI's cl
 
 
 def previewer(latent_space: str, device: torch.device):
-    """x0 (model space) -> a preview for the progress bar, when ComfyUI has previews turned on."""
-    if not IN_COMFYUI or latent_space not in _LATENT_FORMATS:
+    """x0 (model space) -> a preview for the progress bar, when ComfyUI has previews turned on
+    (None when they are off, without ComfyUI, or for a space with no previewer)."""
+    if not IN_COMFYUI or (latent_space not in _LATENT_FORMATS and latent_space != "pixel"):
         return None
     import comfy.latent_formats
     import latent_preview
 
+    if latent_space == "pixel":
+        return _pixel_previewer(latent_preview, comfy.latent_formats.LatentFormat, device)
     p = latent_preview.get_previewer(device, getattr(comfy.latent_formats, _LATENT_FORMATS[latent_space])())
     return None if p is None else (lambda x0: p.decode_latent_to_preview_image("JPEG", x0))
+
+
+def _pixel_previewer(latent_preview, latent_format: type, device: torch.device):
+    """The pixel space's x0 is the image: shown as the pixel VAE decodes it (no approximation, no
+    TAESD). Whether previews are on is asked of ComfyUI's own get_previewer with a 3-channel identity
+    format, so every way ComfyUI has of turning them off (--preview-method none, ...) holds here."""
+
+    class Pixel(latent_format):
+        latent_channels = 3
+        latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+    if latent_preview.get_previewer(device, Pixel()) is None:
+        return None
+    space = uf.latents.get_latent_space("pixel")
+
+    class Exact(latent_preview.LatentPreviewer):
+        def decode_latent_to_preview(self, x0):
+            return pixel_preview(x0, space)
+
+    p = Exact()
+    return lambda x0: p.decode_latent_to_preview_image("JPEG", x0)
+
+
+def pixel_preview(x0: torch.Tensor, space) -> Image.Image:
+    """The first image of a pixel-space x0 (B, 3, H, W) in model space, as a PIL image equal, pixel
+    for pixel, to the core's decode of the same latent (generate.to_rgb)."""
+    to_rgb = importlib.import_module(f"{uf.__name__}.generate").to_rgb
+    return Image.fromarray(to_rgb(space.to_raw(x0[:1]))[0])

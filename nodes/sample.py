@@ -75,9 +75,10 @@ class UniFusionSample:
         host.show_text(unique_id, notes)
         progress = host.Progress(steps)
         previewer = host.previewer(net.config.latent.name, model.device)
+        lh, lw, _, _ = uf.sampling.latent_grid(net.config, width, height)  # previews without the patch padding
 
         def callback(step, total, x, x0):
-            progress.update(step + 1, total, previewer(x0) if previewer else None)
+            progress.update(step + 1, total, previewer(x0[:, :, :lh, :lw]) if previewer else None)
 
         timed = uf.advice.timed(callback, net.config, width, height, sampler,
                                 report=lambda estimate: host.show_text(unique_id, [*notes, estimate]))

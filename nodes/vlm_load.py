@@ -42,8 +42,9 @@ class UniFusionVLMLoad:
                     "the pack's own small scene VLM, which reads images, when the pack ships it.")}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": (
                     "auto: bfloat16 on GPUs that run it well, else float32 (VLMs overflow in float16).")}),
-                "device": (["default", "cpu"], {"default": "default", "tooltip": (
-                    "Where the VLM runs: ComfyUI's GPU, or always the CPU (slow, saves VRAM).")}),
+                "device": (host.devices(), {"default": "default", "tooltip": (
+                    "Where the VLM runs: default is ComfyUI's GPU; cpu always the CPU (slow, saves VRAM); or one "
+                    "card of this machine (cuda:1, ...), e.g. to keep the VLM off the card the DiT samples on.")}),
             },
             "optional": {
                 "tokenizer": (["auto", *host.list_tokenizers()], {"default": "auto", "tooltip": (
@@ -54,11 +55,10 @@ class UniFusionVLMLoad:
         }
 
     def load(self, vlm_name: str, dtype: str = "auto", device: str = "default", tokenizer: str = "auto"):
-        if dtype not in DTYPES or device not in ("default", "cpu"):
-            raise ValueError(f"dtype must be one of {list(DTYPES)} and device 'default' or 'cpu'; "
-                             f"got {dtype!r}, {device!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        run_on = host.chosen_device(device, "UniFusion VLM Load", text_encoder=True)
         uf.encoders.single_file.TOKENIZER_FOLDERS.update(host.comfy_tokenizers())
-        run_on = torch.device("cpu") if device == "cpu" else host.load_device(text_encoder=True)
         chosen = DTYPES[dtype] or host.compute_dtype(run_on, text_encoder=True)
         offload = host.offload_device(text_encoder=True)
         # Loaded on the offload device; ComfyUI's memory manager moves it when it runs.
@@ -66,5 +66,8 @@ class UniFusionVLMLoad:
         with uf.guard.interruptible(host.interrupt_check()):  # Cancel reaches a GGUF's conversion
             encoder = uf.load_vlm(host.resolve("vlm", vlm_name), dtype=chosen, device=offload,
                                   cache_dir=host.gguf_cache(), tokenizer=folder)
-        # transformers' layers are plain torch.nn: always loaded whole.
-        return (host.Managed(encoder, encoder.model, run_on, offload, partial=False),)
+        # Its layers become comfy.ops layers, so ComfyUI may load it partially when VRAM is short (the rest
+        # is cast to the GPU layer by layer) and offload it, wholly or in part, when the DiT needs the room.
+        partial = host.comfy_layers(encoder.model) > 0
+        encoder.model.compute_device = run_on  # where it computes, wherever ComfyUI leaves each weight
+        return (host.Managed(encoder, encoder.model, run_on, offload, partial=partial),)

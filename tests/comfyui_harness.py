@@ -35,7 +35,7 @@ WF = ROOT / "workflows"
 PACK = "unifusion"  # the folder name under custom_nodes
 OUR_NODES = {
     "UniFusionVLMLoad", "UniFusionTileImages", "UniFusionVERIFIRewrite",
-    "UniFusionModelLoad", "UniFusionLAPEncode", "UniFusionSample", "UniFusionSceneRender",
+    "UniFusionModelLoad", "UniFusionLAPEncode", "UniFusionSample", "UniFusionSceneRender", "UniFusionLoRALoader",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 IMAGES = {"example.png": (64, 48)}  # the bundled workflows load only ComfyUI's example image
@@ -284,7 +284,7 @@ def widget_count(spec: dict) -> int:
 
 class Events:
     """ComfyUI's websocket for one client id (RFC 6455, client side, text frames as JSON; binary
-    frames such as previews are counted, not decoded)."""
+    frames such as previews are counted and kept in `frames`, raw)."""
 
     def __init__(self, server: Server, client_id: str):
         self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
@@ -298,6 +298,7 @@ class Events:
             head += self.sock.recv(1)
         assert head.startswith(b"HTTP/1.1 101"), head
         self.binary = 0
+        self.frames: list[bytes] = []
 
     def _exact(self, n: int) -> bytes:
         data = b""
@@ -320,6 +321,7 @@ class Events:
         if b0 & 0x0F == 0x1:
             return json.loads(payload)
         self.binary += 1
+        self.frames.append(payload)
         return None
 
     def until(self, done, timeout: float = 60) -> list[dict]:

@@ -82,3 +82,21 @@ def test_dit_against_diffusers_compares_equal_work(capsys):
     assert row["unpadded_vs_padded"] == pytest.approx(
         ours["sampler_step_ms"] / ours["padded_sampler_step_ms"], abs=1e-3)
 
+
+
+def test_node_overhead_benchmark_compares_the_nodes_with_generate(capsys):
+    r = run(["node-overhead", "--preset", "tiny", "--size", "16", "--steps", "2", "--repeats", "2"], capsys)
+    assert r["latents_equal"] and r["latents_max_abs_diff"] == 0.0 and r["host"] == "plain"
+    assert len(r["node_times_s"]) == len(r["generate_times_s"]) == 2
+    assert r["node_over_generate"] == pytest.approx(r["node_s"] / r["generate_s"], rel=1e-2)
+
+
+def test_buckets_benchmark_trains_both_at_the_same_pixels(capsys):
+    r = run(["train-buckets", "--images", "20", "--resolution", "32", "--dit-width", "32", "--dit-depth", "1",
+             "--dit-heads", "2", "--patch", "4", "--prompts-per-step", "4", "--steps", "2", "--warmup", "0"], capsys)
+    sq, bu = r["square"], r["buckets"]
+    assert sq["sizes_seen"] == ["32x32"] and sq["mean_pixels_per_image"] == 1024
+    assert all(h % 4 == 0 and w % 4 == 0 for h, w in (map(int, k.split("x")) for k in bu["sizes_seen"]))
+    assert abs(r["pixels_ratio"] - 1) < 0.1 and sum(sum(v.values()) for v in r["buckets_used"].values()) == 20
+    assert r["samples_per_s_ratio"] == pytest.approx(bu["samples_per_s"] / sq["samples_per_s"], abs=2e-3)
+    assert "samples/s vs square" in r["summary"]

@@ -58,7 +58,9 @@ T2I = "UniFusion text to image"
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui-base")
     build_base(base, tmp_path_factory.mktemp("work"))
-    srv = Server(base, tmp_path_factory.mktemp("log") / "server.log", COMFYUI_ROOT, os.environ.get("COMFYUI_PYTHON"))
+    # Previews on (as in the desktop app), so the sampler's previews reach the websocket.
+    srv = Server(base, tmp_path_factory.mktemp("log") / "server.log", COMFYUI_ROOT, os.environ.get("COMFYUI_PYTHON"),
+                 args=("--preview-method", "auto"))
     try:
         srv.wait_ready()
         yield srv
@@ -337,6 +339,37 @@ def test_progress_reaches_the_websocket(server):
     assert any(d["node"] == node_id(prompt, "SaveImage") and d["output"]["images"] for d in executed)
 
 
+def test_pixel_space_sampling_sends_x0_previews(server):
+    """The pixel-space model's previews: one JPEG per step over the websocket, the image's shape at
+    ComfyUI's preview size, the last being the image itself (Euler's last x0 is the result), as
+    ComfyUI's resize and JPEG keep it."""
+    import io
+
+    from PIL import Image
+
+    prompt = tiny_prompt(T2I, seed=23, steps=3, sampler="euler")
+    events = Events(server, "unifusion-previews")
+    try:
+        pid = server.queue(prompt, client_id="unifusion-previews")
+        events.until(lambda e: e["type"] in ("execution_success", "execution_error")
+                     and e["data"].get("prompt_id") == pid)
+    finally:
+        events.close()
+    entry = server.wait(pid)
+    assert_success(server, entry)
+    # ComfyUI's legacy preview frame (clients that do not announce preview metadata): event 1, format 1 (JPEG)
+    previews = [Image.open(io.BytesIO(f[8:])) for f in events.frames if f[:8] == b"\0\0\0\1\0\0\0\1"]
+    assert len(previews) == 3 and all(p.format == "JPEG" for p in previews), len(events.frames)
+    size = previews[-1].size  # ComfyUI fits previews into --preview-size (512) both ways
+    assert max(size) == 512 and size[0] * SIZE[1] == size[1] * SIZE[0], size
+    (saved,) = saved_images(server, entry)
+    expected = np.asarray(saved.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    last = np.asarray(previews[-1].convert("RGB"), dtype=np.float32)
+    assert np.abs(last - expected).mean() < 4  # JPEG's loss only
+    first = np.asarray(previews[0].convert("RGB"), dtype=np.float32)
+    assert np.abs(first - last).mean() > 8  # each step's own x0, not the result three times
+
+
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "bfloat16"])
 def test_weight_dtypes_and_a_plain_encoding(server, weight_dtype):
     """fp8 storage through comfy.ops.manual_cast, bf16 weights; VERIFI off (the prompt's own tokens)."""
@@ -472,6 +505,68 @@ def test_a_prompt_outside_the_bundled_models_grammar_is_warned_about(server, sce
     assert f"UniFusion LAP Encode: {note}" in server.log()
     assert "text" not in entry["outputs"].get(node_id(prompt, S), {})  # 64 x 64, its training size: nothing to say
     assert [im.size for im in saved_images(server, entry)] == [(64, 64)]
+
+
+# --- LoRA -------------------------------------------------------------------------------------------
+
+
+def with_loras(prompt: dict, *loras: tuple[str, float]) -> dict:
+    """The prompt with UniFusion LoRA Loaders chained after Model Load, feeding LAP Encode and Sample."""
+    source = [node_id(prompt, M), 0]
+    for i, (name, strength) in enumerate(loras):
+        prompt[str(90 + i)] = {"class_type": "UniFusionLoRALoader",
+                               "inputs": {"model": source, "lora_name": name, "strength": strength}}
+        source = [str(90 + i), 0]
+    node(prompt, L)["model"] = source
+    node(prompt, S)["model"] = source
+    return prompt
+
+
+def test_lora_loader_patches_through_comfyuis_mechanism(server):
+    """Two LoRAs of tiny.safetensors (on the DiT, its modulation, LAP and the refiner) through the LoRA
+    Loader: strength 0 draws the base image exactly; strength 1 draws what the checkpoint with the
+    LoRA merged by the core draws; two stacked loaders draw the core's merge of both; and the base
+    model run after them draws its own image again (ComfyUI removed the patches)."""
+    models = server.base / "models"
+    tiny = models / "unifusion" / "tiny.safetensors"
+    written = []
+    try:
+        for name, seed in (("a", 1), ("b", 2)):
+            tuned = uf.load_model(tiny)
+            uf.lora.add_lora(tuned, uf.lora.LoRAConfig(4, 8, ("dit", "modulation", "lap", "refiner")), seed=seed)
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for lin in uf.lora.adapted(tuned).values():
+                    lin.lora_up.copy_(torch.randn(lin.lora_up.shape, generator=g) * 0.05)
+            written.append(uf.lora.save_lora(tuned, models / "loras" / f"tiny-{name}.safetensors", base=tiny.name))
+        for name, parts in (("a", [("a", 1.0)]), ("ab", [("a", 1.0), ("b", 0.5)])):
+            merged = uf.load_model(tiny)
+            for lora, strength in parts:
+                uf.lora.merge_file(merged, models / "loras" / f"tiny-{lora}.safetensors", strength)
+            written.append(models / "unifusion" / f"tiny-merged-{name}.safetensors")
+            uf.save_model(merged, written[-1])
+
+        def image(*loras, model="tiny.safetensors", switch_at=0.2):
+            prompt = with_loras(tiny_prompt(T2I, seed=11, switch_at=switch_at), *loras)
+            node(prompt, M)["model_name"] = model
+            (im,) = saved_images(server, server.run(prompt))
+            return np.asarray(im.convert("RGB")).astype(int)
+
+        base = image()
+        zero = image(("tiny-a.safetensors", 0.0))
+        one = image(("tiny-a.safetensors", 1.0))
+        stacked = image(("tiny-a.safetensors", 1.0), ("tiny-b.safetensors", 0.5))
+        merged_one, merged_ab = image(model="tiny-merged-a.safetensors"), image(model="tiny-merged-ab.safetensors")
+        again = image(switch_at=0.3)  # another input (unused without a second conditioning): Sample runs again
+        print(f"LoRA at 1 vs the base: {np.abs(one - base).max()} levels; vs the merged checkpoint: "
+              f"{np.abs(one - merged_one).max()}; stacked vs merged: {np.abs(stacked - merged_ab).max()}")
+        assert np.array_equal(zero, base) and np.array_equal(again, base)
+        assert np.abs(one - base).max() > 20 and np.abs(stacked - one).max() > 5  # each LoRA changes the image
+        assert np.abs(one - merged_one).max() <= 1 and np.abs(stacked - merged_ab).max() <= 1
+        assert "lora key not loaded" not in server.log() and "ERROR lora" not in server.log()
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
 
 
 # --- the pack's scene VLM --------------------------------------------------------------------------

@@ -184,6 +184,15 @@ def test_hsdp_mesh_and_checkpointed_blocks_train_what_one_process_does(tmp_path,
     assert_same_weights(single / "model.safetensors", out / "model.safetensors")
 
 
+def test_accumulated_micro_batches_on_two_processes_train_what_one_process_does(tmp_path, features, single):
+    """2 micro-batches of half the prompts, each split over 2 sharded ranks: the single process's run."""
+    out = tmp_path / "accumulated"
+    half = str(int(ARGS[ARGS.index("--prompts-per-step") + 1]) // 2)
+    ok(train(out, features, "--prompts-per-step", half, "--grad-accumulation", "2", procs=2))
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(single)), **TOL)
+    assert_same_weights(single / "model.safetensors", out / "model.safetensors")
+
+
 def test_bf16_parameters_with_fp32_reduction_train(tmp_path, features):
     """FSDP2's MixedPrecisionPolicy (bf16 compute copies, fp32 gradient reduction and master
     weights): finite losses, fp32 weights in the state and the export. With 90 % caption dropout

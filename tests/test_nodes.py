@@ -205,6 +205,26 @@ def test_the_node_chain_equals_the_core():
     assert_close(latent["samples"], expected)
 
 
+@pytest.mark.parametrize("settings", [dict(sampler="euler", cfg=3.0, batch_size=1),
+                                      dict(sampler="heun", cfg=1.0, batch_size=2)], ids=["euler-cfg", "heun-batch"])
+def test_lap_encode_and_sample_equal_generate_exactly(settings):
+    """LAP Encode -> Sample gives the very latents of the core's generate() for the same model, features,
+    seed and settings (nothing in the nodes changes a number)."""
+    from unifusion_core.generate import generate
+
+    (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
+    spec = model.obj.config.encoder
+    feats = uf.Features(torch.randn(5, len(spec.layers), spec.hidden_size, generator=torch.Generator().manual_seed(3)),
+                        encoder=spec)
+    (cond,) = result(N["UniFusionLAPEncode"]().encode(model, feats))
+    args = dict(width=16, height=8, steps=3, shift=0.0, seed=7) | settings
+    (latent,) = result(N["UniFusionSample"]().sample(model, cond, **args))
+    ours = generate(None, model.obj, "", features=feats, width=16, height=8, steps=3, cfg=settings["cfg"], seed=7,
+                    sampler=settings["sampler"], batch_size=settings["batch_size"])
+    assert latent["samples"].shape == (settings["batch_size"], 3, 8, 16)
+    assert torch.equal(latent["samples"], ours.latent)
+
+
 def test_lap_encode_token_choice_and_layer_drop():
     vlm, feats, _, model, cond, _ = run_chain("a fox", (ReferenceImage(image(), 2, True),))
     enc = N["UniFusionLAPEncode"]()

@@ -101,8 +101,8 @@ def test_the_trainer_trains_on_scene_edits_with_a_vlm_that_reads_images(tmp_path
               "--prompts-per-step", "4", "--timesteps-per-prompt", "2", "--steps", "3", "--val-prompts", "2",
               "--sample-steps", "2", "--threads", "1", "--log-every", "1"])
         assert (out / "model.safetensors").is_file()
-        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                if "loss" in line]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
 
     batched = run(tmp_path / "batched")
     assert len(batched) == 3 and all(np.isfinite(batched))

@@ -246,8 +246,9 @@ def _trainer(tmp_path, model, prompts, steps=3, jitter=True, validate=None, **cf
 
 
 def test_validation_off_still_exports_the_model(tmp_path, scene_features):
-    """--val-prompts 0 turns validation off: the run trains, writes no grid and exports."""
-    result = run_cli(tmp_path / "r", scene_features, "--steps", "2", "--val-prompts", "0", check=False)
+    """--val-prompts 0 and --val-loss-samples 0 turn validation off: the run trains, writes no grid and exports."""
+    result = run_cli(tmp_path / "r", scene_features, "--steps", "2", "--val-prompts", "0", "--val-loss-samples", "0",
+                     check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     model = uf.load_model(tmp_path / "r" / "model.safetensors")
     assert model.config.sampling.size == (16, 16)

@@ -127,8 +127,11 @@ def centres(scene: Scene, rng: np.random.Generator | None = None) -> list[tuple[
     return [(x + rng.uniform(-JITTER, JITTER), y + rng.uniform(-JITTER, JITTER)) for x, y in base]
 
 
-def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Draw a scene: (size, size, 3) uint8. Pixel centres are tested against each shape exactly."""
+def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None,
+           palette: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """Draw a scene: (size, size, 3) uint8. Pixel centres are tested against each shape exactly.
+    palette: colour name -> RGB, for colours beyond the grammar's (default COLORS; e.g. the LoRA demo's)."""
+    colors = COLORS if palette is None else palette
     img = np.zeros((size, size, 3), dtype=np.uint8)
     img[:] = BACKGROUND
     yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
@@ -145,7 +148,7 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
             top, bottom = cy - half, cy + half
             t = (yy - top) / (bottom - top)  # 0 at the apex, 1 at the base
             inside = (t >= 0) & (t <= 1) & (abs(xx - cx) <= t * half)
-        img[inside] = COLORS[obj.color]
+        img[inside] = colors[obj.color]
     return img
 
 

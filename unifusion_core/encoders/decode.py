@@ -32,6 +32,13 @@ class Rewrite:
     text: str  # the rewrite's non-special tokens, decoded and stripped (= Features.text)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model` computes: the `compute_device` a host set on it (ComfyUI's low-VRAM loading keeps
+    some of the weights in RAM and casts them to that device layer by layer, so the first parameter
+    may lie elsewhere), else where its first parameter is."""
+    return getattr(model, "compute_device", None) or next(model.parameters()).device
+
+
 def rewrite_ids(r: Rewrite | Sequence[int] | Tensor) -> Tensor:
     """A Rewrite's (or a flat list's) token ids as a (N,) tensor."""
     ids = torch.as_tensor(r.ids if isinstance(r, Rewrite) else r, dtype=torch.long)
@@ -110,7 +117,7 @@ def prefix_cache(model, memo: dict, ids: Tensor, system: str):
     batch_cache makes the copies a forward may extend."""
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     key, where = (system, tuple(ids.tolist())), (device, model.dtype)
     hit = memo.pop(key, None)
     if hit is None or hit[0] != where:  # (ComfyUI may have moved the model since)
@@ -170,7 +177,7 @@ def forward_suffixes(model, layers: nn.ModuleList, prefix, P: int, seqs: list[Te
     for r, (s, k) in enumerate(zip(seqs, keeps)):
         ids[r, : len(s)], mask[r, P : P + len(s)], keep[r, : len(s)] = s, 1, k
     positions = (P + torch.arange(T)).expand(B, T)  # continuing after the prefix
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     with BatchCapture(layers, chosen, keep) as capture:
         model.model(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=True,
@@ -186,7 +193,7 @@ def greedy(model, prefix, P: int, seqs: list[Tensor], max_new_tokens: int, stop_
     As generate: generation ends at a stop token (never fed) or after max_new_tokens fed tokens.
     inputs: the pixel inputs of the rows' images, in row order, for the first forward.
     """
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     B, T = len(seqs), max(len(s) for s in seqs)
     stop = torch.tensor(list(stop_ids), device=dev)
     ids = torch.full((B, T), pad, dtype=torch.long)

@@ -48,7 +48,7 @@ class VLMEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return decode.model_device(self.model)
 
     def memory_required(self, tokens: int) -> int:
         """Rough peak bytes of one encode beyond the weights: KV cache and activations per token."""

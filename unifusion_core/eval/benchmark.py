@@ -90,8 +90,9 @@ class BenchmarkRun:
 
 
 def evaluate(generate_fn: GenerateFn, scenes: Sequence[sc.Scene], seeds: Sequence[int] = (0, 1, 2, 3),
-             keep_images: bool = False) -> BenchmarkRun:
-    """Generate every scene once per seed (one generate_fn call per seed) and score the images."""
+             keep_images: bool = False, palette: dict[str, tuple[int, int, int]] | None = None) -> BenchmarkRun:
+    """Generate every scene once per seed (one generate_fn call per seed) and score the images
+    (palette: the colours the detector reads, default scenes.COLORS)."""
     scenes, seeds = list(scenes), tuple(int(s) for s in seeds)
     if not scenes or not seeds:
         raise ValueError(f"need at least one scene and one seed, got {len(scenes)} scenes and seeds {list(seeds)}")
@@ -101,7 +102,7 @@ def evaluate(generate_fn: GenerateFn, scenes: Sequence[sc.Scene], seeds: Sequenc
         if len(images) != len(scenes):
             raise ValueError(f"generate_fn returned {len(images)} images for {len(scenes)} scenes (seed {seed}); "
                              "it must return one (H, W, 3) uint8 image per scene, in order")
-        run.scores.append([score(s, detect(img)) for s, img in zip(scenes, images)])
+        run.scores.append([score(s, detect(img, palette=palette)) for s, img in zip(scenes, images)])
         if keep_images:
             run.images.append(images)
         log.info("seed %d: %d/%d prompts all-correct", seed, sum(s["all"] for s in run.scores[-1]), len(scenes))

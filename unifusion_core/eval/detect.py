@@ -35,9 +35,19 @@ MIN_AREA_FRACTION = 0.25  # of the smallest ideal object area (the triangle's)
 RELATION_MARGIN = 0.1  # "to the left of" / "above": centres at least this far apart (canvas fraction)
 MAX_CANDIDATES = 6  # the largest detections considered when matching a prompt's objects
 
-_NAMES = tuple(sc.COLORS)
-_PALETTE = np.array([sc.COLORS[c] for c in _NAMES], dtype=np.float32)  # (K, 3)
-_NORMS = np.linalg.norm(_PALETTE, axis=1)  # (K,)
+
+
+@functools.lru_cache(maxsize=16)
+def _palette(colors: tuple[tuple[str, tuple[int, int, int]], ...]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    names = tuple(c for c, _ in colors)
+    rgb = np.array([v for _, v in colors], dtype=np.float32)  # (K, 3)
+    return names, rgb, np.linalg.norm(rgb, axis=1)
+
+
+def palette_of(colors: dict[str, tuple[int, int, int]] | None) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """(names, (K, 3) RGB, (K,) norms) of a palette: the grammar's COLORS by default; another one
+    (e.g. with a colour a LoRA taught) is read by the same rules."""
+    return _palette(tuple((colors or sc.COLORS).items()))
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,9 @@ class Detection:
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, end exclusive
 
 
-def classify_pixels(img: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) int: index into scenes.COLORS, or -1 for background."""
+def classify_pixels(img: np.ndarray, palette: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) int: index into the palette (scenes.COLORS), or -1 for background."""
+    _, _PALETTE, _NORMS = palette_of(palette)
     H, W, _ = img.shape
     c = img.reshape(-1, 3).astype(np.float32)  # (N, 3)
     proj = c @ (_PALETTE / _NORMS[:, None]).T  # (N, K) length of c along each colour
@@ -128,9 +139,11 @@ def classify_shape(mask: np.ndarray) -> str:
     return max(ious, key=ious.get)
 
 
-def detect(img: np.ndarray, min_area: float | None = None) -> list[Detection]:
+def detect(img: np.ndarray, min_area: float | None = None,
+           palette: dict[str, tuple[int, int, int]] | None = None) -> list[Detection]:
     """Objects in an (H, W, 3) uint8 image, largest first. min_area (pixels) defaults to
-    MIN_AREA_FRACTION of the smallest ideal object at this canvas size."""
+    MIN_AREA_FRACTION of the smallest ideal object at this canvas size; palette: the colours read
+    (default scenes.COLORS)."""
     if not (isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8):
         got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
         raise ValueError(f"detect needs an (H, W, 3) uint8 RGB image, got {got}")
@@ -138,7 +151,8 @@ def detect(img: np.ndarray, min_area: float | None = None) -> list[Detection]:
     if min_area is None:
         size = math.sqrt(H * W)
         min_area = MIN_AREA_FRACTION * min(sc.object_area(s, size) for s in sc.SHAPES)
-    labels = classify_pixels(img)
+    labels = classify_pixels(img, palette)
+    names = palette_of(palette)[0]
     y, x0, x1, cls, comp = _components(labels)
     if len(y) == 0:
         return []
@@ -156,7 +170,7 @@ def detect(img: np.ndarray, min_area: float | None = None) -> list[Detection]:
         for r in runs:
             mask[y[r] - by0, x0[r] - bx0 : x1[r] - bx0 + 1] = True
         out.append(Detection(
-            color=_NAMES[int(cls[runs[0]])],
+            color=names[int(cls[runs[0]])],
             shape=classify_shape(mask),
             cx=float(sum_x[c] / area[c] / W),
             cy=float(sum_y[c] / area[c] / H),

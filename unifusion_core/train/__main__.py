@@ -1,15 +1,18 @@
 """Train a UniFusion model: python -m unifusion_core.train --out RUN_DIR [--data scenes|PATH] [...]
 
-Every flag can also come from a JSON file (--config run.json, keys = flag names with
-underscores); flags given on the command line win. The run directory gets the training states
-(checkpoints/), metrics.jsonl, validation grids, run.json (the exact settings) and, at the end,
-model.safetensors (EMA weights, loadable by the nodes). Re-running the same command with
+Every flag can also come from a config file: TOML with sections (--config configs/NAME.toml,
+config_file.py) or flat JSON (keys = flag names with underscores); flags given on the command line
+win. The run directory gets the training states (checkpoints/), metrics.jsonl, validation grids,
+samples/ (--sample-prompts: a grid per step), tensorboard/ (--tensorboard), run.json and
+config.toml (the resolved settings; --config RUN/config.toml trains the run again) and, at the
+end, model.safetensors (EMA weights, loadable by the nodes). Re-running the same command with
 --resume continues where the newest state left off.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -19,8 +22,12 @@ import torch
 
 from ..config import UniFusionConfig
 from ..latents import get_latent_space
+from ..lora import base_config
 from ..presets import get_preset
+from .board import Board, summary_writer
+from .config_file import read_config, to_toml
 from .loop import TrainConfig, Trainer, build_model
+from .samples import make_samples
 from .setup import ConfigError, make_data, make_features, make_latents, make_validation
 from .state import NonFiniteError, StateError, list_states
 from .tasks import PAPER_RATIOS
@@ -41,16 +48,23 @@ EPILOG = """exit status:
 under torchrun: torchrun's own status is 1 when a rank fails; its report gives each rank's status"""
 
 
+RESOLVED = ("The resolved settings of this run (every flag, defaults included), written by the trainer.\n"
+            "Train it again: python -m unifusion_core.train --config config.toml --out OTHER_DIR")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m unifusion_core.train", description=__doc__.splitlines()[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--config", type=Path, help="JSON file with any of these settings")
+    a("--config", type=Path, help="a TOML file with sections (examples in configs/) or a flat JSON file (keys = "
+      "these flags with underscores); flags given here win")
     a("--out", help="run directory (states, metrics, grids, the exported model)")
     # data
     a("--data", default="scenes", help="'scenes' (the synthetic benchmark scenes), an image folder with .txt "
       "captions, a .jsonl/.parquet manifest, or a tar-shard glob")
-    a("--resolution", type=int, default=64, help="training image size (square)")
+    a("--resolution", type=int, default=64, help="training image size (square; without --buckets)")
+    a("--buckets", help="aspect-ratio buckets for real data: tiers as square sides, e.g. 512,1024 (each bucket about "
+      "side^2 pixels, ratios 1:4 to 4:1, each step's batch from one bucket; docs/training.md)")
     a("--scene-kinds", default="single,pair", help="--data scenes: which prompt kinds to train on")
     a("--scene-tasks", default="t2i", help="--data scenes: which tasks (t2i, reconstruction, edit: "
       "scene_edits.py's edits), in the --mix ratios; the VLM must read images (--vlm a scene VLM file)")
@@ -84,6 +98,10 @@ def parser() -> argparse.ArgumentParser:
     a("--shift", type=float, help="fixed timestep shift of this checkpoint, used in training and sampling")
     a("--sample-steps", type=int, default=20)
     a("--sample-cfg", type=float, default=3.0)
+    a("--sample-prompts", type=Path, help="sample these prompts with the EMA weights every --sample-every steps and "
+      "at the end, a grid per step in RUN/samples/: a .txt (one prompt a line) or a .jsonl / .toml of {prompt, "
+      "seed, images} (seed: its line's index unless given; images: reference images, paths relative to the file)")
+    a("--sample-every", type=int, default=0, help="with --sample-prompts: steps between samples grids (0: at the end)")
     a("--init-from", help="handoff (Sec. 3.4): start from this .safetensors checkpoint's weights")
     a("--reinit", default="", help="with --init-from: parts to start fresh, e.g. 'lap,refiner'")
     # loop
@@ -104,27 +122,41 @@ def parser() -> argparse.ArgumentParser:
       "source whose size changed at its next epoch) instead of refusing the changed mixture")
     a("--threads", type=int,
       help="CPU threads for torch (1 is much faster than 2 when another process shares the cores)")
+    a("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+      help="also write TensorBoard event files to RUN/tensorboard (pip install -c constraints.txt tensorboard)")
     a("--export-only", action="store_true", help="with --resume: write model.safetensors (EMA) from the state and stop")
     a("--val-prompts", type=int, default=32, help="scenes: prompts per split scored at each validation")
+    a("--val-data", help="a held-out dataset (any form --data takes) for the validation loss")
+    a("--val-split", type=float, default=0.0,
+      help="set this fraction of --data aside (never trained on) for the validation loss, e.g. 0.02")
+    a("--val-loss-samples", type=int, default=32,
+      help="held-out samples in the validation loss (at every validation; 0: no validation loss). "
+      "--data scenes: the held-out compositions")
+    a("--val-loss-timesteps", type=int, default=8, help="fixed timesteps each held-out sample is scored at")
     return ap
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The settings given on the command line (in any spelling argparse takes: --lr=1e-3, --lr 1e-3)."""
+    ap = parser()
+    for action in ap._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(ap.parse_args(argv)))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = parser()
     args = ap.parse_args(argv)
-    words = argv if argv is not None else sys.argv[1:]
-    given = {a.dest for a in ap._actions if any(s in words for s in a.option_strings)}
+    given = given_flags(argv)
     if args.config:
         try:
-            file = json.loads(args.config.read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--config {args.config}: cannot read it as JSON ({e})")
-        unknown = sorted(set(file) - set(vars(args)))
-        if unknown:
-            raise SystemExit(f"--config {args.config}: unknown settings {unknown}")
+            file = read_config(args.config, ap, set(vars(args)))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         for k, v in file.items():
             if k not in given:
                 setattr(args, k, v)
+        given |= set(file)  # the file's settings are given now too: on --resume they win over run.json
     saved = Path(args.out) / "run.json" if args.out else None
     if args.resume and saved is not None and saved.is_file():
         # A resumed run keeps the settings it was started with; flags given now override them
@@ -141,6 +173,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def resolved(args: argparse.Namespace) -> dict:
+    """The run's settings with the loop's defaults filled in (a loop flag left out is None until
+    TrainConfig gives it its default): what RUN/config.toml records."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {k: defaults[k] if v is None and k in defaults else v for k, v in vars(args).items()}
+
+
 def model_config(args, spec) -> UniFusionConfig:
     """The preset with the encoder and the flags applied."""
     dit = {k: v for k, v in {"hidden_size": args.dit_width, "depth": args.dit_depth, "heads": args.dit_heads,
@@ -154,6 +193,17 @@ def model_config(args, spec) -> UniFusionConfig:
                 "size": (args.resolution, args.resolution)}
     return base.replace(encoder=spec, latent=get_latent_space(args.latent), dit=dit, lap=lap, refiner=ref,
                         sampling=sampling)
+
+
+def lora_base(args, spec) -> UniFusionConfig:
+    """The config of a LoRA run: that of its --init-from checkpoint (lora.base_config)."""
+    if not args.init_from:
+        raise ConfigError("--lora-rank trains adapters on an existing checkpoint: give it with --init-from (e.g. "
+                          "unifusion_core/assets/unifusion-scenes-64.safetensors, the embedded model)")
+    if args.reinit:
+        raise ConfigError(f"--reinit {args.reinit} starts parts fresh, which a LoRA (on a frozen base) cannot "
+                          "train: leave it out, or leave out --lora-rank for a handoff")
+    return base_config(args.init_from, spec)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -191,20 +241,30 @@ def _train(args, argv, d, device) -> dict:
     from .dist import check_shared
 
     out = Path(args.out)
+    if args.tensorboard:
+        try:
+            summary_writer()  # installed: else the pip command now, before anything is loaded
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     check_shared(out, d)  # across nodes: one filesystem, or a clear error now instead of a hang later
     train_cfg = TrainConfig(out=str(out), **{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__
                                              if k not in ("out", "betas") and getattr(args, k, None) is not None})
     encoder, spec = make_features(args, device)
     config = model_config(args, spec)
-    mixture, sources = make_data(args, train_cfg.seed)
+    if train_cfg.lora_rank:  # a LoRA adapts a checkpoint as it is: its own config, whatever the model flags say
+        config = lora_base(args, spec)
+    mixture, sources = make_data(args, train_cfg.seed, stride=config.dit.patch_size * config.latent.downscale,
+                                 batch=train_cfg.prompts_per_step)
     torch.manual_seed(train_cfg.seed)  # the initial weights are part of the run
     model = build_model(config, args.init_from, tuple(p for p in args.reinit.split(",") if p))
     n = model.num_parameters()
     log.info("model: %s parameters (LAP %s, refiner %s, DiT %s)", n["total"], n["lap"], n["refiner"], n["dit"])
-    trainer = Trainer(train_cfg, model, mixture, sources, encoder, make_validation(args, encoder),
-                      latents=make_latents(args, config.latent),
-                      describe={"argv": argv if argv is not None else sys.argv[1:]}, dist=d, device=device)
+    latents = make_latents(args, config.latent)
+    validate = make_validation(args, encoder, latents, config, sources)
+    trainer = Trainer(train_cfg, model, mixture, sources, encoder, validate, latents=latents,
+                      describe={"argv": argv if argv is not None else sys.argv[1:], "init_from": args.init_from},
+                      dist=d, device=device)
     if args.resume:
         if args.resume != "auto" and not Path(args.resume).is_dir():
             kept = [str(p) for _, p in list_states(out)] if d.main else []
@@ -223,10 +283,16 @@ def _train(args, argv, d, device) -> dict:
             return {"step": trainer.step, "export": str(path)}
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    trainer.samples = make_samples(args, encoder, config)  # every rank: a prompt without features fails here
+    if args.tensorboard and d.main:
+        # resumed at step s: what the run before wrote after s goes (its step-s records precede the save)
+        trainer.board = Board(out / "tensorboard", purge_step=trainer.step + 1 if trainer.step else None)
     # written once the state has loaded: a resume that fails leaves the run's settings as they were
     if d.main:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         (out / "run.json").write_text(json.dumps(settings, indent=2))
+        # the same settings, sectioned: `--config RUN/config.toml --out OTHER` trains this run again
+        (out / "config.toml").write_text(to_toml(resolved(args), parser(), header=RESOLVED))
     summary = trainer.run()
     summary["parameters"] = n
     if d.main:

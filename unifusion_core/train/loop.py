@@ -40,10 +40,14 @@ from ..checkpoint import load_model, save_model
 from ..conditioning import Conditioning
 from ..config import UniFusionConfig
 from ..features import Features
-from ..flow import flow_loss, interpolate, resolution_shift, sample_timesteps
+from ..flow import flow_loss, interpolate, resolution_shift, time_shift
+from ..lora import LoRAConfig, add_lora, is_lora_key, merge_lora, save_lora, strip_lora
 from ..model import UniFusionModel
+from .board import Board, Metrics
+from .buckets import bucket_record
 from .data import BadSample, Sample
 from .dist import Dist, full, local, shard
+from .samples import Samples
 from .state import (
     NonFiniteError,
     list_states,
@@ -66,8 +70,10 @@ class TrainConfig:
 
     out: str
     steps: int = 1000
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16  # per micro-batch: a step trains grad_accumulation x prompts_per_step prompts
     timesteps_per_prompt: int = 4
+    # micro-batches accumulated into one optimizer step (a global batch larger than memory allows)
+    grad_accumulation: int = 1
     lr: float = 5e-4
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     warmup: int = 50
@@ -108,9 +114,18 @@ class TrainConfig:
     # every step from then on and is stopped after a few wasted steps, before any bad state.
     nonfinite: str = "skip"
     max_nonfinite: int = 10
+    # LoRA (lora.py): 0 trains every weight; R > 0 trains rank-R adapters on lora_targets (a comma
+    # list of lora.TARGETS) of the frozen base (--init-from), exported as lora.safetensors
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: the rank (the adapters' scale alpha / rank is 1)
+    lora_targets: str = "dit"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: full training), got {self.lora_rank}")
+        if self.lora_rank:
+            LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_targets)  # a clear error now
         if self.adapter_lr_scaling not in ("fan_in", "none"):
             raise ValueError(f"adapter_lr_scaling must be 'fan_in' or 'none', got {self.adapter_lr_scaling!r}")
         if self.nonfinite not in ("skip", "stop"):
@@ -119,7 +134,8 @@ class TrainConfig:
             raise ValueError(f"max_nonfinite must be >= 0 skipped steps, got {self.max_nonfinite}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        for name in ("steps", "prompts_per_step", "timesteps_per_prompt", "gradient_checkpointing_every"):
+        for name in ("steps", "prompts_per_step", "timesteps_per_prompt", "grad_accumulation",
+                     "gradient_checkpointing_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "validate_every", "log_every"):
@@ -236,6 +252,11 @@ class Trainer:
     stop a run from outside (the tests SIGKILL the process there, then resume it).
     """
 
+    # Optional, set after construction (the CLI does): a samples grid of fixed prompts every
+    # samples.every steps and at the end (samples.py), TensorBoard beside metrics.jsonl (board.py).
+    samples: Samples | None = None
+    board: Board | None = None
+
     def __init__(self, cfg: TrainConfig, model: UniFusionModel, mixture, sources: dict, features: FeatureFn,
                  validate: ValidateFn | None = None, latents: LatentFn | None = None, describe: dict | None = None,
                  dist: Dist = Dist(), device: torch.device | None = None,
@@ -249,6 +270,10 @@ class Trainer:
         self.describe = describe or {}
         self.out = Path(cfg.out)
         self.device = device or torch.device(cfg.device)
+        # LoRA: adapters on the frozen base; only they train (and are in the optimizer)
+        self.lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else None
+        if self.lora is not None:
+            add_lora(model, self.lora, seed=cfg.seed)
         model.to(self.device).train()
         for part in (model.lap, model.refiner, model.dit):
             part.gradient_checkpointing = cfg.gradient_checkpointing_every if cfg.gradient_checkpointing else 0
@@ -272,7 +297,10 @@ class Trainer:
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, fused=fused,
                                            foreach=not fused)
-        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}  # sharded like the model
+        # sharded like the model. With LoRA the adapters' only: the frozen base is its own average
+        # (an fp32 copy of it would cost 4 bytes a base parameter for nothing)
+        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+                    if self.lora is None or is_lora_key(k)}
         self.step = 0
         self.bad = 0
         self.drawn = 0
@@ -315,6 +343,11 @@ class Trainer:
         meta = record["meta"]
         if UniFusionConfig.from_dict(meta["model"]) != self.model.config:
             raise ValueError(f"{path} was made with another model configuration; resume with the same settings")
+        lora = {k: meta["train"].get(k, default) for k, default in (("lora_rank", 0), ("lora_alpha", 0.0),
+                                                                     ("lora_targets", "dit"))}
+        if lora != {k: getattr(self.cfg, k) for k in lora}:
+            raise ValueError(f"{path} was saved with LoRA settings {lora}: resume with the same --lora-rank, "
+                             "--lora-alpha and --lora-targets")
         load_state(path, self.model, self.ema, self.optimizer, self.dist)  # into this run's sharding, whatever wrote it
         self.step, self.bad, self.drawn = meta["step"], meta["bad"], meta["drawn"]
         self.nonfinite = meta.get("nonfinite", 0)
@@ -339,7 +372,9 @@ class Trainer:
         validated. Under torchrun every process must call it (it gathers the shards, one tensor at
         a time); rank 0 keeps the copy, the others get None."""
         sd = {}
-        for k, v in self.ema.items():
+        # with LoRA the EMA holds the adapters; the base is the model's own (frozen) weights
+        base = [] if self.lora is None else [(k, v) for k, v in self.model.state_dict().items() if not is_lora_key(k)]
+        for k, v in [*base, *self.ema.items()]:
             whole = full(v)
             if self.dist.main:
                 sd[k] = whole.detach().clone()
@@ -347,18 +382,27 @@ class Trainer:
         if not self.dist.main:
             return None
         m = UniFusionModel(self.model.config, device="meta")
+        if self.lora is not None:
+            add_lora(m, self.lora)
         m.load_state_dict(sd, assign=True)
         return m.eval()
 
     def export(self, path: Path) -> Path:
         """The pack's .safetensors (EMA), written by rank 0 from the gathered shards; never with
-        NaN or inf (NonFiniteError on every rank, nothing written)."""
+        NaN or inf (NonFiniteError on every rank, nothing written). With LoRA: lora.safetensors (the
+        EMA adapters) beside it, and the base with them merged at `path`."""
         model = self.ema_model()
         bad = self.dist.broadcast(nonfinite(model.state_dict()) if self.dist.main else None)
         if bad:
             raise NonFiniteError(f"the EMA weights at step {self.step} hold NaN or inf in {len(bad)} tensors "
                                  f"({', '.join(bad[:5])}): {path} was not written")
         if self.dist.main:
+            if self.lora is not None:  # the adapters alone (for the LoRA Loader node), then merged into the base
+                lora = save_lora(model, path.with_name("lora.safetensors"), base=self.describe.get("init_from"),
+                                 targets=self.lora.targets)
+                log.info("exported the EMA LoRA to %s", lora)
+                merge_lora(model, 1.0)
+                strip_lora(model)
             save_model(model, path)
             log.info("exported EMA weights to %s", path)
         self.dist.barrier()
@@ -392,32 +436,75 @@ class Trainer:
             if self.drawn >= 20 and self.bad > self.cfg.max_bad_fraction * self.drawn:
                 raise RuntimeError(f"{self.bad} of {self.drawn} samples were bad (see the warnings): "
                                    "fix the data") from None
-            for i, pick in zip(slots, self.mixture.draw(len(slots))):
+            # refill: the same batch (a bucketed mixture keeps it in the batch's bucket)
+            refill = getattr(self.mixture, "refill", self.mixture.draw)
+            for i, pick in zip(slots, refill(len(slots))):
                 picks[i] = pick
             self.drawn += len(slots)
 
     def train_step(self) -> dict:
-        cfg, model, dev = self.cfg, self.model, self.device
+        """One optimizer step over `grad_accumulation` micro-batches of `prompts_per_step` prompts.
+
+        The step's global batch is all its micro-batches together: the dropout and the timesteps'
+        normal draws of every row come from the step's generator at once, each row's noise from its
+        global row index, and each micro-batch's loss is scaled by 1 / grad_accumulation, so the
+        accumulated gradient is that of the whole batch's mean loss (N micro-batches of P prompts
+        train what one batch of N*P prompts does, up to the order of floating-point sums; tested).
+        """
+        cfg, model = self.cfg, self.model
         g = step_generator(cfg.seed, self.step)
-        samples = self.draw(cfg.prompts_per_step)  # this rank's prompts
-        P, K = cfg.prompts_per_step, cfg.timesteps_per_prompt
-        mine = self.dist.part(P)
-        rows = slice(mine.start * K, mine.stop * K)  # this rank's (prompt, timestep) rows of the global batch
-        posterior = row_generators(cfg.seed, self.step, range(mine.start, mine.stop), POSTERIOR)
-        x0 = self.latents(samples, posterior).to(dev)  # (P_rank, C, H, W) model-space latents
-        feats = self.features(samples)
-        # The whole step's dropout and timesteps (a few numbers) and this rank's slice of them; the
-        # noise of this rank's rows only.
-        drop = (torch.rand(P, generator=g) < cfg.cond_dropout)[mine]
-        _, _, H, W = x0.shape
-        p = model.config.dit.patch_size
-        # the checkpoint's fixed shift, if it has one
-        shift = resolution_shift((H // p) * (W // p), model.config.sampling)
-        t = sample_timesteps(P * K, shift, g, cfg.t_mean, cfg.t_std)[rows].to(dev)  # (P_rank*K,)
-        noise = row_noise(row_generators(cfg.seed, self.step, range(rows.start, rows.stop)), x0.shape[1:]).to(dev)
-        x0 = x0.repeat_interleave(K, dim=0)  # (P*K, C, H, W)
+        P, K, N = cfg.prompts_per_step, cfg.timesteps_per_prompt, cfg.grad_accumulation
+        # The whole step's dropout and timestep draws (a few numbers); each micro-batch takes its slice.
+        drop_all = torch.rand(N * P, generator=g) < cfg.cond_dropout
+        u_all = torch.randn(N * P * K, generator=g) * cfg.t_std + cfg.t_mean  # logit-normal (SD3) before the shift
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step) * group["lr_scale"]
+        self.optimizer.zero_grad(set_to_none=True)
+        total, ts, all_losses = 0.0, [], []
+        for m in range(N):
+            loss, t, losses = self._micro_batch(m, drop_all, u_all)
+            # Why backward per micro-batch (FSDP2 reduce-scatters each one): the gradients stay
+            # sharded between micro-batches, which is the memory that accumulation is for.
+            (loss / N).backward()
+            total += loss.item() / N
+            ts.append(t.cpu())
+            all_losses.append(losses.detach().cpu())
+        gnorm = float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
+        # One all-reduce decides for every rank: the global loss (NaN or inf if any rank's is) and
+        # the number of ranks that saw a non-finite gradient norm (under FSDP the norm is already
+        # global; summed anyway, so that no rank can step while another skips and waits).
+        stats = self.dist.sum_(torch.tensor([total, float(not math.isfinite(gnorm))], dtype=torch.float64))
+        mean, finite = stats[0].item() / self.dist.world, math.isfinite(stats[0].item()) and stats[1].item() == 0
+        if finite:
+            self.optimizer.step()
+            self._update_ema()
+        else:  # the step changes nothing: no update, no EMA, no moments
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": mean, "grad_norm": gnorm, "finite": finite, "t": torch.cat(ts),
+                "losses": torch.cat(all_losses), "samples": N * P * K}
+
+    def _micro_batch(self, m: int, drop_all: Tensor, u_all: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward of micro-batch m of the step: (this rank's mean loss, its timesteps, its per-row losses).
+        Its prompts are the step's global prompts m*P .. (m+1)*P - 1, this rank its contiguous slice."""
+        cfg, model, dev = self.cfg, self.model, self.device
+        P, K = cfg.prompts_per_step, cfg.timesteps_per_prompt
+        samples = self.draw(P)  # this rank's prompts
+        mine = self.dist.part(P)
+        first = m * P + mine.start  # global index of this rank's first prompt
+        prompts = range(first, first + len(samples))
+        rows = range(first * K, (first + len(samples)) * K)  # this rank's (prompt, timestep) rows
+        posterior = row_generators(cfg.seed, self.step, prompts, POSTERIOR)
+        x0 = self.latents(samples, posterior).to(dev)  # (P_rank, C, H, W) model-space latents
+        feats = self.features(samples)
+        drop = drop_all[prompts.start:prompts.stop]
+        _, _, H, W = x0.shape
+        p = model.config.dit.patch_size
+        # the checkpoint's fixed shift, if it has one (else Flux's rule for this size)
+        shift = resolution_shift((H // p) * (W // p), model.config.sampling)
+        t = time_shift(torch.sigmoid(u_all[rows.start:rows.stop]), shift).to(dev)  # (P_rank*K,)
+        noise = row_noise(row_generators(cfg.seed, self.step, rows), x0.shape[1:]).to(dev)
+        x0 = x0.repeat_interleave(K, dim=0)  # (P_rank*K, C, H, W)
         # bf16: autocast (under FSDP too, whose MixedPrecisionPolicy keeps bf16 copies of the
         # parameters but leaves the inputs alone: t and the features stay fp32, as in sampling)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -426,23 +513,8 @@ class Trainer:
         self.image_tokens = x0.shape[-2] * x0.shape[-1] // p**2
         self.flops_per_sample = train_flops(self.counts, model.config, self.image_tokens, cond_tokens, K)
         losses = flow_loss(v, x0, noise).float()  # (P_rank*K,)
-        loss = losses.mean()  # FSDP averages the ranks' gradients: the gradient of the global mean
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
-        # One all-reduce decides for every rank: the global loss (NaN or inf if any rank's is) and
-        # the number of ranks that saw a non-finite gradient norm (under FSDP the norm is already
-        # global; summed anyway, so that no rank can step while another skips and waits).
-        stats = self.dist.sum_(torch.tensor([loss.item(), float(not math.isfinite(gnorm))], dtype=torch.float64))
-        mean, finite = stats[0].item() / self.dist.world, math.isfinite(stats[0].item()) and stats[1].item() == 0
-        if finite:
-            self.optimizer.step()
-            self._update_ema()
-        else:  # the step changes nothing: no update, no EMA, no moments
-            self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return {"loss": mean, "grad_norm": gnorm, "finite": finite, "t": t.cpu(), "losses": losses.detach().cpu(),
-                "samples": P * K}
+        # FSDP averages the ranks' gradients: the gradient of the global mean
+        return losses.mean(), t, losses
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -456,7 +528,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, main = self.cfg, self.dist.main
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = (self.out / "metrics.jsonl").open("a") if main else open(os.devnull, "w")  # one log: rank 0's
+        metrics = Metrics(self.out / "metrics.jsonl", self.board) if main else open(os.devnull, "w")  # rank 0's
         bins = torch.zeros(4), torch.zeros(4)
         seen, t_start, t_log, losses = 0, time.perf_counter(), time.perf_counter(), []
         train_seconds = self.describe.get("train_seconds", 0.0)
@@ -486,6 +558,7 @@ class Trainer:
                            "bad_samples": self.bad, "nonfinite_steps": self.nonfinite,
                            "train_seconds": round(train_seconds, 1)}
                     rec |= self._throughput(rate)
+                    rec |= bucket_record(self.mixture)  # {} without --buckets
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     shown = {"loss": "-" if rec["loss"] is None else f"{rec['loss']:.4f}", "sps": f"{rate:.1f}",
@@ -503,6 +576,11 @@ class Trainer:
                     t0 = time.perf_counter()
                     last_val = self._validate(metrics, train_seconds)
                     t_log += time.perf_counter() - t0  # validation time is not training time
+                if self.samples is not None and self.step < cfg.steps and self.samples.every > 0 \
+                        and self.step % self.samples.every == 0:
+                    t0 = time.perf_counter()
+                    self._sample(metrics)
+                    t_log += time.perf_counter() - t0  # nor is sampling
                 # rank 0's clock decides for all: ranks that disagreed would wait for each other's save
                 timed_out = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
                 if cfg.time_limit > 0:
@@ -524,6 +602,8 @@ class Trainer:
         export = self.export(self.out / "model.safetensors")
         if self.validate is not None:
             last_val = self._validate(metrics, train_seconds)
+        if self.samples is not None:
+            self._sample(metrics)
         metrics.close()
         return {"step": self.step, "steps": cfg.steps, "bad_samples": self.bad, "nonfinite_steps": self.nonfinite,
                 "export": str(export),
@@ -571,6 +651,20 @@ class Trainer:
         metrics.flush()
         log.info("validation at step %d: %s", self.step, json.dumps(result))
         return result
+
+    def _sample(self, metrics) -> None:
+        """The samples grid of the EMA weights (samples.py): every rank gathers, rank 0 samples."""
+        model = self.ema_model()
+        result, failed = {}, None
+        if self.dist.main:
+            try:
+                result = self.samples(model, self.step, self.out)
+            except Exception as e:
+                failed = e
+        if self.dist.sum_(torch.tensor([float(failed is not None)])).item():  # every rank stops, none waits
+            raise RuntimeError(f"sampling at step {self.step} failed on rank 0") from failed
+        metrics.write(json.dumps({"step": self.step, "samples": result}) + "\n")
+        metrics.flush()
 
     def _throughput(self, samples_per_s: float) -> dict:
         """Tokens/s (image tokens through the DiT), MFU where the device's peak is known, and each

@@ -94,6 +94,11 @@ class TaskMixture:
         self.draws += n
         return out
 
+    def refill(self, n: int) -> list[tuple[str, int]]:
+        """n more pairs for the batch being drawn (bad samples' slots): here simply the next n.
+        (A bucketed mixture, buckets.py, keeps them in the batch's bucket.)"""
+        return self.draw(n)
+
     def get(self, task: str, index: int) -> Sample:
         """The sample a drawn pair names."""
         return self.sources[task].get(index)
@@ -112,6 +117,8 @@ class TaskMixture:
         if set(state["ratios"]) != set(self.ratios) or any(
                 not math.isclose(state["ratios"][t], self.ratios[t], rel_tol=1e-9) for t in self.ratios):
             diffs.append(f"ratios {state['ratios']} -> {self.ratios}")
+        if state.get("buckets") is not None:
+            diffs.append("aspect-ratio buckets -> none (no --buckets)")
         changed = self._changed_lengths(state)
         if changed:
             diffs.append("source lengths " + ", ".join(f"{t}: {state['lengths'][t]} -> {len(self.sources[t])}"

@@ -4,6 +4,7 @@ Bad flags raise `ConfigError` (a ValueError); the CLI (__main__.py) turns it int
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import torch
 
 from ..config import EncoderSpec, select_layers
 from ..features import Features, read_features_file
+from .buckets import bucketize, parse_buckets
 from .data import Sample
 from .mixture import TaskMixture
-from .sources import SceneEdits, SceneReconstructions, SyntheticScenes, load_sources
+from .sources import SceneEdits, SceneReconstructions, Subset, SyntheticScenes, load_sources
 from .tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,24 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
-def make_data(args, seed: int):
-    """The task mixture and its sources."""
+def make_data(args, seed: int, stride: int | None = None, batch: int = 1):
+    """The task mixture and its sources. With --buckets (real data only): a bucketed mixture
+    (buckets.py) whose buckets' sides are multiples of `stride` (the model's patch x latent
+    downscale, in pixels) and hold at least `batch` images (smaller ones merged)."""
+    sides = None
+    if getattr(args, "buckets", None):
+        if args.data == "scenes":
+            raise ConfigError("--buckets applies to real data (an image folder, a manifest, tar shards); the "
+                              "synthetic scenes are square: leave --buckets out with --data scenes")
+        try:
+            sides = parse_buckets(args.buckets)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if stride is None:
+            raise ValueError("make_data: --buckets needs the model's pixel stride (patch x latent downscale)")
+        if getattr(args, "latent_cache", None):
+            raise ConfigError("--latent-cache with --buckets is not supported yet (the cache holds one latent size): "
+                              "leave one of them out")
     if args.data == "scenes":
         kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
         tasks = [t.strip() for t in getattr(args, "scene_tasks", "t2i").split(",") if t.strip()]
@@ -61,6 +79,8 @@ def make_data(args, seed: int):
         return TaskMixture(sources, ratios, seed), sources
     mix = parse_mix(args.mix)  # the flag checked before the data is read
     sources = {k: s for k, s in load_sources(args.data, args.resolution).items() if len(s)}
+    if getattr(args, "val_split", 0.0):
+        sources = _set_aside(sources, args.val_split)
     ratios = {k: v for k, v in mix.items() if k in sources}
     if not ratios:
         found = {k: len(s) for k, s in sources.items()}
@@ -70,7 +90,30 @@ def make_data(args, seed: int):
     dropped = sorted(set(mix) - set(sources))
     if dropped:
         log.warning("no samples for tasks %s: training on %s only", dropped, sorted(ratios))
+    if sides:
+        try:
+            return bucketize({k: sources[k] for k in ratios}, ratios, seed, sides, stride, batch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return TaskMixture({k: sources[k] for k in ratios}, ratios, seed), sources
+
+
+def _set_aside(sources: dict, fraction: float) -> dict:
+    """--val-split: each source without its held-out fraction (val_loss.split_indices); the
+    held-out part rides along as the training subset's `held_out`, for the validation loss."""
+    from .val_loss import split_indices
+
+    out = {}
+    for task, src in sources.items():
+        train, held = split_indices(len(src), fraction)
+        if not train or not held:
+            raise ConfigError(f"--val-split {fraction}: the {task} data ({len(src)} samples) leaves "
+                              f"{len(train)} to train on and {len(held)} held out; give more data or another fraction")
+        out[task] = Subset(src, train)
+        out[task].held_out = Subset(src, held)
+        log.info("--val-split %g: %s: %d samples held out for the validation loss, %d to train on", fraction, task,
+                 len(held), len(train))
+    return out
 
 
 def layers_flag(text: str, num_layers: int) -> tuple[int, ...]:
@@ -201,12 +244,70 @@ def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatu
     return PromptFeatures(spec, spec.layers, vlm=vlm, rewrite=args.rewrite, cache=cache), spec
 
 
-def make_validation(args, features: PromptFeatures):
+def make_validation(args, features: PromptFeatures, latents=None, config=None, sources: dict | None = None):
+    """What runs at each validation: for the synthetic scenes, the exact detector's scores of a
+    fixed set of train and held-out prompts (and a grid); for any data with a held-out set (the
+    scenes' held-out compositions, --val-data, --val-split), the validation loss (val_loss.py).
+    None when neither is on (the run still exports)."""
+    scores = _scene_scores(args, features)
+    loss = _validation_loss(args, features, latents, config, sources)
+    if scores is None and loss is None:
+        return None
+
+    def validate(model, step: int, out: Path) -> dict:
+        result = scores(model, step, out) if scores is not None else {}
+        if loss is not None:
+            result |= loss(model)
+        return result
+
+    return validate
+
+
+def _validation_loss(args, features, latents, config, sources):
+    from .val_loss import ValidationLoss, held_out_samples
+
+    n = getattr(args, "val_loss_samples", 0)
+    if n < 0 or getattr(args, "val_loss_timesteps", 8) < 1:
+        raise ConfigError(f"--val-loss-samples must be >= 0 (0: none) and --val-loss-timesteps >= 1, got {n} and "
+                          f"{args.val_loss_timesteps}")
+    if getattr(args, "val_data", None) and getattr(args, "val_split", 0.0):
+        raise ConfigError("give --val-data or --val-split, not both (the validation loss has one held-out set)")
+    if n == 0 or config is None:
+        return None
+    if args.data == "scenes":  # the held-out compositions, rendered at a seed of their own
+        kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
+        held = {"t2i": SyntheticScenes("heldout", args.resolution, seed=0, kinds=kinds)}
+    elif getattr(args, "val_data", None):
+        held = {k: s for k, s in load_sources(args.val_data, args.resolution).items() if len(s)}
+    else:
+        held = {k: s.held_out for k, s in (sources or {}).items() if hasattr(s, "held_out")}
+    if not held:
+        if args.data != "scenes" and not getattr(args, "val_data", None):
+            log.info("no held-out data (--val-data or --val-split): no validation loss")
+        return None
+    per_task = -(-n // len(held))
+    pools = [held_out_samples(held[t], per_task, log) for t in sorted(held)]
+    # the tasks in turn (a task with fewer held-out samples simply runs out)
+    samples = [s for group in itertools.zip_longest(*pools) for s in group if s is not None][:n]
+    if not samples:
+        raise ConfigError(f"the held-out data ({', '.join(sorted(held))}) has no usable samples for the "
+                          "validation loss")
+    space = config.latent
+
+    def pixel(samples, generators):
+        from .vae import to_latents
+
+        return to_latents(samples, space)
+
+    return ValidationLoss(samples, features, latents or pixel, timesteps=args.val_loss_timesteps)
+
+
+def _scene_scores(args, features: PromptFeatures):
     """For the synthetic scenes: score a fixed set of train and held-out prompts with the exact
-    detector and write a grid; other data: a grid of the first validation prompts only."""
+    detector and write a grid."""
     if args.val_prompts < 0:
         raise ConfigError(f"--val-prompts must be >= 0 (0: no validation), got {args.val_prompts}")
-    if args.data != "scenes" or args.val_prompts == 0:  # validation off: the run still exports
+    if args.data != "scenes" or args.val_prompts == 0:
         return None
     from .. import scenes as sc
 

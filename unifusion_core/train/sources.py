@@ -3,9 +3,11 @@
 
 `SyntheticScenes`, `ImageFolder` (image + same-stem .txt), `Manifest` (JSONL or Parquet rows of
 any task) and `TarShards` (WebDataset-style tars); `load_sources` picks one for a path. All share
-`preprocess`: RGB, shorter side to the resolution (bicubic), center crop, (3, R, R) in 0..1;
-reference images stay PIL RGB in `Sample.images`. What a sample of each task must hold is the
-task's rule (`Task.check`), applied by `_make_sample` for every source.
+`preprocess`: RGB, shorter side to the resolution (bicubic), center crop, (3, R, R) in 0..1, or
+with aspect-ratio buckets (buckets.py) the same cover-resize and center crop to a bucket's (H, W):
+the real-data sources take `get(index, size=(H, W))` and tell an image's size without decoding it
+(`image_size`); reference images stay PIL RGB in `Sample.images`. What a sample of each task
+must hold is the task's rule (`Task.check`), applied by `_make_sample` for every source.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import glob
 import io
 import json
 import logging
+import math
 import re
 import tarfile
 from dataclasses import dataclass
@@ -135,18 +138,55 @@ def _warn_truncated() -> None:
                  "load partly instead of raising BadSample")
 
 
-def open_image(data: bytes | str | Path, name: str, min_size: int = 0, draft: int | None = None) -> Image.Image:
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) from the header alone (no decoding); 1 when there is none.
+    Why not img.getexif(): for a PNG whose eXIf chunk follows the pixels it decodes the image."""
+    raw = img.info.get("exif")
+    if not isinstance(raw, bytes):
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        value = exif.get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: exif_transpose will meet it when decoding
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of a lazily opened image as `open_image` returns it (EXIF rotation applied)."""
+    w, h = img.size
+    return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)  # 5..8: transposed by exif_transpose
+
+
+def read_image_size(data: bytes | str | Path, name: str) -> tuple[int, int]:
+    """(width, height) of an image as displayed, from its header (PIL's lazy open: nothing decoded),
+    or `BadSample` naming `name`."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            return displayed_size(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSample(f"{name}: unreadable image header ({type(e).__name__}: {e})") from None
+
+
+def open_image(data: bytes | str | Path, name: str, min_size: int = 0,
+               draft: int | tuple[int, int] | None = None) -> Image.Image:
     """Decode a whole image to PIL RGB, or raise `BadSample` naming `name` and the reason.
 
     draft: for JPEG, let the decoder scale down by a power of two while the shorter side stays
-    >= draft pixels (much faster for large photos; the final resize is done by `preprocess`).
+    >= draft pixels (much faster for large photos; the final resize is done by `preprocess`); an
+    (H, W) bucket size: while the image still covers H x W after `preprocess`'s cover scaling.
     """
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         size = img.size
         if min(size) < min_size:
             raise BadSample(f"{name}: image is {size[0]}x{size[1]}, smaller than min_size={min_size} px")
-        if draft is not None and img.format == "JPEG":
+        if isinstance(draft, tuple) and img.format == "JPEG":
+            (H, W), (dw, dh) = draft, displayed_size(img)
+            s = max(W / dw, H / dh)  # preprocess's cover scale; the raw image scales by the same factor
+            img.draft("RGB", (math.ceil(size[0] * s), math.ceil(size[1] * s)))
+        elif draft is not None and img.format == "JPEG":
             img.draft("RGB", (draft, draft))
         img.load()  # decode everything now: a truncated file fails here, not in the training loop
         img = ImageOps.exif_transpose(img)
@@ -165,17 +205,20 @@ def open_image(data: bytes | str | Path, name: str, min_size: int = 0, draft: in
     return img.convert("RGB")
 
 
-def preprocess(img: Image.Image, resolution: int) -> Tensor:
-    """PIL image -> RGB, shorter side resized to `resolution` (bicubic), center crop: (3, R, R) in 0..1."""
+def preprocess(img: Image.Image, resolution: int | tuple[int, int]) -> Tensor:
+    """PIL image -> RGB, resized (bicubic) to just cover the target and center-cropped: (3, R, R)
+    in 0..1 for a resolution R (the shorter side to R), (3, H, W) for a bucket size (H, W) (the
+    least crop that fills it)."""
     img = img.convert("RGB")
+    H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(W / w, H / h)  # for a square: resolution / min(w, h), exactly
+    nw, nh = max(W, round(w * scale)), max(H, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return uint8_to_unit(np.array(img, dtype=np.uint8))  # (3, R, R); a copy: PIL's array is read-only
+    left, top = (nw - W) // 2, (nh - H) // 2
+    img = img.crop((left, top, left + W, top + H))
+    return uint8_to_unit(np.array(img, dtype=np.uint8))  # (3, H, W); a copy: PIL's array is read-only
 
 
 def _checked_prompt(task: Task, prompt: str | None, num_images: int, where: str) -> str:
@@ -186,7 +229,8 @@ def _checked_prompt(task: Task, prompt: str | None, num_images: int, where: str)
         raise BadSample(f"{where}: {e}") from None
 
 
-def _make_sample(id: str, task: Task, prompt: str, target: Image.Image, images: list, resolution: int) -> Sample:
+def _make_sample(id: str, task: Task, prompt: str, target: Image.Image, images: list,
+                 resolution: int | tuple[int, int]) -> Sample:
     """A checked sample of any task (its prompt from `_checked_prompt`)."""
     return Sample(id=id, task=task.name, prompt=prompt, target=preprocess(target, resolution), images=images,
                   cond_id=task.cond_id(id, prompt))
@@ -225,7 +269,12 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.files)
 
-    def get(self, index: int) -> Sample:
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of image `index` as displayed, from its header alone (for buckets)."""
+        return read_image_size(self.files[index], str(self.files[index]))
+
+    def get(self, index: int, size: tuple[int, int] | None = None) -> Sample:
+        """Sample `index`, its target at the square resolution, or at a bucket's (H, W) size."""
         path = self.files[index]
         cap = path.with_suffix(".txt")
         try:
@@ -236,8 +285,9 @@ class ImageFolder:
             raise BadSample(f"{cap}: unreadable caption ({e})") from None
         t2i = TASKS["t2i"]
         prompt = _checked_prompt(t2i, text, 0, str(cap))
-        img = open_image(path, str(path), self.min_size, draft=self.resolution)
-        return _make_sample(self.ids[index], t2i, prompt, img, [], self.resolution)
+        # with a bucket size: its assignment already refused images needing more than 2x upscaling
+        img = open_image(path, str(path), self.min_size if size is None else 0, draft=size or self.resolution)
+        return _make_sample(self.ids[index], t2i, prompt, img, [], size or self.resolution)
 
 
 class Subset:
@@ -249,8 +299,13 @@ class Subset:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def get(self, index: int) -> Sample:
-        return self.source.get(self.indices[index])
+    def get(self, index: int, size: tuple[int, int] | None = None) -> Sample:
+        if size is None:  # a source without bucket sizes keeps working
+            return self.source.get(self.indices[index])
+        return self.source.get(self.indices[index], size=size)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.source.image_size(self.indices[index])
 
 
 @dataclass
@@ -258,6 +313,7 @@ class _Row:
     where: str  # "manifest.jsonl line 7", for messages
     data: dict | None = None
     error: str = ""  # why the row cannot be used (parse error, unknown task)
+    size: tuple | None = None  # a Parquet row's width and height columns (kept out of its id)
     task: str = ""
     id: str = ""
 
@@ -281,7 +337,8 @@ class Manifest:
         self.min_size = _check_resolution(resolution, min_size)
         self.base = self.path.parent
         if self.path.suffix.lower() == ".parquet":
-            rows = [_Row(f"{self.path.name} row {i}", data=d) for i, d in enumerate(self._read_parquet())]
+            rows = [_Row(f"{self.path.name} row {i}", data=d, size=(d.pop("width", None), d.pop("height", None)))
+                    for i, d in enumerate(self._read_parquet())]
         else:
             rows = self._read_jsonl()
         ids: dict[str, _Row] = {}
@@ -308,7 +365,8 @@ class Manifest:
             raise ImportError(f"reading {self.path} needs pyarrow: pip install pyarrow "
                               f"(or the project's 'train' extra: pip install -c constraints.txt '.[train]')") from None
         schema = pq.read_schema(self.path)
-        cols = [c for c in ("id", "task", "image", "prompt", "caption", "sources") if c in schema.names]
+        cols = [c for c in ("id", "task", "image", "prompt", "caption", "sources", "width", "height")
+                if c in schema.names]
         return pq.read_table(self.path, columns=cols).to_pylist()
 
     def _read_jsonl(self) -> list[_Row]:
@@ -370,7 +428,24 @@ class Manifest:
             raise BadSample(f"{row.where}: {what} file {value!r} not found (looked at {path})")
         return path
 
-    def get(self, index: int) -> Sample:
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of row `index`'s target image: the row's own integer "width" and
+        "height" when it has them (no file opened: what a large dataset's manifest should carry;
+        as displayed, after EXIF rotation), else from the image's header (nothing decoded)."""
+        row = self.rows[index]
+        if row.error:
+            raise BadSample(row.error)
+        d = row.data
+        w, h = row.size or (d.get("width"), d.get("height"))
+        if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and w > 0 and h > 0:
+            return w, h
+        if "image" not in d:
+            raise BadSample(f"{row.where}: no 'image' (the target image path)")
+        path = self._resolve(d["image"], row, "image")
+        return read_image_size(path, f"{row.where} ({path})")
+
+    def get(self, index: int, size: tuple[int, int] | None = None) -> Sample:
+        """Sample `index`, its target at the square resolution, or at a bucket's (H, W) size."""
         row = self.rows[index]
         if row.error:
             raise BadSample(row.error)
@@ -388,9 +463,10 @@ class Manifest:
         if not isinstance(sources, list):
             raise BadSample(f"{row.where}: 'sources' must be a list of paths, got {sources!r}")
         prompt = _checked_prompt(task, prompt, len(sources), f"{row.where} ({image.name})")
-        target = open_image(image, f"{row.where} ({image})", self.min_size, draft=self.resolution)
+        target = open_image(image, f"{row.where} ({image})", self.min_size if size is None else 0,
+                            draft=size or self.resolution)
         images = [open_image(self._resolve(s, row, "source"), f"{row.where} ({s})") for s in sources]
-        return _make_sample(row.id, task, prompt, target, images, self.resolution)
+        return _make_sample(row.id, task, prompt, target, images, size or self.resolution)
 
 
 def expand_shards(pattern: str | Path | list) -> list[Path]:
@@ -488,7 +564,15 @@ class TarShards:
             raise BadSample(f"{self.shards[si]}: member truncated ({len(data)} of {m.size} bytes)")
         return data
 
-    def get(self, index: int) -> Sample:
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of sample `index`'s target image, from its header (the member is read,
+        not decoded)."""
+        si, key, members = self.samples[index]
+        ext = next(e for e in _TAR_IMAGE_EXTS if e in members)
+        return read_image_size(self._read(si, members[ext]), f"{self.shards[si].name}:{key}.{ext}")
+
+    def get(self, index: int, size: tuple[int, int] | None = None) -> Sample:
+        """Sample `index`, its target at the square resolution, or at a bucket's (H, W) size."""
         si, key, members = self.samples[index]
         shard = self.shards[si]
         name = f"{shard.name}:{key}"
@@ -522,8 +606,9 @@ class TarShards:
             if s not in members:
                 raise BadSample(f"{name}: source member {key}.{s} not found in {shard.name}")
             images.append(open_image(self._read(si, members[s]), f"{name}.{s}"))
-        target = open_image(self._read(si, members[ext]), f"{name}.{ext}", self.min_size, draft=self.resolution)
-        return _make_sample(f"{shard.stem}/{key}", task, prompt, target, images, self.resolution)
+        target = open_image(self._read(si, members[ext]), f"{name}.{ext}", self.min_size if size is None else 0,
+                            draft=size or self.resolution)
+        return _make_sample(f"{shard.stem}/{key}", task, prompt, target, images, size or self.resolution)
 
 
 _TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

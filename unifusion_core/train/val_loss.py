@@ -1,0 +1,97 @@
+"""Validation loss: the flow loss of a fixed held-out set at fixed timesteps and fixed noise.
+
+Comparable across runs, resumes and process counts: the samples are the held-out set's first n
+(in its own order), each is scored at the same `timesteps` times (midpoints of `timesteps` equal
+bins of [0, 1], no timestep shift: the same times whatever a run's shift), with noise drawn from a
+generator seeded by (VAL_SALT, sample, timestep) only, not by the run's seed; the conditioning is
+never dropped. What gets scored is the model it is given (the trainer passes its EMA copy, the
+weights it exports). A run whose loss on its training data keeps falling while this one rises is
+overfitting: that is what this number is for.
+
+The held-out set: the synthetic scenes' held-out compositions (--data scenes), a separate dataset
+(--val-data, any form --data takes), or a fraction of the training data set aside (--val-split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..conditioning import Conditioning
+from ..flow import flow_loss, interpolate
+from .data import BadSample, Sample
+
+VAL_SALT = 0x5EED_0F_7A11  # fixed: the noise of a validation sample never depends on the run's seed
+
+
+def split_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of a source of n samples: index i is held out when a hash
+    of (VAL_SALT, i) falls below `fraction`. The same split for every run and seed; it follows the
+    source's order (an image folder's sorted file names), so adding files may move a few samples."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-split must be a fraction in (0, 1), got {fraction}")
+    u = np.random.default_rng(VAL_SALT).random(n)  # one fixed draw per index
+    held = u < fraction
+    return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
+
+
+NOISE, POSTERIOR = 0, 1
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A generator of (VAL_SALT, purpose, sample[, time]) only."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([VAL_SALT, *key]).generate_state(1, np.uint64)[0]))
+
+
+class ValidationLoss:
+    """`__call__(model) -> {"val_loss": mean, "val_loss_by_t": [mean at each fixed time]}`.
+
+    samples: the held-out samples (drawn once; a bad one is left out with its reason logged by the
+    caller). features / latents: the trainer's own functions (the same VLM features and latent
+    space as training). batch: samples a forward (x timesteps rows)."""
+
+    def __init__(self, samples: list[Sample], features: Callable, latents: Callable, timesteps: int = 8,
+                 batch: int = 8):
+        if not samples:
+            raise ValueError("validation loss: the held-out set has no usable samples")
+        if timesteps < 1 or batch < 1:
+            raise ValueError(f"validation loss: timesteps and batch must be >= 1, got {timesteps}, {batch}")
+        self.samples, self.features, self.latents = samples, features, latents
+        self.times = (torch.arange(timesteps, dtype=torch.float32) + 0.5) / timesteps
+        self.batch = batch
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        device = next(model.parameters()).device
+        T = len(self.times)
+        total = torch.zeros(T, dtype=torch.float64)
+        for start in range(0, len(self.samples), self.batch):
+            chunk = self.samples[start:start + self.batch]
+            idx = range(start, start + len(chunk))
+            x0 = self.latents(chunk, [_generator(POSTERIOR, i) for i in idx]).to(device)
+            cond = model.encode(self.features(chunk), device=device)
+            B = len(chunk)
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=_generator(NOISE, i, j))
+                                 for i in idx for j in range(T)])
+            t = self.times.repeat(B).to(device)  # rows: sample-major, then time
+            x = x0.repeat_interleave(T, 0)
+            tokens, mask = cond.tokens.repeat_interleave(T, 0), cond.mask.repeat_interleave(T, 0)
+            v = model(interpolate(x, noise.to(device), t), t, Conditioning(tokens, mask))
+            total += flow_loss(v, x, noise.to(device)).double().cpu().view(B, T).sum(0)
+        by_t = total / len(self.samples)
+        return {"val_loss": round(float(by_t.mean()), 6), "val_loss_by_t": [round(float(x), 6) for x in by_t]}
+
+
+def held_out_samples(source, n: int, log) -> list[Sample]:
+    """The first n usable samples of a held-out source, in its order (bad ones skipped and logged)."""
+    out = []
+    for i in range(len(source)):
+        if len(out) == n:
+            break
+        try:
+            out.append(source.get(i))
+        except BadSample as e:
+            log.warning("validation loss: skipped a bad held-out sample: %s", e)
+    return out
