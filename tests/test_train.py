@@ -429,16 +429,22 @@ def test_a_tiny_model_learns_to_draw_scenes(tmp_path):
     assert sum(s["all"] for s in scores) >= 4, scores
 
 
-def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
+def save_tiny_vae(path: Path) -> Path:
+    """A tiny random diffusers AutoencoderKL folder (2x downscale, 4 channels), seeded."""
     diffusers = pytest.importorskip("diffusers",
                                     reason="diffusers is not installed: pip install -r requirements-train.txt")
-    from unifusion_core.train.vae import LatentCache, load_vae, to_latents
-
     torch.manual_seed(0)
     diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16,
-    ).save_pretrained(tmp_path / "vae")
+    ).save_pretrained(path)
+    return path
+
+
+def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
+    from unifusion_core.train.vae import LatentCache, load_vae, to_latents
+
+    save_tiny_vae(tmp_path / "vae")
     space = uf.LatentSpace("tiny-vae", channels=4, downscale=2)
     vae = load_vae(tmp_path / "vae", space)
     cache = LatentCache(tmp_path / "latents", vae.identity, space, 16)

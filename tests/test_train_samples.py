@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import randomize
 from PIL import Image
-from test_train import ENC, feature_table, tiny_config, write_features
+from test_train import ENC, feature_table, save_tiny_vae, tiny_config, write_features
 
 import unifusion_core as uf
 from unifusion_core import scenes
@@ -208,17 +208,11 @@ def test_every_number_of_a_record_becomes_a_tag():
 
 
 def test_samples_in_a_vae_latent_space_are_decoded_by_its_vae(tmp_path):
-    diffusers = pytest.importorskip("diffusers",
-                                    reason="diffusers is not installed: pip install -r requirements-train.txt")
     from unifusion_core.pixels import signed_to_uint8
     from unifusion_core.train.samples import vae_decoder
     from unifusion_core.train.vae import load_vae
 
-    torch.manual_seed(0)
-    diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16,
-    ).save_pretrained(tmp_path / "vae")
+    save_tiny_vae(tmp_path / "vae")
     space = uf.LatentSpace("tiny-vae", channels=4, downscale=2, scale=0.5, shift=0.1)
     vae = load_vae(tmp_path / "vae", space)
     model = randomize(uf.UniFusionModel(tiny_config().replace(latent=space))).eval()

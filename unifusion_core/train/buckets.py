@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import BadSample, Sample, Source
-from .mixture import TaskMixture, _name_seed, _splitmix64
+from .mixture import TaskMixture, _name_seed, _splitmix64, seed_and_ratio_differences
 
 log = logging.getLogger(__name__)
 
@@ -300,12 +300,7 @@ class BucketMixture:
 
     def differences(self, state: dict) -> list[str]:
         """How a saved state's mixture differs from this one (seed, ratios, buckets); [] when none."""
-        diffs = []
-        if state["seed"] != self.seed:
-            diffs.append(f"seed {state['seed']} -> {self.seed}")
-        if set(state["ratios"]) != set(self.ratios) or any(
-                not math.isclose(state["ratios"][t], self.ratios[t], rel_tol=1e-9) for t in self.ratios):
-            diffs.append(f"ratios {state['ratios']} -> {self.ratios}")
+        diffs = seed_and_ratio_differences(state, self.seed, self.ratios)
         if "buckets" not in state:
             diffs.append("no aspect-ratio buckets -> --buckets")
         elif state["buckets"] != self.histogram():

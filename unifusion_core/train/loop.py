@@ -636,16 +636,22 @@ class Trainer:
         """Whether a periodic step runs now: every `every` steps and at the last (every = 0: the last only)."""
         return (every > 0 and self.step % every == 0) or self.step == self.cfg.steps
 
-    def _validate(self, metrics, train_seconds: float) -> dict:
-        model = self.ema_model()  # every rank gathers; rank 0 validates while the others wait
+    def _on_main(self, what: str, fn: Callable[[UniFusionModel, int, Path], dict]) -> dict:
+        """fn(EMA model, step, run folder) on rank 0 while the others wait (every rank gathers the
+        EMA weights); a failure stops every rank alike, none is left waiting."""
+        model = self.ema_model()
         result, failed = {}, None
         if self.dist.main:
             try:
-                result = self.validate(model, self.step, self.out)
+                result = fn(model, self.step, self.out)
             except Exception as e:
                 failed = e
-        if self.dist.sum_(torch.tensor([float(failed is not None)])).item():  # every rank stops, none waits
-            raise RuntimeError(f"validation at step {self.step} failed on rank 0") from failed
+        if self.dist.sum_(torch.tensor([float(failed is not None)])).item():
+            raise RuntimeError(f"{what} at step {self.step} failed on rank 0") from failed
+        return result
+
+    def _validate(self, metrics, train_seconds: float) -> dict:
+        result = self._on_main("validation", self.validate)
         record = {"step": self.step, "train_seconds": round(train_seconds, 1), "validation": result}
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
@@ -654,15 +660,7 @@ class Trainer:
 
     def _sample(self, metrics) -> None:
         """The samples grid of the EMA weights (samples.py): every rank gathers, rank 0 samples."""
-        model = self.ema_model()
-        result, failed = {}, None
-        if self.dist.main:
-            try:
-                result = self.samples(model, self.step, self.out)
-            except Exception as e:
-                failed = e
-        if self.dist.sum_(torch.tensor([float(failed is not None)])).item():  # every rank stops, none waits
-            raise RuntimeError(f"sampling at step {self.step} failed on rank 0") from failed
+        result = self._on_main("sampling", self.samples)
         metrics.write(json.dumps({"step": self.step, "samples": result}) + "\n")
         metrics.flush()
 

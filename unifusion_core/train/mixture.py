@@ -26,6 +26,17 @@ def _name_seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
+def seed_and_ratio_differences(state: dict, seed: int, ratios: dict[str, float]) -> list[str]:
+    """How a saved mixture state's seed and task ratios differ from these; [] when they do not."""
+    diffs = []
+    if state["seed"] != seed:
+        diffs.append(f"seed {state['seed']} -> {seed}")
+    if set(state["ratios"]) != set(ratios) or any(
+            not math.isclose(state["ratios"][t], ratios[t], rel_tol=1e-9) for t in ratios):
+        diffs.append(f"ratios {state['ratios']} -> {ratios}")
+    return diffs
+
+
 class TaskMixture:
     """Draws (task, index) pairs with the given task ratios, resumable to the exact same sequence.
 
@@ -111,12 +122,7 @@ class TaskMixture:
 
     def differences(self, state: dict) -> list[str]:
         """How a saved state's mixture differs from this one (seed, ratios, source lengths); [] when none."""
-        diffs = []
-        if state["seed"] != self.seed:
-            diffs.append(f"seed {state['seed']} -> {self.seed}")
-        if set(state["ratios"]) != set(self.ratios) or any(
-                not math.isclose(state["ratios"][t], self.ratios[t], rel_tol=1e-9) for t in self.ratios):
-            diffs.append(f"ratios {state['ratios']} -> {self.ratios}")
+        diffs = seed_and_ratio_differences(state, self.seed, self.ratios)
         if state.get("buckets") is not None:
             diffs.append("aspect-ratio buckets -> none (no --buckets)")
         changed = self._changed_lengths(state)
