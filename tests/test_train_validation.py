@@ -172,3 +172,23 @@ def test_val_split_holds_out_samples_the_mixture_never_draws(tmp_path):
     assert held and len(sources["t2i"]) + len(held) == 20
     drawn = {sources["t2i"].indices[i] for _, i in mixture.draw(200)}
     assert drawn and not drawn & held
+
+
+def test_val_split_with_buckets_scores_held_out_images_at_their_bucket_sizes(tmp_path):
+    """--buckets with --val-split and --grad-accumulation: images of several shapes, smaller than
+    --resolution, are held out in the buckets training uses (one size a forward) and scored."""
+    root = tmp_path / "data"
+    root.mkdir()
+    colors, shapes = ["red", "blue", "green", "white"], [(32, 16), (16, 32), (24, 24), (40, 20)]
+    for i in range(24):
+        Image.new("RGB", shapes[i % 4], colors[i % 4]).save(root / f"i{i:02d}.png")
+        (root / f"i{i:02d}.txt").write_text(f"a {colors[i % 4]} square in the center")
+    prompts = [f"a {c} square in the center" for c in colors]
+    features = write_features(tmp_path / "f.safetensors", feature_table(prompts))
+    run_cli(tmp_path / "run", features, "--data", str(root), "--buckets", "16", "--prompts-per-step", "2",
+            "--grad-accumulation", "2", "--steps", "2", "--val-split", "0.25", "--validate-every", "2",
+            "--val-loss-samples", "6", "--val-loss-timesteps", "2", "--log-every", "1")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {tuple(r["bucket"]) for r in rows if "bucket" in r} <= {(24, 10), (16, 16), (12, 20)}
+    val = [r["validation"] for r in rows if "validation" in r][-1]
+    assert val["val_loss"] > 0 and len(val["val_loss_by_t"]) == 2

@@ -387,8 +387,12 @@ def bucketize(sources: dict[str, Source], ratios: dict[str, float], seed: int, s
             groups.setdefault(table[i], {})[t] = where
             hw[where] = (table[i].height, table[i].width)
         wrapped[t] = Bucketed(sources[t], hw)
-        if hasattr(sources[t], "held_out"):  # --val-split's held-out samples (validated square)
-            wrapped[t].held_out = sources[t].held_out
+        if hasattr(sources[t], "held_out"):  # --val-split's held-out samples, in the buckets training uses
+            held = sources[t].held_out
+            sizes, _ = scan_sizes(held, f"{t} (held out)")
+            a = [moves.get(int(i), int(i)) for i in assign(sizes, table)]
+            wrapped[t].held_out = Bucketed(held, np.array([(table[i].height, table[i].width) if i >= 0 else (0, 0)
+                                                            for i in a], dtype=np.int32).reshape(-1, 2))
     mixture = BucketMixture(wrapped, {t: ratios[t] for t in tasks}, seed, groups)
     hist = mixture.histogram()
     log.info("--buckets %s (stride %d px): %d of %d buckets used; images per bucket: %s", ",".join(map(str, sides)),

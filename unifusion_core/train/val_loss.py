@@ -67,9 +67,13 @@ class ValidationLoss:
         device = next(model.parameters()).device
         T = len(self.times)
         total = torch.zeros(T, dtype=torch.float64)
-        for start in range(0, len(self.samples), self.batch):
-            chunk = self.samples[start:start + self.batch]
-            idx = range(start, start + len(chunk))
+        # samples of one image size a forward (aspect-ratio buckets give several sizes)
+        by_size: dict[tuple, list[int]] = {}
+        for i, s in enumerate(self.samples):
+            by_size.setdefault(tuple((s.target if s.target is not None else s.latent).shape), []).append(i)
+        chunks = [ids[k:k + self.batch] for ids in by_size.values() for k in range(0, len(ids), self.batch)]
+        for idx in chunks:
+            chunk = [self.samples[i] for i in idx]
             x0 = self.latents(chunk, [_generator(POSTERIOR, i) for i in idx]).to(device)
             cond = model.encode(self.features(chunk), device=device)
             B = len(chunk)
