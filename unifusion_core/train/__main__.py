@@ -283,7 +283,8 @@ def _train(args, argv, d, device) -> dict:
             return {"step": trainer.step, "export": str(path)}
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    trainer.samples = make_samples(args, encoder, config)  # every rank: a prompt without features fails here
+    # every rank: a prompt without features fails here; a latent space's samples decode with the run's VAE
+    trainer.samples = make_samples(args, encoder, config, vae=getattr(latents, "vae", None))
     if args.tensorboard and d.main:
         # resumed at step s: what the run before wrote after s goes (its step-s records precede the save)
         trainer.board = Board(out / "tensorboard", purge_step=trainer.step + 1 if trainer.step else None)

@@ -571,16 +571,17 @@ class Trainer:
                     bins[0].zero_(), bins[1].zero_()
                     self.describe["train_seconds"] = train_seconds
                 # validation before the last step; the last one's comes after the export
-                if self.validate is not None and self.step < cfg.steps and cfg.validate_every > 0 \
-                        and self.step % cfg.validate_every == 0:
+                validate = self.validate is not None and self._periodic(cfg.validate_every)
+                sample = self.samples is not None and self._periodic(self.samples.every)
+                if validate or sample:
                     t0 = time.perf_counter()
-                    last_val = self._validate(metrics, train_seconds)
-                    t_log += time.perf_counter() - t0  # validation time is not training time
-                if self.samples is not None and self.step < cfg.steps and self.samples.every > 0 \
-                        and self.step % self.samples.every == 0:
-                    t0 = time.perf_counter()
-                    self._sample(metrics)
-                    t_log += time.perf_counter() - t0  # nor is sampling
+                    model = self.ema_model()  # gathered once for both
+                    if validate:
+                        last_val = self._validate(metrics, train_seconds, model)
+                    if sample:
+                        self._sample(metrics, model)
+                    del model
+                    t_log += time.perf_counter() - t0  # validation and sampling time is not training time
                 # rank 0's clock decides for all: ranks that disagreed would wait for each other's save
                 timed_out = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
                 if cfg.time_limit > 0:
@@ -600,10 +601,12 @@ class Trainer:
             getattr(self.features, "close", lambda: None)()
         # the export first: a validation that fails must not lose the run's result
         export = self.export(self.out / "model.safetensors")
-        if self.validate is not None:
-            last_val = self._validate(metrics, train_seconds)
-        if self.samples is not None:
-            self._sample(metrics)
+        if self.validate is not None or self.samples is not None:
+            model = self.ema_model()  # gathered once for both
+            if self.validate is not None:
+                last_val = self._validate(metrics, train_seconds, model)
+            if self.samples is not None:
+                self._sample(metrics, model)
         metrics.close()
         return {"step": self.step, "steps": cfg.steps, "bad_samples": self.bad, "nonfinite_steps": self.nonfinite,
                 "export": str(export),
@@ -636,10 +639,14 @@ class Trainer:
         """Whether a periodic step runs now: every `every` steps and at the last (every = 0: the last only)."""
         return (every > 0 and self.step % every == 0) or self.step == self.cfg.steps
 
-    def _on_main(self, what: str, fn: Callable[[UniFusionModel, int, Path], dict]) -> dict:
-        """fn(EMA model, step, run folder) on rank 0 while the others wait (every rank gathers the
-        EMA weights); a failure stops every rank alike, none is left waiting."""
-        model = self.ema_model()
+    def _periodic(self, every: int) -> bool:
+        """Whether a periodic validation or sampling runs after this step (the last step's come after the export)."""
+        return self.step < self.cfg.steps and every > 0 and self.step % every == 0
+
+    def _on_main(self, what: str, fn: Callable[[UniFusionModel, int, Path], dict],
+                 model: UniFusionModel | None) -> dict:
+        """fn(EMA model, step, run folder) on rank 0 while the others wait (`model`: ema_model()'s
+        copy, None on the other ranks); a failure stops every rank alike, none is left waiting."""
         result, failed = {}, None
         if self.dist.main:
             try:
@@ -650,17 +657,17 @@ class Trainer:
             raise RuntimeError(f"{what} at step {self.step} failed on rank 0") from failed
         return result
 
-    def _validate(self, metrics, train_seconds: float) -> dict:
-        result = self._on_main("validation", self.validate)
+    def _validate(self, metrics, train_seconds: float, model: UniFusionModel | None) -> dict:
+        result = self._on_main("validation", self.validate, model)
         record = {"step": self.step, "train_seconds": round(train_seconds, 1), "validation": result}
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         log.info("validation at step %d: %s", self.step, json.dumps(result))
         return result
 
-    def _sample(self, metrics) -> None:
-        """The samples grid of the EMA weights (samples.py): every rank gathers, rank 0 samples."""
-        result = self._on_main("sampling", self.samples)
+    def _sample(self, metrics, model: UniFusionModel | None) -> None:
+        """The samples grid of the EMA weights (samples.py): rank 0 samples."""
+        result = self._on_main("sampling", self.samples, model)
         metrics.write(json.dumps({"step": self.step, "samples": result}) + "\n")
         metrics.flush()
 

@@ -137,6 +137,7 @@ class Samples:
         if every < 0:
             raise ValueError(f"--sample-every must be >= 0 steps (0: at the end only), got {every}")
         self.prompts, self.features, self.every, self.decode = prompts, features, every, decode or to_rgb
+        self._features: list | None = None
         from .sources import open_image
 
         try:
@@ -145,14 +146,19 @@ class Samples:
             raise ValueError(f"--sample-prompts: {e}") from None
 
     def conditioning(self) -> list:
-        """Every prompt's encoder features (a prompt without them fails here, not hours into a run)."""
+        """Every prompt's encoder features (a prompt without them fails here, not hours into a run),
+        encoded once and kept: prompts with reference images are not kept by the trainer's feature
+        function (a training sample with images is its own conditioning), and these recur every grid."""
+        if self._features is not None:
+            return self._features
         samples = []
         for i, (sp, refs) in enumerate(zip(self.prompts, self.references)):
             task = TASKS[sp.task]
             id = f"sample-prompt-{i}"
             samples.append(Sample(id=id, task=sp.task, prompt=sp.prompt, images=list(refs),
                                   cond_id=task.cond_id(id, sp.prompt)))
-        return self.features(samples)
+        self._features = self.features(samples)
+        return self._features
 
     @torch.no_grad()
     def images(self, model: UniFusionModel) -> list[np.ndarray]:
@@ -179,8 +185,9 @@ class Samples:
         return {"grid": str(path.relative_to(out)), "prompts": len(images), "seconds": seconds}
 
 
-def make_samples(args, features: Callable, config) -> Samples | None:
-    """--sample-prompts FILE [--sample-every N] -> the run's sampler (None without a file)."""
+def make_samples(args, features: Callable, config, vae=None) -> Samples | None:
+    """--sample-prompts FILE [--sample-every N] -> the run's sampler (None without a file). vae: the
+    run's VAE (train/vae.py) for a latent space, loaded here only when not given."""
     every = getattr(args, "sample_every", 0) or 0
     if not getattr(args, "sample_prompts", None):
         if every:
@@ -190,9 +197,9 @@ def make_samples(args, features: Callable, config) -> Samples | None:
     if config.latent.name != "pixel":
         from .vae import load_vae
 
-        if not args.vae:
+        if vae is None and not args.vae:
             raise ValueError(f"--sample-prompts with --latent {config.latent.name} needs --vae to decode the samples")
-        decode = vae_decoder(load_vae(args.vae, config.latent))
+        decode = vae_decoder(vae or load_vae(args.vae, config.latent))
     samples = Samples(read_sample_prompts(args.sample_prompts), features, every, decode)
     samples.conditioning()  # every prompt encodable now: a clear error before training starts
     return samples

@@ -345,4 +345,8 @@ def make_latents(args, space):
         raise ConfigError(f"--latent {space.name} needs --vae (a diffusers AutoencoderKL folder for that latent space)")
     vae = load_vae(args.vae, space)
     cache = LatentCache(args.latent_cache, vae.identity, space, args.resolution) if args.latent_cache else None
-    return lambda samples, generators: to_latents(samples, space, vae, cache, generators)
+    def latents(samples, generators):
+        return to_latents(samples, space, vae, cache, generators)
+
+    latents.vae = vae  # the samples grid decodes with the same VAE
+    return latents

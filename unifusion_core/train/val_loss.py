@@ -78,12 +78,12 @@ class ValidationLoss:
             cond = model.encode(self.features(chunk), device=device)
             B = len(chunk)
             noise = torch.stack([torch.randn(x0.shape[1:], generator=_generator(NOISE, i, j))
-                                 for i in idx for j in range(T)])
+                                 for i in idx for j in range(T)]).to(device)
             t = self.times.repeat(B).to(device)  # rows: sample-major, then time
             x = x0.repeat_interleave(T, 0)
             tokens, mask = cond.tokens.repeat_interleave(T, 0), cond.mask.repeat_interleave(T, 0)
-            v = model(interpolate(x, noise.to(device), t), t, Conditioning(tokens, mask))
-            total += flow_loss(v, x, noise.to(device)).double().cpu().view(B, T).sum(0)
+            v = model(interpolate(x, noise, t), t, Conditioning(tokens, mask))
+            total += flow_loss(v, x, noise).double().cpu().view(B, T).sum(0)
         by_t = total / len(self.samples)
         return {"val_loss": round(float(by_t.mean()), 6), "val_loss_by_t": [round(float(x), 6) for x in by_t]}
 
