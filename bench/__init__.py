@@ -32,4 +32,10 @@ the same run). Not part of the ComfyUI pack (.comfyignore leaves this folder out
     python -m bench node-overhead [--preset small] [--size 256] [--steps 4] [--device cpu] [--comfyui ROOT]
         LAP Encode + Sample (the nodes, plainly or inside ComfyUI's modules) vs generate() on the same
         model, features and seed: time ratio, latents compared (node_overhead.py)
+    python -m bench dit-ops [--preset small] [--size 256] [--dtypes float32 bfloat16] [--profile]
+        The DiT's guided step with the previous eager ops vs the fused ones vs compiled blocks: time
+        ratios, first-call (compile) cost, recompiles on a second call, differences (dit_ops.py)
+    python -m bench rope-precision [--limit 24] [--seeds 2]
+        The embedded model's held-out prompts sampled in fp32, in bf16 (fp32 RoPE) and in bf16 with
+        RoPE in bf16: pixel differences and the exact detector's verdicts (rope_precision.py)
 """

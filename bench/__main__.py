@@ -19,6 +19,8 @@ BENCHMARKS = {
     "gpu-train": ("gpu_train", "main"),
     "scene-vlm": ("scene_vlm", "main"),
     "node-overhead": ("node_overhead", "main"),
+    "dit-ops": ("dit_ops", "main"),
+    "rope-precision": ("rope_precision", "main"),
 }
 
 

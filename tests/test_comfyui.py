@@ -25,6 +25,7 @@ from comfyui_harness import (
     RUN_TIMEOUT,
     SCENES_TIMEOUT,
     SIZE,
+    TINY_LORA,
     WF,
     Events,
     Server,
@@ -600,6 +601,35 @@ def test_lora_workflow_draws_the_new_colour_only_with_the_shipped_lora(server, o
           f"without it {[(d.color, d.shape) for d in without]}")
     assert score(scene, with_lora)["all"], (text, with_lora)
     assert lora_demo.NEW_COLOR[0] not in [d.color for d in without], (text, without)
+
+
+def test_compiled_sampling_in_comfyui_draws_the_eager_image_and_compiles_once(server):
+    """Sample's compile switch in the real ComfyUI (inductor, C++ kernels on this CPU): the eager image
+    to a level; the first run says it compiled, the second (another seed) that it compiled nothing;
+    a LoRA patched in by ComfyUI's ModelPatcher reaches the compiled blocks (the LoRA's eager image);
+    switched off again, the eager image exactly."""
+
+    def run(seed=11, compile=False, lora=None):
+        prompt = tiny_prompt(T2I, seed=seed, compile=compile)
+        if lora:
+            with_loras(prompt, (lora, 1.0))
+        entry = server.run(prompt)
+        assert_success(server, entry)
+        (im,) = saved_images(server, entry)
+        return np.asarray(im.convert("RGB")).astype(int), entry["outputs"].get(node_id(prompt, S), {}).get("text", [])
+
+    eager, _ = run()
+    compiled, first = run(compile=True)
+    assert np.abs(compiled - eager).max() <= 1
+    assert any(n.startswith("compile: ") and n.endswith("graph(s) compiled this run") for n in first), first
+    other_seed, second = run(seed=12, compile=True)
+    assert "compile: reused the graphs compiled before (nothing compiled)" in second, second
+    assert np.abs(other_seed - eager).max() > 5  # it did run: another seed, another image
+    lora_eager, _ = run(lora=TINY_LORA)
+    lora_compiled, _ = run(compile=True, lora=TINY_LORA)
+    assert np.abs(lora_eager - eager).max() > 5 and np.abs(lora_compiled - lora_eager).max() <= 1
+    again, _ = run(seed=11)
+    assert np.array_equal(again, eager)
 
 
 # --- the pack's scene VLM --------------------------------------------------------------------------

@@ -84,12 +84,22 @@ def test_refiner_padding_changes_nothing(tiny):
         assert_close(tiny.refiner(padded, mask)[:, :4], tiny.refiner(x), atol=1e-5, rtol=1e-5)
 
 
-def test_rope_matches_complex_rotation():
-    x = torch.randn(1, 2, 6, 16)
-    pos = torch.randint(0, 50, (1, 6, 3)).float()
-    out = apply_rope(x, rope_angles(pos, [4, 6, 6], 10_000.0))
-    for h in range(2):
-        assert_close(out[0, h], ref.rotate(x[0, h], pos[0], [4, 6, 6], 10_000.0), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_complex_rotation(dtype):
+    x = torch.randn(2, 6, 3, 16)  # (B, S, heads, Dh)
+    pos = torch.randint(0, 500, (2, 6, 3)).float()
+    out = apply_rope(x.to(dtype), rope_angles(pos, [4, 6, 6], 10_000.0))
+    assert out.dtype == dtype
+    for b in range(2):
+        for h in range(3):
+            want = ref.rotate(x.to(dtype)[b, :, h].float(), pos[b], [4, 6, 6], 10_000.0)
+            # fp32 math, one rounding at the end: within half a bf16 step of the exact rotation
+            tol = 1e-5 if dtype == torch.float32 else 2**-8
+            assert_close(out[b, :, h].float(), want, atol=tol, rtol=tol)
+    # any number of middle axes ((B, S, 2, heads, Dh): q and k at once) rotate alike
+    both = apply_rope(torch.stack([x, 2 * x], dim=2), rope_angles(pos, [4, 6, 6], 10_000.0))
+    assert_close(both[:, :, 0], apply_rope(x, rope_angles(pos, [4, 6, 6], 10_000.0)), atol=0, rtol=0)
+    assert_close(both[:, :, 1], 2 * both[:, :, 0], atol=1e-5, rtol=1e-5)
 
 
 # --- DiT ----------------------------------------------------------------------------------------

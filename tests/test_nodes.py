@@ -259,6 +259,31 @@ def test_sample_options_reach_the_sampler():
     assert not torch.equal(schedule[0]["samples"], base["samples"])
 
 
+def test_sample_compiles_on_request_and_reuses_the_graphs(shown, monkeypatch):
+    """compile on: the eager latents (to fp32 tolerance), a note of what was compiled, nothing compiled
+    the second time; compile off afterwards runs eagerly again (the model is shared by every Sample)."""
+    torch._dynamo.reset()
+    (model,) = N["UniFusionModelLoad"]().load("tiny.safetensors")
+    spec = model.obj.config.encoder
+    feats = uf.Features(torch.randn(5, len(spec.layers), spec.hidden_size, generator=torch.Generator().manual_seed(3)),
+                        encoder=spec)
+    (cond,) = result(N["UniFusionLAPEncode"]().encode(model, feats))
+    sample = N["UniFusionSample"]().sample
+    args = dict(width=16, height=8, steps=3, cfg=3.0, shift=0.0, sampler="euler", seed=1)
+    eager = result(sample(model, cond, **args))[0]["samples"]
+    first = sample(model, cond, **args, compile=True)
+    assert_close(result(first)[0]["samples"], eager, atol=1e-4, rtol=1e-4)
+    assert "compile: 1 graph(s) compiled this run" in first["ui"]["text"]
+    second = sample(model, cond, **args, compile=True)
+    assert "compile: reused the graphs compiled before (nothing compiled)" in second["ui"]["text"]
+    assert torch.equal(result(second)[0]["samples"], result(first)[0]["samples"])
+    assert torch.equal(result(sample(model, cond, **args, compile=False))[0]["samples"], eager)
+    monkeypatch.setenv("PATH", "")  # no C++ compiler: a clear error before any work
+    with pytest.raises(ValueError, match="needs a C.. compiler.*turn compile off"):
+        sample(model, cond, **args, compile=True)
+    torch._dynamo.reset()
+
+
 def test_rewrite_off_returns_the_prompt():
     _, feats, text, *_ = run_chain("a quiet lake", rewrite=False)
     assert text == "a quiet lake" and not bool(feats.is_image.any())

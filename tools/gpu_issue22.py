@@ -5,6 +5,12 @@
 
 Stages, each in a child process with its own time limit, each writing OUT/<stage>.json (an error
 is recorded there and the next stage runs):
+  dit-ops           bench dit-ops at the issue's configuration (paper-5b width, 8 blocks, 1024², 512
+                    conditioning tokens, bf16): the previous eager ops, the fused ones and the compiled
+                    blocks, with MFU, the share of device time outside GEMMs and attention, and what
+                    compiling cost on the first call
+  dit-ops-full      the same at paper-5b's full depth (fused and compiled): one 1024² image's 28 guided
+                    steps
   dit-vs-flux       bench dit-vs-diffusers at the issue's configuration (paper-5b width, 8 blocks, 1024²,
                     512 conditioning tokens, bf16, Flux single-stream peer)
   node-overhead     bench node-overhead on cuda: LAP Encode + Sample against generate(), plainly and
@@ -35,8 +41,11 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["dit-vs-flux", "node-overhead", "t2i-24gb", "t2i-16gb"]
-LIMITS = {"dit-vs-flux": 120, "node-overhead": 140, "t2i-24gb": 140, "t2i-16gb": 140}  # 9 min in all
+STAGES = ["dit-ops", "dit-ops-full", "dit-vs-flux", "node-overhead", "t2i-24gb", "t2i-16gb"]
+# A command may run 10 minutes: run the DiT stages in one call (dit-ops dit-ops-full dit-vs-flux, at most
+# 7 min) and the ComfyUI stages in a second (node-overhead t2i-24gb t2i-16gb, at most 7 min).
+LIMITS = {"dit-ops": 150, "dit-ops-full": 150, "dit-vs-flux": 120, "node-overhead": 140, "t2i-24gb": 140,
+          "t2i-16gb": 140}
 
 
 def bench(argv: list[str], limit: int) -> dict:
@@ -55,6 +64,20 @@ def stage_dit_vs_flux(a) -> dict:
         argv = ["--device", "cuda", "--dtype", "bfloat16", "--preset", "paper-5b", "--depth", "8", "--sizes", "1024",
                 "--cond-tokens", "512", "--peers", "flux", "--peak-tflops", "989", "--repeats", "5"]
     return bench(["dit-vs-diffusers", *argv], LIMITS["dit-vs-flux"] - 10)
+
+
+def stage_dit_ops(a, full: bool) -> dict:
+    if a.dry_run:
+        argv = ["--device", "cpu", "--dtypes", "float32", "--preset", "tiny", "--size", "32", "--cond-tokens", "8",
+                "--repeats", "1", "--profile"]
+    else:
+        argv = ["--device", "cuda", "--dtypes", "bfloat16", "--preset", "paper-5b", "--size", "1024",
+                "--cond-tokens", "512", "--peak-tflops", "989", "--repeats", "5", "--profile"]
+    if full:
+        argv += ["--variants", "fused", "compiled"]
+    elif not a.dry_run:
+        argv += ["--depth", "8"]
+    return bench(["dit-ops", *argv], LIMITS["dit-ops-full" if full else "dit-ops"] - 10)
 
 
 def stage_node_overhead(a) -> dict:
@@ -234,7 +257,9 @@ def main() -> None:
                     raise RuntimeError(done.stderr[-4000:])
                 result = json.loads(done.stdout.strip().splitlines()[-1])
             else:
-                result = {"dit-vs-flux": stage_dit_vs_flux, "node-overhead": stage_node_overhead}[stage](a)
+                result = {"dit-ops": lambda a: stage_dit_ops(a, full=False),
+                          "dit-ops-full": lambda a: stage_dit_ops(a, full=True),
+                          "dit-vs-flux": stage_dit_vs_flux, "node-overhead": stage_node_overhead}[stage](a)
             status = "ok"
         except Exception as e:
             result, status = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}, "error"

@@ -111,7 +111,8 @@ def common(prompt: str, width: int, height: int, images: str | None, vlm: str = 
               "inputs": {"model": ["3", 0], "features": ["2", 0], "tokens": "all", "layer_drop": ""}},
         "5": {"class_type": "UniFusionSample", "inputs": {
             "model": ["3", 0], "conditioning": ["4", 0], "width": width, "height": height, "steps": steps,
-            "cfg": cfg, "shift": 0.0, "sampler": "euler", "seed": 0, "batch_size": 1, "switch_at": 0.2}},
+            "cfg": cfg, "shift": 0.0, "sampler": "euler", "seed": 0, "batch_size": 1, "switch_at": 0.2,
+            "compile": False}},
         "6": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "UniFusion"}},

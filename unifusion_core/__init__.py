@@ -1,6 +1,6 @@
 """UniFusion core: LAP, refiner, DiT and rectified-flow sampling, independent of ComfyUI."""
 
-from . import advice, guard, lora, paraphrase, scene_edits, scene_vlm, scenes
+from . import advice, dit, guard, lora, paraphrase, scene_edits, scene_vlm, scenes
 from .assets import bundled_model, bundled_vlm
 from .checkpoint import load_model, read_config, save_model
 from .conditioning import Conditioning
@@ -49,6 +49,7 @@ __all__ = [
     "get_latent_space",
     "get_preset",
     "advice",
+    "dit",
     "guard",
     "lora",
     "paraphrase",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import shutil
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
@@ -32,7 +36,61 @@ def token_positions(B: int, T: int, h: int, w: int, device) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x * (1 + scale) + shift per sample, as one kernel (x: (B, S, D); shift, scale: (B, D))."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """The gated residual x + gate * y, as one kernel (gate: (B, D))."""
+    return torch.addcmul(x, gate[:, None], y)
+
+
+def _run_block(block: nn.Module, seq: Tensor, mod: Tensor, mask: Tensor | None, rope: Rope) -> Tensor:
+    return block(seq, mod, mask, rope)
+
+
+def compile_unavailable(device: torch.device | str, backend: str = "inductor") -> str | None:
+    """Why torch.compile's inductor cannot build kernels for `device` here (what to install), or None."""
+    if backend != "inductor":
+        return None
+    kind = torch.device(device).type
+    if kind in ("cuda", "xpu"):
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return (f"torch.compile on {kind} needs Triton, which is not installed: pip install triton "
+                    "(triton-windows on Windows), or turn compile off")
+    elif kind == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+        return ("torch.compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on the PATH, "
+                "and none was found: install one, or turn compile off")
+    return None
+
+
+def graphs_compiled() -> int:
+    """How many graphs torch.compile has compiled in this process (a run compiled nothing when this
+    does not change across it)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@contextlib.contextmanager
+def compile_errors():
+    """A failure inside torch.compile's compiler (not the model) as an error that says what to do."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        yield
+    except BackendCompilerFailed as e:  # inductor's own InductorError is one too
+        inner = getattr(e, "inner_exception", None) or e
+        raise RuntimeError(f"torch.compile could not compile the DiT ({type(inner).__name__}: {str(inner)[:500]}); "
+                           "turn compile off to run it eagerly") from e
+
+
+@functools.cache
+def compiled_block_runner(backend: str = "inductor"):
+    """_run_block under torch.compile, one per backend for the process (UniFusionDiT.compile_blocks)."""
+    return torch.compile(_run_block, backend=backend)
 
 
 class TimestepEmbedder(nn.Module):
@@ -69,8 +127,8 @@ class DiTBlock(nn.Module):
     def forward(self, x: Tensor, mod: Tensor, mask: Tensor | None, rope: Rope) -> Tensor:
         """x: (B, S, D); mod: (B, 6, D) shared modulation from t."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (mod + self.modulation.to(mod)).unbind(1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), mask, rope)
-        return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        x = gated(x, gate_a, self.attn(modulate(self.norm1(x), shift_a, scale_a), mask, rope))
+        return gated(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
 
 
 class FinalLayer(nn.Module):
@@ -109,6 +167,20 @@ class UniFusionDiT(nn.Module):
         self.final = FinalLayer(D, in_channels * p.patch_size**2, operations=operations, **kw)
         # Learned "no conditioning" token: the unconditional input for classifier-free guidance.
         self.null_cond = nn.Parameter(torch.empty(1, D, **kw))
+        self.compiled_block = None  # set by compile_blocks()
+
+    def compile_blocks(self, enabled: bool = True, backend: str = "inductor") -> None:
+        """Run the blocks through torch.compile (True) or eagerly (False); the weights are untouched.
+
+        Regional compilation, as torchtitan and diffusers do it: one function that runs a block is
+        compiled, and every block of every model in the process shares its graphs (the blocks
+        differ in weights only, which dynamo takes as inputs), so a model compiles in the time of
+        one block, and a second run, or another model of the same width, compiles nothing. A new
+        image size or prompt length compiles once more, after which dynamo makes those sizes
+        dynamic. Graphs are cached per backend for the life of the process (and inductor keeps
+        its kernels on disk, so a new process compiles faster).
+        """
+        self.compiled_block = compiled_block_runner(backend) if enabled else None
 
     def initialize_weights(self) -> None:
         init_linears(self)
@@ -148,11 +220,12 @@ class UniFusionDiT(nn.Module):
             mask = torch.cat([cond_mask, cond_mask.new_ones(B, h * w)], dim=1)  # (B, T + h*w)
         rope = rope_angles(token_positions(B, T, h, w, x.device), self.params.axes_dim, self.params.rope_theta)
         ac = int(self.gradient_checkpointing)  # 0: none; N: every N-th block (True: every block)
+        run = self.compiled_block or _run_block
         for i, block in enumerate(self.blocks):
             check_cancel()  # Cancel inside a step: a large image's step can take minutes
             if ac and i % ac == 0 and torch.is_grad_enabled():
                 seq = checkpoint(block, seq, mod, mask, rope, use_reentrant=False)
             else:
-                seq = block(seq, mod, mask, rope)
+                seq = run(block, seq, mod, mask, rope)
         out = self.final(seq[:, T:], temb)  # (B, h*w, C*p*p)
         return unpatchify(out, p, h, w)

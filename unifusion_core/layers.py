@@ -7,12 +7,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from . import guard
 
-Rope = tuple[Tensor, Tensor]  # (cos, sin), each (B, 1, S, head_dim / 2)
+Rope = Tensor  # (cos, sin) of the rotation angles, float32 (B, S, head_dim / 2, 2)
 
 
 # Query-key pairs (per head) per chunk of a large attention without autograd: one attention call at
@@ -36,21 +35,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
 
 
 def rope_angles(pos: Tensor, axes_dim: Sequence[int], theta: float) -> Rope:
-    """Rotary angles for positions pos (B, S, n_axes); axis i rotates axes_dim[i] channels."""
+    """Rotations for positions pos (B, S, n_axes); axis i rotates axes_dim[i] channels."""
     angles = []
     for i, dim in enumerate(axes_dim):
         freqs = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
         angles.append(pos[..., i : i + 1].float() * freqs)  # (B, S, dim / 2)
-    a = torch.cat(angles, dim=-1)[:, None]  # (B, 1, S, Dh / 2)
-    return a.cos(), a.sin()
+    a = torch.cat(angles, dim=-1)
+    return torch.stack([a.cos(), a.sin()], dim=-1)
 
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
-    """Rotate consecutive channel pairs of x (B, H, S, Dh) by the angles in rope."""
-    cos, sin = rope
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, S, Dh / 2) each
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    """Rotate consecutive channel pairs of x (B, S, ..., Dh) by rope (B, S, Dh / 2, 2), in fp32.
+
+    Why a complex multiply when eager: it is a single elementwise kernel with fp32 accuracy, where
+    the cos/sin form (Flux's reference) is eight (casts, four multiplies, two adds, a stack).
+    Measured on this project's CPU (2 x 8 heads x 1152 tokens x 64): about 0.25 ms against 6 ms
+    in fp32, 0.4 against 5 ms in bf16, equal to 5e-7. Under torch.compile the cos/sin form:
+    inductor generates no code for complex numbers, and fuses this form into one kernel.
+    In bf16 the result is rounded once, at the end.
+    """
+    B, S, half, _ = rope.shape
+    rope = rope.view(B, S, *[1] * (x.ndim - 3), half, 2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., Dh / 2, 2): channels (2j, 2j+1)
+    if torch.compiler.is_compiling():
+        (x1, x2), (cos, sin) = pairs.unbind(-1), rope.unbind(-1)
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rope))
+    return out.flatten(-2).to(x.dtype)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -76,13 +88,19 @@ class SelfAttention(nn.Module):
         self.proj = operations.Linear(dim, dim, bias=True, dtype=dtype, device=device)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, rope: Rope | None = None) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.heads)
+        # Tokens stay (B, S, heads, Dh) and attention reads them transposed, as views: no copies
+        # beside the norms and the rotation, which take q and k together where they can.
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))  # (B, S, 3, H, Dh)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, mask)  # (B, H, S, Dh)
-        return self.proj(rearrange(out, "b h s d -> b s (h d)"))
+            q, k = self.q_norm(qkv[:, :, 0]), self.k_norm(qkv[:, :, 1])
+            if rope is not None:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
+        elif rope is not None:
+            q, k = apply_rope(qkv[:, :, :2], rope).unbind(2)
+        else:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2), mask)  # (B, H, S, Dh)
+        return self.proj(out.transpose(1, 2).flatten(2))
 
 
 class FeedForward(nn.Module):
