@@ -7,7 +7,8 @@ and seeds with the shipped 64-px model:
 - `fp32`: fp32 weights, fp32 RoPE (the reference);
 - `bf16`: bf16 weights, fp32 RoPE (what the pack runs in bf16);
 - `bf16-rope-bf16`: bf16 weights, RoPE in bf16.
-It reports, per pair, the mean and largest pixel difference (0-255) and how many images the exact
+It reports, per pair, the mean and largest pixel difference (0-255), the share of pixels more than
+32 levels apart (a shape's edge moved), and how many images the exact
 detector's all-correct verdict differs for, and each variant's all-correct rate. bf16 RoPE is acceptable where its
 difference from `bf16` is small beside `bf16`'s own difference from `fp32`.
 """
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(description="bf16 RoPE vs fp32 RoPE on sampled images of the embedded model")
     ap.add_argument("--limit", type=int, default=24, help="held-out prompts (a fixed subset, as eval's --limit)")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -65,7 +67,8 @@ def main(argv: list[str]) -> dict:
         model = load_model(path, dtype=dtype).eval()
         t0 = time.perf_counter()
         with mock.patch.object(layers, "apply_rope", rope or layers.apply_rope):
-            run = benchmark.evaluate(model_generate_fn(model, features), scenes, seeds, keep_images=True)
+            draw = model_generate_fn(model, features, steps=args.steps)
+            run = benchmark.evaluate(draw, scenes, seeds, keep_images=True)
         images[name] = [im for per_seed in run.images for im in per_seed]
         verdicts[name] = [s["all"] for per_seed in run.scores for s in per_seed]
         report["variants"][name] = {"all_correct": round(float(np.mean(verdicts[name])), 4),
@@ -76,6 +79,8 @@ def main(argv: list[str]) -> dict:
         read = [x != y for x, y in zip(verdicts[a], verdicts[b])]
         pairs[f"{a} vs {b}"] = {"mean_abs_level": round(float(np.mean([d.mean() for d in diffs])), 4),
                                 "max_abs_level": int(max(d.max() for d in diffs)),
+                                "pixels_over_32_levels": round(float(np.mean([(d.max(-1) > 32).mean()
+                                                                              for d in diffs])), 5),
                                 "verdicts_differ": int(sum(read)), "images": len(diffs)}
     report["differences"] = pairs
     sys.stdout.write(json.dumps(report, indent=2) + "\n")

