@@ -74,7 +74,44 @@ def check_comfy_layers(host, uf, ca, work: Path) -> None:
     assert mm.module_size(encoder.model) > 0
 
 
-CHECKS = [check_pixel_previews, check_comfy_layers]
+def check_compiled_partial_load(host, uf, ca, work: Path) -> None:
+    """Sample's compile switch where ComfyUI loads the DiT partially (its low-VRAM path: the larger
+    layers cast layer by layer inside the compiled blocks) and with fp8 weight storage: the eager
+    latents, fully and partially loaded."""
+    import torch
+
+    torch.manual_seed(0)
+    start = uf.dit.graphs_compiled()
+    for storage in (None, torch.float8_e4m3fn):
+        model = uf.UniFusionModel.from_preset("tiny", operations=host.operations(storage, torch.float32))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.1)
+            if storage is not None:
+                for m in model.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.weight.data = m.weight.data.to(storage)
+        managed = host.Managed(model, model, torch.device("cpu"), torch.device("cpu"), partial=True)
+        hidden = torch.randn(1, 6, model.config.num_layers, model.config.encoder.hidden_size)
+        with torch.no_grad():
+            cond = model.encode(hidden)
+        args = dict(width=32, height=32, steps=2, cfg=3.0, seed=1)
+        with torch.no_grad():
+            eager = model.sample(cond, **args)
+        managed.patcher.load(torch.device("cpu"), lowvram_model_memory=managed.patcher.model_size() // 3)
+        cast = [m for m in model.dit.modules() if getattr(m, "comfy_cast_weights", False)]
+        assert cast, f"{storage}: not a partial load"
+        model.dit.compile_blocks(True)
+        with torch.no_grad(), uf.dit.compile_errors():
+            compiled = model.sample(cond, **args)
+        model.dit.compile_blocks(False)
+        managed.patcher.detach()
+        diff = float((compiled - eager).abs().max())
+        assert diff < 1e-4, f"{storage}: compiled and partially loaded, {diff} from the eager latents"
+    assert uf.dit.graphs_compiled() > start, "nothing was compiled"
+
+
+CHECKS = [check_pixel_previews, check_comfy_layers, check_compiled_partial_load]
 
 
 def main() -> None:

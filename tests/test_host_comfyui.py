@@ -41,6 +41,12 @@ def test_vlm_in_comfy_ops_layers_encodes_exactly_as_before(in_comfyui):
     assert in_comfyui["check_comfy_layers"] == "ok", in_comfyui["check_comfy_layers"]
 
 
+def test_compiled_blocks_run_partially_loaded_and_with_fp8_weights(in_comfyui):
+    """Sample's compile switch with ComfyUI's low-VRAM partial load (layers cast one by one inside the
+    compiled blocks) and fp8 weight storage: the eager latents."""
+    assert in_comfyui["check_compiled_partial_load"] == "ok", in_comfyui["check_compiled_partial_load"]
+
+
 def test_device_choices_are_the_machines():
     found = nodes.host.devices()
     assert found[:2] == ["default", "cpu"]
