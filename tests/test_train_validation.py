@@ -192,3 +192,22 @@ def test_val_split_with_buckets_scores_held_out_images_at_their_bucket_sizes(tmp
     assert {tuple(r["bucket"]) for r in rows if "bucket" in r} <= {(24, 10), (16, 16), (12, 20)}
     val = [r["validation"] for r in rows if "validation" in r][-1]
     assert val["val_loss"] > 0 and len(val["val_loss_by_t"]) == 2
+
+
+def test_val_data_with_buckets_scores_its_images_at_their_bucket_sizes(tmp_path):
+    """--buckets with --val-data: the validation set's images (several shapes, smaller than half of
+    --resolution) get the buckets training uses, as --val-split's do, and are scored."""
+    colors, shapes = ["red", "blue", "green", "white"], [(32, 16), (16, 32), (24, 24), (40, 20)]
+    for name, n in (("data", 16), ("val", 8)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", shapes[i % 4], colors[i % 4]).save(tmp_path / name / f"i{i:02d}.png")
+            (tmp_path / name / f"i{i:02d}.txt").write_text(f"a {colors[i % 4]} square in the center")
+    prompts = [f"a {c} square in the center" for c in colors]
+    features = write_features(tmp_path / "f.safetensors", feature_table(prompts))
+    run_cli(tmp_path / "run", features, "--data", str(tmp_path / "data"), "--buckets", "16", "--resolution", "128",
+            "--prompts-per-step", "2", "--steps", "2", "--val-data", str(tmp_path / "val"), "--validate-every", "2",
+            "--val-loss-samples", "8", "--val-loss-timesteps", "2")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["validation"] for r in rows if "validation" in r][-1]
+    assert val["val_loss"] > 0 and len(val["val_loss_by_t"]) == 2

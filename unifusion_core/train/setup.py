@@ -81,6 +81,8 @@ def make_data(args, seed: int, stride: int | None = None, batch: int = 1):
     sources = {k: s for k, s in load_sources(args.data, args.resolution).items() if len(s)}
     if getattr(args, "val_split", 0.0):
         sources = _set_aside(sources, args.val_split)
+    elif sides and getattr(args, "val_data", None):
+        _attach_val_data(sources, args.val_data, args.resolution)
     ratios = {k: v for k, v in mix.items() if k in sources}
     if not ratios:
         found = {k: len(s) for k, s in sources.items()}
@@ -96,6 +98,19 @@ def make_data(args, seed: int, stride: int | None = None, batch: int = 1):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return TaskMixture({k: sources[k] for k in ratios}, ratios, seed), sources
+
+
+def _attach_val_data(sources: dict, path: str, resolution: int) -> None:
+    """--val-data with --buckets: its samples ride along as each training source's `held_out`, so
+    that bucketize gives them the buckets training uses (read square at --resolution, non-square
+    images smaller than half of it would all be refused)."""
+    held = {k: s for k, s in load_sources(path, resolution).items() if len(s)}
+    for task in sorted(set(held) - set(sources)):
+        log.warning("--val-data: %s samples have no %s training data to take buckets from: left out of the "
+                    "validation loss", task, task)
+    for task, src in held.items():
+        if task in sources:
+            sources[task].held_out = src
 
 
 def _set_aside(sources: dict, fraction: float) -> dict:
@@ -277,7 +292,7 @@ def _validation_loss(args, features, latents, config, sources):
     if args.data == "scenes":  # the held-out compositions, rendered at a seed of their own
         kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
         held = {"t2i": SyntheticScenes("heldout", args.resolution, seed=0, kinds=kinds)}
-    elif getattr(args, "val_data", None):
+    elif getattr(args, "val_data", None) and not getattr(args, "buckets", None):  # bucketed: set by make_data
         held = {k: s for k, s in load_sources(args.val_data, args.resolution).items() if len(s)}
     else:
         held = {k: s.held_out for k, s in (sources or {}).items() if hasattr(s, "held_out")}
