@@ -122,6 +122,9 @@ def test_a_run_samples_the_ema_weights_every_n_steps_and_logs_them_to_tensorboar
                              for r in validated for k, v in r["validation"].items() if isinstance(v, float))
     images = ea.Images("samples")
     assert [e.step for e in images] == [2, 4]
+    # the scenes' validation grid (val-*.png, named in the record) as an image of its own
+    assert [e.step for e in ea.Images("validation")] == [r["step"] for r in validated]
+    assert all((out / r["validation"]["grid"]).is_file() for r in validated)
     h, w = pixels(out / "samples" / "step-0000004.png").shape[:2]
     assert (images[-1].height, images[-1].width) == (h, w)
 

@@ -5,8 +5,8 @@
 lines hold: every number of a record is a scalar (train/loss, train/grad_norm, train/lr,
 train/samples_per_s, train/tokens_per_s, train/mfu, ...; lists by index, e.g.
 train/memory_gib_per_rank/0, and the loss's timestep quarters as train/loss_by_t/t0.00-0.25;
-dicts by key, e.g. validation/heldout), and a record's samples grid is an image. Only rank 0
-writes (the others' metrics go to os.devnull).
+dicts by key, e.g. validation/heldout), and a record's samples grid and the scenes' validation
+grid are images ("samples", "validation"). Only rank 0 writes (the others' metrics go to os.devnull).
 """
 
 from __future__ import annotations
@@ -70,12 +70,13 @@ class Board:
             return
         for tag, value in scalars(record).items():
             self.writer.add_scalar(tag, value, step)
-        grid = record.get("samples", {}).get("grid") if isinstance(record.get("samples"), dict) else None
-        if grid:
-            from PIL import Image
+        for key in ("samples", "validation"):  # the samples grid; the scenes' validation grid
+            grid = record.get(key, {}).get("grid") if isinstance(record.get(key), dict) else None
+            if isinstance(grid, str) and (self.run / grid).is_file():
+                from PIL import Image
 
-            with Image.open(self.run / grid) as im:
-                self.writer.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+                with Image.open(self.run / grid) as im:
+                    self.writer.add_image(key, np.asarray(im.convert("RGB")), step, dataformats="HWC")
 
     def flush(self) -> None:
         self.writer.flush()

@@ -343,9 +343,9 @@ def _scene_scores(args, features: PromptFeatures):
         report = run.report()
         half = len(chosen) // 2  # train prompts, then held-out ones; the grid reuses their images
         shown = list(range(min(8, half))) + list(range(half, min(half + 8, len(chosen))))
-        write_grid(out / f"val-{step:07d}.png", [run.images[0][i] for i in shown],
-                   labels=[chosen[i].prompt for i in shown])
-        return {split: report[split]["avg"] for split in ("train", "heldout")}
+        grid = f"val-{step:07d}.png"
+        write_grid(out / grid, [run.images[0][i] for i in shown], labels=[chosen[i].prompt for i in shown])
+        return {**{split: report[split]["avg"] for split in ("train", "heldout")}, "grid": grid}
 
     return validate
 
