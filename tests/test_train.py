@@ -503,21 +503,27 @@ def test_compiled_blocks_and_selective_checkpointing_train_as_the_plain_step(tmp
         torch.testing.assert_close(runs[1][1][k], v, rtol=1e-4, atol=1e-6)
 
 
-def test_train_flops_match_a_flop_counter(tmp_path):
+@pytest.mark.parametrize("lora", [{}, {"lora_rank": 8}, {"lora_rank": 8, "lora_targets": "dit,lap,refiner"}],
+                         ids=["full", "lora-dit", "lora-all"])
+def test_train_flops_match_a_flop_counter(tmp_path, lora):
     """The FLOPs behind tokens/s and MFU: the trainer's count of one step equals what torch's
-    FLOP counter sees in the step's matmuls and attention (forward and backward)."""
+    FLOP counter sees in the step's matmuls and attention (forward and backward); with LoRA, the
+    frozen base's weight gradients are not computed, nor frozen LAP and refiner's backward."""
     from bench.common import flop_counter
 
     torch.manual_seed(0)
     wide = EncoderSpec("tiny", "wide", hidden_size=96, num_layers=6, layers=every_nth_layer(6))
     model = uf.UniFusionModel(tiny_config(wide, size=32, patch=2, hidden_size=192, depth=2, heads=4))
     trainer = _trainer(tmp_path, model, ["a red circle on the left", "a blue square above a red circle"],
-                       cond_dropout=0.0)
+                       cond_dropout=0.0, **lora)
     counter = flop_counter()
     with counter:
         out = trainer.train_step()
     counted = counter.get_total_flops()
-    assert trainer.flops_per_sample * out["samples"] == pytest.approx(counted, rel=0.03)
+    # PaLM's convention (2 FLOPs per weight and token, attention's backward twice its forward) against
+    # the kernels that ran: within 2.3 % (full) and 3.3 % (LoRA) here; counting LoRA runs as full
+    # training (what MFU did before) was 25-31 % over
+    assert trainer.flops_per_sample * out["samples"] == pytest.approx(counted, rel=0.04)
 
 
 def test_layers_flag_goes_through_the_one_layer_check():

@@ -21,10 +21,15 @@ PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5
 
 def parameter_counts(model: UniFusionModel) -> dict[str, int]:
     """model.num_parameters() plus what the FLOP count needs: LAP's blocks, and the DiT's per-row part."""
+    def lora(part) -> int:  # LoRA adapters' weights (lora.py), the only trainable ones when present
+        return sum(p.numel() for n, p in part.named_parameters() if n.endswith((".lora_down", ".lora_up")))
+
     return model.num_parameters() | {
         "lap_blocks": sum(p.numel() for p in model.lap.blocks.parameters()),
         # run once per row, not per token: the timestep embedder and the adaLN projections
         "dit_per_row": sum(p.numel() for n, p in model.dit.named_parameters() if n.startswith(PER_ROW)),
+        "lora_dit": lora(model.dit),
+        "lora_adapters": lora(model.lap) + lora(model.refiner),
     }
 
 
@@ -33,13 +38,29 @@ def train_flops(counts: dict[str, int], config: UniFusionConfig, image_tokens: i
     """Training FLOPs of one (prompt, timestep) row, forward + backward (3x forward): 2 per
     parameter and token in the matmuls, plus attention's 4 * S * D per token and block; LAP +
     refiner run once per prompt, shared by its k rows, and LAP's blocks once for each of the
-    L layers of every token. (The PaLM appendix's count.) counts: `parameter_counts(model)`."""
+    L layers of every token. (The PaLM appendix's count.) counts: `parameter_counts(model)`.
+
+    With LoRA adapters (counts' lora_dit / lora_adapters) the base is frozen: the backward pass
+    computes the activations' gradients (1x the matmuls, 2x attention) and the adapters' weight
+    gradients, not the base weights'; LAP and the refiner without adapters run forward only."""
     c, dit = counts, config.dit
     s = image_tokens + cond_tokens
-    dit_fwd = 2 * (c["dit"] - c["dit_per_row"]) * s + 2 * c["dit_per_row"] + 4 * dit.depth * s * s * dit.hidden_size
-    lap_per_token = c["lap_blocks"] * config.num_layers + (c["lap"] - c["lap_blocks"])
-    adapter_fwd = 2 * (lap_per_token + c["refiner"]) * cond_tokens / k
-    return 3 * (dit_fwd + adapter_fwd)
+    dit_mm = 2 * (c["dit"] - c["dit_per_row"]) * s + 2 * c["dit_per_row"]
+    attention = 4 * dit.depth * s * s * dit.hidden_size
+    L, t, d_vlm = config.num_layers, cond_tokens, config.encoder.hidden_size
+    lap_per_token = c["lap_blocks"] * L + (c["lap"] - c["lap_blocks"])
+    adapter_mm = 2 * (lap_per_token + c["refiner"]) * t / k
+    # LAP attends across the L layers of each token, the refiner across the T tokens (at the VLM's width)
+    adapter_attention = 4 * (config.lap.depth * L * L * t + config.refiner.depth * t * t) * d_vlm / k
+    lora_dit, lora_adapters = c.get("lora_dit", 0), c.get("lora_adapters", 0)
+    if not (lora_dit or lora_adapters):
+        return 3 * (dit_mm + attention + adapter_mm + adapter_attention)
+    dit_total = 2 * dit_mm + 3 * attention + 2 * lora_dit * s
+    if lora_adapters:
+        return dit_total + 2 * adapter_mm + 3 * adapter_attention + 2 * lora_adapters * t / k
+    # nothing before the DiT trains: its first layer (block 0's qkv) needs no input gradient
+    first = 3 * dit.hidden_size * dit.hidden_size
+    return dit_total - 2 * first * s + adapter_mm + adapter_attention
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
