@@ -399,6 +399,20 @@ class Managed:
         return self.obj
 
 
+def compile_blocker(module) -> str | None:
+    """Why `module`'s blocks should not be compiled as ComfyUI has loaded it now, or None: partially
+    loaded with weight patches (a LoRA), ComfyUI patches each layer on the fly with a patch object
+    of its own, which dynamo takes as a constant, so every block would compile a graph of its own
+    (measured: 12 blocks, 12 graphs, past dynamo's limit)."""
+    patched = sum(1 for m in module.modules()
+                  if getattr(m, "weight_function", None) or getattr(m, "bias_function", None))
+    if not patched:
+        return None
+    return (f"ComfyUI loaded the model partially and applies a LoRA to {patched} of its layers on the fly, which "
+            "would compile every block on its own: this run ran eagerly (with more free VRAM, or the LoRA merged "
+            "into the checkpoint, it compiles)")
+
+
 def with_lora(managed: Managed, lora, strength: float) -> Managed:
     """`managed` with a LoRA (a uf.lora.LoRAFile that fits it) added at `strength`, the input left as
     it is. In ComfyUI: a clone of its ModelPatcher with the LoRA as weight patches (comfy.lora's

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import host
-from .common import CATEGORY, COND, MODEL, advise, expect, uf, with_notes
+from .common import CATEGORY, COND, MODEL, advise, expect, log, uf, with_notes
 
 MAX_RESOLUTION = 16384
 
@@ -58,11 +58,12 @@ class UniFusionSample:
                                         "tooltip": "Fraction of the steps conditioned on `conditioning` before "
                                                    "switching to `second_conditioning`."}),
                 "compile": ("BOOLEAN", {"default": False, "label_on": "compiled", "label_off": "eager",
-                                        "tooltip": "Run the DiT's blocks through torch.compile: faster steps on "
-                                                   "GPUs once compiled. The first run compiles (about a minute "
-                                                   "at paper size); later runs reuse it until ComfyUI restarts, "
-                                                   "and a new size or prompt length compiles once more. Needs "
-                                                   "Triton on GPUs, a C++ compiler on CPUs."}),
+                                        "tooltip": "Run the DiT's blocks through torch.compile (meant for GPUs, "
+                                                   "where it fuses the work between the matrix multiplies). The "
+                                                   "first run compiles one block's worth; later runs reuse it until "
+                                                   "ComfyUI restarts, and a new size, prompt length, dtype or "
+                                                   "guidance setting compiles once more. The node says what it "
+                                                   "did. Needs Triton on GPUs, a C++ compiler on CPUs."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -79,7 +80,7 @@ class UniFusionSample:
         if compile and (why := uf.dit.compile_unavailable(model.device)):
             raise ValueError(why)
         net = model.load(memory_required=model.obj.memory_required(batch_size, tokens, width, height, cfg != 1))
-        net.dit.compile_blocks(bool(compile))  # set on every run: the loaded model is shared by every Sample node
+        blocked = host.compile_blocker(net.dit) if compile else None
         notes = advise("UniFusion Sample", uf.advice.advice(net.config, width=width, height=height))
         host.show_text(unique_id, notes)
         progress = host.Progress(steps)
@@ -91,16 +92,30 @@ class UniFusionSample:
 
         timed = uf.advice.timed(callback, net.config, width, height, sampler,
                                 report=lambda estimate: host.show_text(unique_id, [*notes, estimate]))
-        graphs = uf.dit.graphs_compiled()
-        with uf.guard.interruptible(host.interrupt_check()), uf.dit.compile_errors():  # Cancel between DiT blocks too
-            latent = net.sample(
-                conditioning, width, height, steps=steps, cfg=cfg, seed=seed, shift=shift or None,
-                sampler=sampler, negative=negative, batch_size=batch_size, callback=timed,
-                next_cond=second_conditioning, switch_at=switch_at, device=model.device,
-            )
+        net.dit.compile_blocks(bool(compile) and blocked is None)
+        try:  # Cancel between DiT blocks too, not only between steps
+            with uf.guard.interruptible(host.interrupt_check()), uf.dit.compile_session() as compiled:
+                latent = net.sample(
+                    conditioning, width, height, steps=steps, cfg=cfg, seed=seed, shift=shift or None,
+                    sampler=sampler, negative=negative, batch_size=batch_size, callback=timed,
+                    next_cond=second_conditioning, switch_at=switch_at, device=model.device,
+                )
+        finally:
+            net.dit.compile_blocks(False)  # the loaded model is shared: nothing stays compiled for others
         if compile:
-            new = uf.dit.graphs_compiled() - graphs
-            notes = [*notes, f"compile: {new} graph(s) compiled this run" if new else
-                     "compile: reused the graphs compiled before (nothing compiled)"]
+            notes = [*notes, compile_note(compiled, blocked)]
+            log.info("UniFusion Sample: %s", notes[-1])
             host.show_text(unique_id, notes)
         return with_notes(({"samples": latent.to(host.intermediate_device())},), notes)
+
+
+def compile_note(report: dict, blocked: str | None) -> str:
+    """What compile did this run, said on the node."""
+    if blocked:
+        return f"compile: off for this run: {blocked}"
+    if report["limit_reached"]:
+        return (f"compile: {report['graphs']} graph(s) compiled this run, and dynamo now holds its limit of "
+                f"{uf.dit.RECOMPILE_LIMIT}: new sizes and settings run eagerly until ComfyUI restarts")
+    if report["graphs"]:
+        return f"compile: {report['graphs']} graph(s) compiled this run"
+    return "compile: reused the graphs compiled before (nothing compiled)"

@@ -111,7 +111,40 @@ def check_compiled_partial_load(host, uf, ca, work: Path) -> None:
     assert uf.dit.graphs_compiled() > start, "nothing was compiled"
 
 
-CHECKS = [check_pixel_previews, check_comfy_layers, check_compiled_partial_load]
+def check_compile_blocker(host, uf, ca, work: Path) -> None:
+    """host.compile_blocker names the one load state that would compile every block on its own: the
+    model partially loaded with a LoRA (ComfyUI's LowVramPatch per layer); a LoRA fully loaded
+    (patched in place) or a partial load without one compile as usual."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    model = uf.UniFusionModel.from_preset("tiny", dit={"depth": 3}, operations=host.operations(None, torch.float32))
+    source = copy.deepcopy(model)
+    uf.lora.add_lora(source, uf.lora.LoRAConfig(4, 0, "dit"))
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if name.endswith("lora_up"):
+                p.normal_(0, 0.1)
+    lora = uf.lora.read_lora(uf.lora.save_lora(source, work / "blocker-lora.safetensors"))
+    managed = host.Managed(model, model, torch.device("cpu"), torch.device("cpu"), partial=True)
+    patched = host.with_lora(managed, lora, 1.0)
+    third = managed.patcher.model_size() // 3
+    for patcher, budget, blocked in ((managed.patcher, third, False), (patched.patcher, None, False),
+                                     (patched.patcher, third, True)):
+        if budget is None:
+            patcher.load(torch.device("cpu"), full_load=True)
+        else:
+            patcher.load(torch.device("cpu"), lowvram_model_memory=budget)
+        why = host.compile_blocker(model.dit)
+        assert (why is not None) == blocked, (budget, why)
+        if blocked:
+            assert "LoRA" in why and "eagerly" in why
+        patcher.detach()
+
+
+CHECKS = [check_pixel_previews, check_comfy_layers, check_compiled_partial_load, check_compile_blocker]
 
 
 def main() -> None:

@@ -31,11 +31,20 @@ def conditioning(model, tokens: int, seed: int = 0) -> uf.Conditioning:
         return model.encode(hidden)
 
 
-def test_compiled_rope_form_equals_the_eager_complex_multiply():
+def test_compiled_rope_takes_the_cos_sin_form_and_equals_the_complex_multiply(fresh_dynamo):
+    """Traced, apply_rope takes the form inductor can fuse (no complex numbers in the graph)."""
+    graphs = []
+
+    def inspect(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
     x = torch.randn(2, 7, 2, 3, 16)  # q and k at once
     rope = rope_angles(torch.randint(0, 300, (2, 7, 3)).float(), [4, 6, 6], 10_000.0)
-    compiled = torch.compile(apply_rope, backend="eager", fullgraph=True)  # traced: the cos/sin form
+    compiled = torch.compile(apply_rope, backend=inspect, fullgraph=True)
     assert_close(compiled(x, rope), apply_rope(x, rope), atol=1e-6, rtol=1e-6)
+    (ops,) = graphs
+    assert not any("complex" in op for op in ops) and any("stack" in op for op in ops), ops
 
 
 def test_compiled_sampling_equals_eager_and_compiles_once(fresh_dynamo):
@@ -61,6 +70,38 @@ def test_compiled_sampling_equals_eager_and_compiles_once(fresh_dynamo):
     assert graphs_compiled() == before
     model.dit.compile_blocks(False)  # back to eager: exactly the eager numbers
     assert torch.equal(model.sample(cond, **args), eager)
+
+
+def test_a_compile_session_keeps_compiling_past_dynamos_default_limit_and_says_when_full(fresh_dynamo,
+                                                                                          monkeypatch):
+    """Every model, dtype, mask and grad mode of the process shares the block runner: dynamo's
+    default limit (8 graphs a function) would run the 9th variant eagerly without a word. A session
+    raises it, and reports when even that is reached."""
+    model = tiny_model()
+    seen = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        m = tiny_model().to(dtype)
+        m.dit.compile_blocks(True, backend="eager")
+        for masked in (False, True):
+            for grad in (False, True):
+                x = torch.randn(1, 3, 8, 8, dtype=dtype)
+                cond = torch.randn(1, 4, 64, dtype=dtype)
+                mask = torch.tensor([[True, True, True, False]]) if masked else None
+                with uf.dit.compile_session() as report, torch.set_grad_enabled(grad):
+                    m.dit(x, torch.tensor([0.5]), cond, mask)
+                seen.append(report)
+    assert [r["graphs"] for r in seen] == [1] * 12 and not any(r["limit_reached"] for r in seen)
+    assert uf.dit.graphs_held() == 12  # all kept: none ran eagerly for want of room
+    monkeypatch.setattr(uf.dit, "RECOMPILE_LIMIT", 13)
+    model.dit.compile_blocks(True, backend="eager")
+    with uf.dit.compile_session() as report, torch.no_grad():
+        model.dit(torch.randn(1, 3, 8, 8), torch.tensor([0.5]), torch.randn(1, 4, 64), None)  # reuses
+    assert report == {"graphs": 0, "limit_reached": False}
+    half = tiny_model().half()
+    half.dit.compile_blocks(True, backend="eager")
+    with uf.dit.compile_session() as report, torch.no_grad():
+        half.dit(torch.randn(1, 3, 8, 8).half(), torch.tensor([0.5]), torch.randn(1, 4, 64).half(), None)
+    assert report == {"graphs": 1, "limit_reached": True}
 
 
 def test_compile_needs_a_compiler_and_says_which(monkeypatch):

@@ -47,6 +47,13 @@ def test_compiled_blocks_run_partially_loaded_and_with_fp8_weights(in_comfyui):
     assert in_comfyui["check_compiled_partial_load"] == "ok", in_comfyui["check_compiled_partial_load"]
 
 
+def test_compile_is_held_back_where_comfyui_patches_a_partial_load_layer_by_layer(in_comfyui):
+    """Partially loaded with a LoRA, ComfyUI's per-layer patches would give every block its own graph:
+    host.compile_blocker says so (and the Sample node then runs eagerly); fully loaded with a LoRA, or
+    partially without one, nothing holds compile back."""
+    assert in_comfyui["check_compile_blocker"] == "ok", in_comfyui["check_compile_blocker"]
+
+
 def test_device_choices_are_the_machines():
     found = nodes.host.devices()
     assert found[:2] == ["default", "cpu"]

