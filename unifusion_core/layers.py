@@ -28,7 +28,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
         # each query row attends independently: chunks of queries give the same result
         step, out = max(64, CANCEL_SCORES // Sk), []
         for i in range(0, Sq, step):
-            guard.check_cancel()
+            if not torch.compiler.is_compiling():  # compiled, Cancel lands between blocks (no graph break here)
+                guard.check_cancel()
             out.append(F.scaled_dot_product_attention(q[:, :, i : i + step], k, v, attn_mask=attn_mask))
         return torch.cat(out, dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
