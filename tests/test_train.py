@@ -457,9 +457,11 @@ def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
         seen.extend(s.id for s in samples)
         return to_latents(samples, space, vae, cache, gens)
 
+    latents.close = cache.flush
     trainer.latents = latents
     trainer.run()
-    cache.flush()
+    # the run wrote its last, partial shard (it was left in memory, and lost with the process)
+    cache = LatentCache(tmp_path / "latents", vae.identity, space, 16)
     assert seen and all(i in cache for i in seen)  # every latent cached under its sample's id
     x = trainer.sources["t2i"].get(int(seen[0].rsplit("-", 1)[1]))  # ids: scene-<seed>-<index>
     assert x.id == seen[0]

@@ -409,6 +409,50 @@ def test_latent_cache_refuses_another_setup(tmp_path):
         LatentCache(tmp_path, vae="vae-a", space=LatentSpace("tiny-vae", 4, 2, scale=0.5), resolution=16)
 
 
+def test_a_bucketed_latent_cache_keeps_one_latent_a_sample_and_size(tmp_path):
+    """With --buckets the cache holds latents of many sizes, each under '<id>@<H>x<W>': to_latents
+    encodes what it lacks once (two sizes, one VAE call) and serves it again without the VAE; the
+    size a key names is the shape it must have; a square cache and a bucketed one refuse each other."""
+    from test_train import save_tiny_vae
+
+    vae = load_vae(save_tiny_vae(tmp_path / "vae"), SPACE)
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(id=f"img/{i}", task="t2i", prompt="p", cond_id="p", target=torch.rand(3, h, w, generator=g))
+               for i, (h, w) in enumerate([(16, 32), (24, 24), (16, 32)])]
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda x, generator=None: (calls.append(tuple(x.shape)), encode(x, generator=generator))[1]
+    cache = LatentCache(tmp_path / "c", vae="vae-a", space=SPACE, resolution=64, buckets=(32,))
+    first = [to_latents([s], SPACE, vae, cache) for s in samples]
+    assert [z.shape[-2:] for z in first] == [(8, 16), (12, 12), (8, 16)] and len(calls) == 3
+    cache.flush()
+    again = LatentCache(tmp_path / "c", vae="vae-a", space=SPACE, resolution=64, buckets=(32,))
+    assert sorted(again._index) == ["img/0@16x32", "img/1@24x24", "img/2@16x32"]
+    for s, z in zip(samples, first):
+        assert torch.equal(to_latents([s], SPACE, None, again), z)  # no VAE: all from the cache
+    assert len(calls) == 3
+    # the same image at another bucket size is another entry
+    other = Sample(id="img/0", task="t2i", prompt="p", cond_id="p", target=torch.rand(3, 32, 16, generator=g))
+    assert again.key(other.id, (32, 16)) not in again
+    with pytest.raises(ValueError, match=r"latent shape \(4, 8, 8\) does not match the cache's \(4, 8, 16\)"):
+        again.put("img/9@16x32", torch.zeros(4, 8, 8))
+    with pytest.raises(ValueError, match=r"resolution: cache has None, this run has 64"):
+        LatentCache(tmp_path / "c", vae="vae-a", space=SPACE, resolution=64)
+    # the trainer's wiring: --vae, --latent-cache and --buckets give a bucketed cache
+    from types import SimpleNamespace
+
+    from unifusion_core.train.setup import make_latents
+
+    args = SimpleNamespace(vae=str(tmp_path / "vae"), latent_cache=str(tmp_path / "run-cache"), buckets="32,64",
+                           resolution=64)
+    latents = make_latents(args, SPACE)
+    assert latents(samples[:1], None).shape == first[0].shape  # (encoded anew: the posterior is sampled)
+    latents.close()  # what the trainer calls at the end of a run
+    run_cache = LatentCache(tmp_path / "run-cache", vae=latents.vae.identity, space=SPACE, resolution=64,
+                            buckets=(32, 64))
+    assert list(run_cache._index) == ["img/0@16x32"]
+
+
 VAE_LOG = "unifusion_core.train.vae"
 
 

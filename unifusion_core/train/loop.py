@@ -599,6 +599,7 @@ class Trainer:
         finally:
             bar.close()
             getattr(self.features, "close", lambda: None)()
+            getattr(self.latents, "close", lambda: None)()  # the latent cache's last, partial shard
         # the export first: a validation that fails must not lose the run's result
         export = self.export(self.out / "model.safetensors")
         if self.validate is not None or self.samples is not None:

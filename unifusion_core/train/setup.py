@@ -54,9 +54,6 @@ def make_data(args, seed: int, stride: int | None = None, batch: int = 1):
             raise ConfigError(str(e)) from None
         if stride is None:
             raise ValueError("make_data: --buckets needs the model's pixel stride (patch x latent downscale)")
-        if getattr(args, "latent_cache", None):
-            raise ConfigError("--latent-cache with --buckets is not supported yet (the cache holds one latent size): "
-                              "leave one of them out")
     if args.data == "scenes":
         kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
         tasks = [t.strip() for t in getattr(args, "scene_tasks", "t2i").split(",") if t.strip()]
@@ -359,9 +356,12 @@ def make_latents(args, space):
     if not args.vae:
         raise ConfigError(f"--latent {space.name} needs --vae (a diffusers AutoencoderKL folder for that latent space)")
     vae = load_vae(args.vae, space)
-    cache = LatentCache(args.latent_cache, vae.identity, space, args.resolution) if args.latent_cache else None
+    buckets = parse_buckets(args.buckets) if getattr(args, "buckets", None) else None
+    cache = (LatentCache(args.latent_cache, vae.identity, space, args.resolution, buckets=buckets)
+             if args.latent_cache else None)
     def latents(samples, generators):
         return to_latents(samples, space, vae, cache, generators)
 
     latents.vae = vae  # the samples grid decodes with the same VAE
+    latents.close = cache.flush if cache is not None else (lambda: None)  # the trainer calls it at the end
     return latents

@@ -161,15 +161,17 @@ class LatentCache:
     FORMAT = "unifusion-latent-cache/1"
 
     def __init__(self, root: str | Path, vae: str, space: LatentSpace | str, resolution: int,
-                 shard_size: int = 256):
+                 shard_size: int = 256, buckets: tuple[int, ...] | None = None):
         if shard_size < 1:
             raise ValueError(f"LatentCache: shard_size must be >= 1, got {shard_size}")
         self.root, self.space, self.resolution = Path(root), get_latent_space(space), resolution
-        self.shard_size = shard_size
+        self.shard_size, self.buckets = shard_size, tuple(buckets) if buckets else None
         self.meta = {"format": self.FORMAT, "vae": vae, "resolution": resolution,
                      "space": self.space.to_dict(), "preprocess": PREPROCESS}
+        if self.buckets:  # aspect-ratio buckets: one latent a sample and image size, keyed "<id>@<H>x<W>"
+            self.meta |= {"resolution": None, "buckets": list(self.buckets)}
         h, w = self.space.latent_size(resolution, resolution)
-        self.shape = (self.space.channels, h, w)
+        self.shape = None if self.buckets else (self.space.channels, h, w)
         self.root.mkdir(parents=True, exist_ok=True)
         meta_path = self.root / "cache.json"
         if meta_path.is_file():
@@ -211,6 +213,21 @@ class LatentCache:
                 if key not in self._index:  # the first shard to hold an id wins
                     self._index[key], self._sums[key] = shard, sums[key]
         self._verified = {k for k in self._verified if k in self._index and before.get(k) == self._index[k]}
+
+    def key(self, id: str, size: tuple[int, int] | None) -> str | None:
+        """The cache key of sample `id` at pixel size (H, W): the id itself, or with buckets
+        "<id>@<H>x<W>" (None when the size is unknown)."""
+        if not self.buckets:
+            return id
+        return None if size is None else f"{id}@{size[0]}x{size[1]}"
+
+    def _shape_of(self, key: str) -> tuple[int, ...]:
+        if self.shape is not None:
+            return self.shape
+        h, _, w = key.rpartition("@")[2].partition("x")
+        if not (h.isdigit() and w.isdigit()):
+            raise ValueError(f"LatentCache.put({key!r}): a bucketed cache's keys are '<id>@<H>x<W>' (LatentCache.key)")
+        return (self.space.channels, *self.space.latent_size(int(h), int(w)))
 
     def __contains__(self, id: str) -> bool:
         return id in self._pending or id in self._index
@@ -273,9 +290,11 @@ class LatentCache:
         """Store the latent of sample `id`, (C, h, w); written with the next shard."""
         if not isinstance(id, str) or not id or id == "__metadata__":
             raise ValueError(f"LatentCache.put: id must be a non-empty string other than '__metadata__', got {id!r}")
-        if tuple(latent.shape) != self.shape:
+        shape = self._shape_of(id)
+        if tuple(latent.shape) != shape:
+            at = f"buckets {','.join(map(str, self.buckets))}" if self.buckets else f"{self.resolution} px"
             raise ValueError(f"LatentCache.put({id!r}): latent shape {tuple(latent.shape)} does not match the "
-                             f"cache's {self.shape} ({self.space.name} at {self.resolution} px)")
+                             f"cache's {shape} ({self.space.name} at {at})")
         self._pending[id] = latent.detach().to("cpu", copy=True).contiguous()
         if len(self._pending) >= self.shard_size:
             self.flush()
@@ -327,12 +346,14 @@ def to_latents(samples: list[Sample], space: LatentSpace | str, vae: VAE | None 
     if cache is not None and cache.space != space:
         raise ValueError(f"to_latents: the cache holds latent space {cache.space.name!r}, not {space.name!r}")
     out: list[Tensor | None] = [None] * len(samples)
-    missing = []
+    missing, keys = [], [None] * len(samples)
     for i, s in enumerate(samples):
         cached = None
-        if s.latent is None and cache is not None and s.id in cache:
+        if cache is not None:
+            keys[i] = cache.key(s.id, None if s.target is None else tuple(s.target.shape[-2:]))
+        if s.latent is None and keys[i] is not None and keys[i] in cache:
             # without a VAE a damaged latent is refused; with one, its shard is set aside and it is encoded again
-            cached = cache.get(s.id) if vae is None else cache.read(s.id)
+            cached = cache.get(keys[i]) if vae is None else cache.read(keys[i])
         if s.latent is not None:
             out[i] = s.latent.float()
         elif cached is not None:
@@ -352,8 +373,8 @@ def to_latents(samples: list[Sample], space: LatentSpace | str, vae: VAE | None 
         z = vae.encode(torch.stack([samples[i].target for i in missing]), generator=gens).cpu()  # (M, C, h, w)
         for j, i in enumerate(missing):
             out[i] = z[j]
-            if cache is not None:
-                cache.put(samples[i].id, z[j])
+            if keys[i] is not None:
+                cache.put(keys[i], z[j])
     return torch.stack(out)  # (B, C, h, w)
 
 
