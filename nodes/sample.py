@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from . import host
 from .common import CATEGORY, COND, MODEL, advise, expect, log, uf, with_notes
 
@@ -92,9 +94,11 @@ class UniFusionSample:
 
         timed = uf.advice.timed(callback, net.config, width, height, sampler,
                                 report=lambda estimate: host.show_text(unique_id, [*notes, estimate]))
-        net.dit.compile_blocks(bool(compile) and blocked is None)
+        compiling = bool(compile) and blocked is None
+        net.dit.compile_blocks(compiling)
+        session = uf.dit.compile_session() if compiling else contextlib.nullcontext({})
         try:  # Cancel between DiT blocks too, not only between steps
-            with uf.guard.interruptible(host.interrupt_check()), uf.dit.compile_session() as compiled:
+            with uf.guard.interruptible(host.interrupt_check()), session as compiled:
                 latent = net.sample(
                     conditioning, width, height, steps=steps, cfg=cfg, seed=seed, shift=shift or None,
                     sampler=sampler, negative=negative, batch_size=batch_size, callback=timed,

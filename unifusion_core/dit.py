@@ -81,9 +81,12 @@ RECOMPILE_LIMIT = 64
 
 
 def graphs_held() -> int:
-    """The graphs dynamo holds for the block runner now (its cache entries for the runner's code)."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
+    """The graphs dynamo holds for the block runner now (its cache entries for the runner's code;
+    0 where this torch does not say)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # a private helper: gone in some torch, the count is then unknown
+        return 0
     return len(_debug_get_cache_entry_list(_run_block.__code__))
 
 
