@@ -208,8 +208,10 @@ class UniFusionDiT(nn.Module):
         differ in weights only, which dynamo takes as inputs), so a model compiles in the time of
         one block, and a second run, or another model of the same width, compiles nothing. A new
         image size or prompt length compiles once more, after which dynamo makes those sizes
-        dynamic. Graphs are cached per backend for the life of the process (and inductor keeps
-        its kernels on disk, so a new process compiles faster).
+        dynamic; a new dtype or guidance setting (a mask or none) compiles once more too. Graphs
+        are cached per backend for the life of the process (and inductor keeps its kernels on
+        disk, so a new process compiles faster). Run under compile_session(): all of this shares
+        one function, and dynamo's default of 8 graphs a function is soon full.
         """
         self.compiled_block = compiled_block_runner(backend) if enabled else None
 
