@@ -215,3 +215,19 @@ def test_nodes_that_do_not_share_the_run_folder_are_refused(tmp_path, features):
     assert all(p.returncode != 0 for p in launches)
     assert any("must be on a filesystem all nodes share" in log for log in logs), logs[0][-2000:]
     assert not list(tmp_path.glob("disk*/checkpoints/*"))
+
+
+def test_a_lora_on_two_processes_trains_what_one_process_does(tmp_path, features, single):
+    """LoRA on a frozen checkpoint under torchrun: FSDP2 shards blocks whose frozen base and trainable
+    adapters share a module; 2 processes train the losses, adapters and merged export of 1."""
+    base = single / "model.safetensors"
+    lora = ["--init-from", str(base), "--lora-rank", "4", "--lora-targets", "dit,refiner", "--lr", "1e-2"]
+    runs = {}
+    for procs in (1, 2):
+        runs[procs] = tmp_path / f"lora-{procs}"
+        ok(train(runs[procs], features, *lora, procs=procs))
+    torch.testing.assert_close(torch.tensor(losses(runs[2])), torch.tensor(losses(runs[1])), **TOL)
+    assert_same_weights(runs[1] / "lora.safetensors", runs[2] / "lora.safetensors")
+    assert_same_weights(runs[1] / "model.safetensors", runs[2] / "model.safetensors")
+    adapters = load_file(str(runs[2] / "lora.safetensors"))
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in adapters.items())  # it trained
