@@ -505,8 +505,10 @@ def test_compiled_blocks_and_selective_checkpointing_train_as_the_plain_step(tmp
         torch.testing.assert_close(runs[1][1][k], v, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("lora", [{}, {"lora_rank": 8}, {"lora_rank": 8, "lora_targets": "dit,lap,refiner"}],
-                         ids=["full", "lora-dit", "lora-all"])
+@pytest.mark.parametrize("lora", [{}, {"lora_rank": 8}, {"lora_rank": 8, "lora_targets": "dit,lap,refiner"},
+                                  {"lora_rank": 8, "lora_targets": "modulation"},
+                                  {"lora_rank": 8, "lora_targets": "dit,refiner"}],
+                         ids=["full", "lora-dit", "lora-all", "lora-modulation", "lora-dit-refiner"])
 def test_train_flops_match_a_flop_counter(tmp_path, lora):
     """The FLOPs behind tokens/s and MFU: the trainer's count of one step equals what torch's
     FLOP counter sees in the step's matmuls and attention (forward and backward); with LoRA, the

@@ -431,9 +431,11 @@ def test_a_bucketed_latent_cache_keeps_one_latent_a_sample_and_size(tmp_path):
     for s, z in zip(samples, first):
         assert torch.equal(to_latents([s], SPACE, None, again), z)  # no VAE: all from the cache
     assert len(calls) == 3
-    # the same image at another bucket size is another entry
+    # the same image at another bucket size is another entry, beside the first
     other = Sample(id="img/0", task="t2i", prompt="p", cond_id="p", target=torch.rand(3, 32, 16, generator=g))
-    assert again.key(other.id, (32, 16)) not in again
+    z = to_latents([other], SPACE, vae, again)
+    assert z.shape[-2:] == (16, 8) and len(calls) == 4
+    assert torch.equal(again.get("img/0@32x16"), z[0]) and torch.equal(again.get("img/0@16x32"), first[0][0])
     with pytest.raises(ValueError, match=r"latent shape \(4, 8, 8\) does not match the cache's \(4, 8, 16\)"):
         again.put("img/9@16x32", torch.zeros(4, 8, 8))
     with pytest.raises(ValueError, match=r"resolution: cache has None, this run has 64"):

@@ -211,3 +211,36 @@ def test_val_data_with_buckets_scores_its_images_at_their_bucket_sizes(tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r["validation"] for r in rows if "validation" in r][-1]
     assert val["val_loss"] > 0 and len(val["val_loss_by_t"]) == 2
+
+
+@pytest.mark.parametrize("buckets", [None, "16"])
+def test_val_data_samples_get_ids_of_their_own_and_no_latent_cache(tmp_path, buckets):
+    """--val-data named like the training data (a.png in both folders): the held-out samples get ids
+    of their own, so no cache (latents; an image task's features) hands one set the other's sample,
+    and the validation loss encodes its latents without the training run's cache."""
+    from argparse import Namespace
+
+    from unifusion_core.train.setup import _validation_loss, make_data
+
+    for name, color in (("data", "black"), ("val", "white")):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.new("RGB", (16, 16), color).save(tmp_path / name / f"a{i}.png")
+            (tmp_path / name / f"a{i}.txt").write_text(f"a {color} square")
+    args = Namespace(data=str(tmp_path / "data"), val_data=str(tmp_path / "val"), resolution=16, mix="t2i=1.0",
+                     buckets=buckets, val_split=0.0, val_loss_samples=4, val_loss_timesteps=2)
+    _, sources = make_data(args, seed=0, stride=2, batch=2)
+    train_ids = {sources["t2i"].get(i).id for i in range(4)}
+    calls = []
+
+    def latents(samples, generators):  # the trainer's (cached) latents: must not be used
+        raise AssertionError("the validation loss used the training run's cached latents")
+
+    latents.uncached = lambda samples, generators: calls.append([s.id for s in samples]) or to_latents(samples, "pixel")
+    val = _validation_loss(args, None, latents, tiny_config(size=16), sources)
+    ids = [s.id for s in val.samples]
+    assert len(ids) == 4 and all(i.startswith("val-data:") for i in ids) and not set(ids) & train_ids
+    assert {i.removeprefix("val-data:") for i in ids} == train_ids  # the same names: they would have collided
+    assert all(float(s.target.min()) > 0.99 for s in val.samples)  # the white validation images
+    val.latents(val.samples[:1], [None])
+    assert calls == [[ids[0]]]

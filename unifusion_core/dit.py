@@ -94,7 +94,8 @@ def graphs_held() -> int:
 def compile_session():
     """Around a run with compiled blocks: dynamo's recompile limit for the runner raised to
     RECOMPILE_LIMIT, a compiler failure as a clear error (compile_errors). Yields a dict filled when
-    the run ends: `graphs` compiled during it, and `limit_reached` (later variants run eagerly)."""
+    the run ends without an error: `graphs` compiled during it, and `limit_reached` (later variants
+    run eagerly)."""
     report: dict = {}
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7

@@ -598,8 +598,14 @@ class Trainer:
                     break
         finally:
             bar.close()
-            getattr(self.features, "close", lambda: None)()
-            getattr(self.latents, "close", lambda: None)()  # the latent cache's last, partial shard
+            # the feature and latent caches' last, partial shards: each written even if the other
+            # fails, and a failure here never hides the error that ended the run
+            for name, part in (("feature", self.features), ("latent", self.latents)):
+                try:
+                    getattr(part, "close", lambda: None)()
+                except Exception:
+                    log.exception("writing the %s cache's last shard failed (its entries are encoded again "
+                                  "when next needed)", name)
         # the export first: a validation that fails must not lose the run's result
         export = self.export(self.out / "model.safetensors")
         if self.validate is not None or self.samples is not None:

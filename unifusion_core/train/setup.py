@@ -4,6 +4,7 @@ Bad flags raise `ConfigError` (a ValueError); the CLI (__main__.py) turns it int
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -304,6 +305,12 @@ def _validation_loss(args, features, latents, config, sources):
     if not samples:
         raise ConfigError(f"the held-out data ({', '.join(sorted(held))}) has no usable samples for the "
                           "validation loss")
+    if getattr(args, "val_data", None):
+        # Another dataset names its files as the training data may (0001.jpg in both folders): its own
+        # ids, so no cache (latents, an image task's features) gives one set the other's sample.
+        samples = [dataclasses.replace(s, id=f"val-data:{s.id}",
+                                       cond_id=f"val-data:{s.cond_id}" if s.cond_id == s.id else s.cond_id)
+                   for s in samples]
     space = config.latent
 
     def pixel(samples, generators):
@@ -311,7 +318,9 @@ def _validation_loss(args, features, latents, config, sources):
 
         return to_latents(samples, space)
 
-    return ValidationLoss(samples, features, latents or pixel, timesteps=args.val_loss_timesteps)
+    # uncached: the held-out latents stay out of the training run's latent cache
+    encode = getattr(latents, "uncached", latents) if latents is not None else pixel
+    return ValidationLoss(samples, features, encode, timesteps=args.val_loss_timesteps)
 
 
 def _scene_scores(args, features: PromptFeatures):
@@ -362,6 +371,10 @@ def make_latents(args, space):
     def latents(samples, generators):
         return to_latents(samples, space, vae, cache, generators)
 
+    def uncached(samples, generators):
+        return to_latents(samples, space, vae, None, generators)
+
     latents.vae = vae  # the samples grid decodes with the same VAE
     latents.close = cache.flush if cache is not None else (lambda: None)  # the trainer calls it at the end
+    latents.uncached = uncached  # the validation loss: its latents stay out of the cache
     return latents

@@ -29,7 +29,10 @@ def parameter_counts(model: UniFusionModel) -> dict[str, int]:
         # run once per row, not per token: the timestep embedder and the adaLN projections
         "dit_per_row": sum(p.numel() for n, p in model.dit.named_parameters() if n.startswith(PER_ROW)),
         "lora_dit": lora(model.dit),
-        "lora_adapters": lora(model.lap) + lora(model.refiner),
+        "lora_dit_per_row": sum(p.numel() for n, p in model.dit.named_parameters()
+                                if n.startswith(PER_ROW) and n.endswith((".lora_down", ".lora_up"))),
+        "lora_lap": lora(model.lap),
+        "lora_refiner": lora(model.refiner),
     }
 
 
@@ -40,27 +43,35 @@ def train_flops(counts: dict[str, int], config: UniFusionConfig, image_tokens: i
     refiner run once per prompt, shared by its k rows, and LAP's blocks once for each of the
     L layers of every token. (The PaLM appendix's count.) counts: `parameter_counts(model)`.
 
-    With LoRA adapters (counts' lora_dit / lora_adapters) the base is frozen: the backward pass
+    With LoRA adapters (counts' lora_*) the base is frozen: the backward pass
     computes the activations' gradients (1x the matmuls, 2x attention) and the adapters' weight
-    gradients, not the base weights'; LAP and the refiner without adapters run forward only."""
+    gradients, not the base weights', and only back to the first adapter: LAP and the refiner run
+    forward only unless they (LAP: or the refiner after it) hold adapters."""
     c, dit = counts, config.dit
     s = image_tokens + cond_tokens
     dit_mm = 2 * (c["dit"] - c["dit_per_row"]) * s + 2 * c["dit_per_row"]
     attention = 4 * dit.depth * s * s * dit.hidden_size
     L, t, d_vlm = config.num_layers, cond_tokens, config.encoder.hidden_size
-    lap_per_token = c["lap_blocks"] * L + (c["lap"] - c["lap_blocks"])
-    adapter_mm = 2 * (lap_per_token + c["refiner"]) * t / k
-    # LAP attends across the L layers of each token, the refiner across the T tokens (at the VLM's width)
-    adapter_attention = 4 * (config.lap.depth * L * L * t + config.refiner.depth * t * t) * d_vlm / k
-    lora_dit, lora_adapters = c.get("lora_dit", 0), c.get("lora_adapters", 0)
-    if not (lora_dit or lora_adapters):
-        return 3 * (dit_mm + attention + adapter_mm + adapter_attention)
-    dit_total = 2 * dit_mm + 3 * attention + 2 * lora_dit * s
-    if lora_adapters:
-        return dit_total + 2 * adapter_mm + 3 * adapter_attention + 2 * lora_adapters * t / k
-    # nothing before the DiT trains: its first layer (block 0's qkv) needs no input gradient
-    first = 3 * dit.hidden_size * dit.hidden_size
-    return dit_total - 2 * first * s + adapter_mm + adapter_attention
+    # LAP (per token, across its L layers) and the refiner (across the T tokens): matmuls and attention
+    lap = (2 * (c["lap_blocks"] * L + c["lap"] - c["lap_blocks"]) * t, 4 * config.lap.depth * L * L * t * d_vlm)
+    refiner = (2 * c["refiner"] * t, 4 * config.refiner.depth * t * t * d_vlm)
+    lora_dit, lora_lap, lora_refiner = c.get("lora_dit", 0), c.get("lora_lap", 0), c.get("lora_refiner", 0)
+    if not (lora_dit or lora_lap or lora_refiner):
+        return 3 * (dit_mm + attention + (sum(lap) + sum(refiner)) / k)
+    # backward: activations' gradients (1x the matmuls, 2x attention) back to the first adapter,
+    # and the adapters' weight gradients (2 FLOPs per adapter weight and token, or row)
+    per_row = c.get("lora_dit_per_row", 0)
+    dit_total = 2 * dit_mm + 3 * attention + 2 * (lora_dit - per_row) * s + 2 * per_row
+    if not (lora_lap or lora_refiner or per_row):
+        # nothing before the blocks trains: block 0's first layer (qkv) needs no input gradient
+        dit_total -= 2 * 3 * dit.hidden_size * dit.hidden_size * s
+    back = ((lap, lora_lap) if lora_lap else ()), ((refiner, lora_refiner) if lora_lap or lora_refiner else ())
+    adapters = sum(lap) + sum(refiner)
+    for part in back:
+        if part:
+            (mm, attn), n = part
+            adapters += mm + 2 * attn + 2 * n * t  # matmuls' input gradients, attention's, adapter weights'
+    return dit_total + adapters / k
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
