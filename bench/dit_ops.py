@@ -13,6 +13,7 @@ difference from `previous`, and (--profile) the share of time outside matrix mul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -24,7 +25,7 @@ from einops import rearrange
 from torch import Tensor
 
 from unifusion_core import UniFusionModel
-from unifusion_core.dit import DiTBlock
+from unifusion_core.dit import DiTBlock, graphs_compiled
 from unifusion_core.layers import SelfAttention, attention
 from unifusion_core.presets import get_preset
 from unifusion_core.sampling import latent_grid
@@ -145,21 +146,15 @@ def main(argv: list[str]) -> dict:
                 model.dit.compile_blocks(variant == "compiled")
                 row = {"dtype": dtype_name, "variant": variant}
                 if variant == "compiled":
-                    from torch._dynamo.utils import counters
-
-                    graphs = counters["stats"]["unique_graphs"]
+                    graphs = graphs_compiled()
                     t0 = time.perf_counter()
                     step()
                     row["first_call_s"] = round(time.perf_counter() - t0, 2)
-                    row["graphs_compiled_first_call"] = counters["stats"]["unique_graphs"] - graphs
-                    graphs = counters["stats"]["unique_graphs"]
+                    row["graphs_compiled_first_call"] = graphs_compiled() - graphs
+                    graphs = graphs_compiled()
                     step()
-                    row["graphs_compiled_second_call"] = counters["stats"]["unique_graphs"] - graphs
-                if variant == "previous":
-                    with previous_ops():
-                        out, times = step(), timed(step, args.repeats)
-                        share = _elementwise_share(step, device) if args.profile else None
-                else:
+                    row["graphs_compiled_second_call"] = graphs_compiled() - graphs
+                with previous_ops() if variant == "previous" else contextlib.nullcontext():
                     out, times = step(), timed(step, args.repeats)
                     share = _elementwise_share(step, device) if args.profile else None
                 if base is None:

@@ -368,6 +368,7 @@ def make_latents(args, space):
     buckets = parse_buckets(args.buckets) if getattr(args, "buckets", None) else None
     cache = (LatentCache(args.latent_cache, vae.identity, space, args.resolution, buckets=buckets)
              if args.latent_cache else None)
+
     def latents(samples, generators):
         return to_latents(samples, space, vae, cache, generators)
 

@@ -65,12 +65,14 @@ def train_flops(counts: dict[str, int], config: UniFusionConfig, image_tokens: i
     if not (lora_lap or lora_refiner or per_row):
         # nothing before the blocks trains: block 0's first layer (qkv) needs no input gradient
         dit_total -= 2 * 3 * dit.hidden_size * dit.hidden_size * s
-    back = ((lap, lora_lap) if lora_lap else ()), ((refiner, lora_refiner) if lora_lap or lora_refiner else ())
+
+    def backward(part: tuple[float, float], adapter_weights: int) -> float:
+        """The matmuls' input gradients, attention's, and the adapters' weight gradients."""
+        return part[0] + 2 * part[1] + 2 * adapter_weights * t
+
     adapters = sum(lap) + sum(refiner)
-    for part in back:
-        if part:
-            (mm, attn), n = part
-            adapters += mm + 2 * attn + 2 * n * t  # matmuls' input gradients, attention's, adapter weights'
+    if lora_lap or lora_refiner:  # back through the refiner, and through LAP when it holds adapters
+        adapters += backward(refiner, lora_refiner) + (backward(lap, lora_lap) if lora_lap else 0)
     return dit_total + adapters / k
 
 
