@@ -85,7 +85,8 @@ def test_validation_loss_is_the_plain_flow_loss_at_fixed_times_and_noise():
     model = _model(0)
     samples = _samples(3)
     feats = PromptFeatures(ENC, ENC.layers, table=feature_table(PROMPTS))
-    pixel = lambda s, g: to_latents(s, "pixel")
+    encoded = []
+    pixel = lambda s, g: encoded.append(len(s)) or to_latents(s, "pixel")
     val = ValidationLoss(samples, feats, pixel, timesteps=4, batch=2)
     got = val(model)
     # the plain reference: one row at a time, with the documented generators
@@ -108,6 +109,7 @@ def test_validation_loss_is_the_plain_flow_loss_at_fixed_times_and_noise():
     other = ValidationLoss(samples, feats, pixel, timesteps=4, batch=3)(model)
     assert other["val_loss_by_t"] == pytest.approx(got["val_loss_by_t"], abs=2e-6)
     assert val(model) == got
+    assert encoded == [2, 1, 3]  # fixed held-out latents: encoded once by val (2 + 1, not again), once by other
     # and it tells models apart
     assert abs(val(_model(1))["val_loss"] - got["val_loss"]) > 1e-3
 

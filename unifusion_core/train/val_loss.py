@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..conditioning import Conditioning
 from ..flow import flow_loss, interpolate
@@ -61,6 +62,9 @@ class ValidationLoss:
         self.samples, self.features, self.latents = samples, features, latents
         self.times = (torch.arange(timesteps, dtype=torch.float32) + 0.5) / timesteps
         self.batch = batch
+        # The held-out latents are fixed (fixed samples, posterior draws keyed by sample): encoded
+        # at the first validation and kept, not by the VAE at every one.
+        self._x0: dict[tuple[int, ...], Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
@@ -74,7 +78,10 @@ class ValidationLoss:
         chunks = [ids[k:k + self.batch] for ids in by_size.values() for k in range(0, len(ids), self.batch)]
         for idx in chunks:
             chunk = [self.samples[i] for i in idx]
-            x0 = self.latents(chunk, [_generator(POSTERIOR, i) for i in idx]).to(device)
+            key = tuple(idx)
+            if key not in self._x0:
+                self._x0[key] = self.latents(chunk, [_generator(POSTERIOR, i) for i in idx]).cpu()
+            x0 = self._x0[key].to(device)
             cond = model.encode(self.features(chunk), device=device)
             B = len(chunk)
             noise = torch.stack([torch.randn(x0.shape[1:], generator=_generator(NOISE, i, j))
