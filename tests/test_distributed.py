@@ -219,9 +219,11 @@ def test_nodes_that_do_not_share_the_run_folder_are_refused(tmp_path, features):
 
 def test_a_lora_on_two_processes_trains_what_one_process_does(tmp_path, features, single):
     """LoRA on a frozen checkpoint under torchrun: FSDP2 shards blocks whose frozen base and trainable
-    adapters share a module; 2 processes train the losses, adapters and merged export of 1."""
+    adapters share a module; 2 processes train the losses, adapters and merged export of 1, with
+    rank dropout too."""
     base = single / "model.safetensors"
-    lora = ["--init-from", str(base), "--lora-rank", "4", "--lora-targets", "dit,refiner", "--lr", "1e-2"]
+    lora = ["--init-from", str(base), "--lora-rank", "4", "--lora-targets", "dit,refiner", "--lr", "1e-2",
+            "--lora-dropout", "0.3"]  # its masks keyed by the sample's global index: the same on 1 or 2
     runs = {}
     for procs in (1, 2):
         runs[procs] = tmp_path / f"lora-{procs}"

@@ -92,6 +92,47 @@ def test_merge_equals_the_hooked_forward_and_strip_leaves_a_plain_model(base):
     assert_close(forward(base, *x), hooked, atol=1e-5, rtol=1e-5)
 
 
+def test_rank_dropout_masks_are_each_samples_own(base):
+    """lora.rank_dropout: a sample's masks depend on its key, not on the batch it runs in or the
+    padding of its conditioning; about p of the rank components drop, the rest scale by 1/(1-p);
+    nothing drops in eval mode or outside the context; the seed draws other masks."""
+    L.add_lora(base, L.LoRAConfig(8, targets=ALL))
+    random_adapters(base, std=0.5)
+    base.train()
+    x, t, f = inputs(base, B=4)
+    f[2:, 3:] = 0  # samples 2 and 3 are shorter prompts: 3 tokens (padding when batched with the others)
+    feats = [uf.Features(h[:n], encoder=base.config.encoder)
+             for h, n in zip(f, (5, 5, 3, 3))]
+    keys = {"dit": torch.arange(20, 24), "lap": torch.arange(20, 24), "refiner": torch.arange(20, 24)}
+
+    def run(rows, seed=7, p=0.5):
+        sub = {k: v[rows] for k, v in keys.items()}
+        with torch.no_grad(), L.rank_dropout(base, p, seed, sub):
+            return base(x[rows], t[rows], base.encode([feats[i] for i in rows]))
+
+    plain = run([0, 1, 2, 3], p=0.0)
+    together = run([0, 1, 2, 3])
+    assert (together - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every sample dropped something
+    assert_close(torch.cat([run([0, 1]), run([2, 3])]), together, atol=1e-5, rtol=1e-5)  # 2 + 2 = 4
+    assert_close(run([2]), together[2:3], atol=1e-5, rtol=1e-5)  # alone, unpadded: the same masks
+    assert (run([0, 1, 2, 3], seed=8) - together).abs().max() > 1e-3  # another step's masks
+    base.eval()
+    assert_close(run([0, 1, 2, 3]), plain, atol=0, rtol=0)  # eval: no dropout
+    base.train()
+    with torch.no_grad():
+        assert_close(base(x, t, base.encode(feats)), plain, atol=0, rtol=0)  # outside the context: none
+    # the masks: about p dropped, the kept scaled by 1 / (1 - p)
+    lin = base.dit.blocks[0].mlp.fc1
+    with L.rank_dropout(base, 0.25, 3, {"dit": torch.arange(4096)}):
+        keep = L._keep(lin, torch.ones(4096, 5, 8))
+    assert keep.shape == (4096, 1, 8) and keep.unique().tolist() == [0.0, pytest.approx(4 / 3)]
+    assert (keep == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert lin.lora_drop is None  # cleared on leaving
+    with pytest.raises(ValueError, match="LoRA dropout must be in \\[0, 1\\)"):
+        with L.rank_dropout(base, 1.0, 0, keys):
+            pass
+
+
 def test_file_round_trip_keys_and_metadata(base, tmp_path):
     x = inputs(base)
     plain = copy.deepcopy(base)
@@ -205,16 +246,43 @@ def test_a_lora_trained_here_learns_its_target_with_the_base_frozen(base, tmp_pa
     assert lora_file.stat().st_size < 0.2 * (tmp_path / "model.safetensors").stat().st_size
 
 
+def test_lora_dropout_trains_other_adapters_and_checkpointed_blocks_recompute_its_masks(base, tmp_path):
+    """--lora-dropout changes what the adapters learn (masks drawn per sample and step), and a
+    gradient-checkpointed run, whose blocks recompute their forward in the backward, trains exactly
+    what the plain run does (the masks are open over the backward and keyed, not drawn again)."""
+    runs = {}
+    for name, cfg in (("none", {}), ("dropout", dict(lora_dropout=0.5)),
+                      ("checkpointed", dict(lora_dropout=0.5, gradient_checkpointing=True))):
+        model = copy.deepcopy(base)
+        trainer = lora_trainer(tmp_path / name, model, steps=3, lora_targets="dit,lap,refiner", **cfg)
+        losses = [trainer.train_step()["loss"] for _ in range(3)]
+        runs[name] = losses, {k: v.clone() for k, v in model.state_dict().items() if L.is_lora_key(k)}
+    assert runs["dropout"][0][0] == runs["none"][0][0]  # up = 0 at the start: dropout changes no output yet
+    assert runs["dropout"][0][1:] != pytest.approx(runs["none"][0][1:], rel=1e-4)
+    assert runs["checkpointed"][0] == pytest.approx(runs["dropout"][0], rel=1e-6)
+    for k, v in runs["dropout"][1].items():
+        assert_close(runs["checkpointed"][1][k], v, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="lora_dropout must be in \\[0, 1\\)"):
+        TrainConfig(out=str(tmp_path), lora_rank=4, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="lora_dropout drops LoRA adapters' rank components: give lora_rank"):
+        TrainConfig(out=str(tmp_path), lora_dropout=0.1)
+
+
 def test_a_lora_trains_the_same_with_compiled_blocks(base, tmp_path):
-    """--compile with --lora-rank: the adapters' hooks run inside the compiled blocks, and two steps
-    give the eager losses and adapters (fp32, CPU)."""
+    """--compile with --lora-rank and --lora-dropout: the adapters' hooks and their dropout masks run
+    inside the compiled blocks, three steps give the eager losses and adapters (fp32, CPU), and a
+    step's new masks compile nothing new (the salts and keys are graph inputs)."""
     torch._dynamo.reset()
     runs = []
     for name, compile in (("eager", False), ("compiled", True)):
         model = copy.deepcopy(base)
-        trainer = lora_trainer(tmp_path / name, model, steps=2, compile=compile)
-        losses = [trainer.train_step()["loss"] for _ in range(2)]
+        trainer = lora_trainer(tmp_path / name, model, steps=3, compile=compile, lora_dropout=0.3)
+        losses = [trainer.train_step()["loss"] for _ in range(3)]
         runs.append((losses, {k: v.clone() for k, v in model.state_dict().items() if L.is_lora_key(k)}))
+        if compile:
+            graphs = uf.dit.graphs_compiled()
+            trainer.train_step()
+            assert uf.dit.graphs_compiled() == graphs  # the fourth step's masks reuse the graphs
     assert all(b._compiled_call_impl is not None for b in model.dit.blocks)
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
     assert set(runs[1][1]) == set(runs[0][1])
@@ -226,7 +294,7 @@ def test_a_lora_trains_the_same_with_compiled_blocks(base, tmp_path):
 
 def test_resume_with_lora_is_exact(base, tmp_path):
     start = copy.deepcopy(base)
-    lora_trainer(tmp_path / "a", copy.deepcopy(start), steps=6, checkpoint_every=3).run()
+    lora_trainer(tmp_path / "a", copy.deepcopy(start), steps=6, checkpoint_every=3, lora_dropout=0.25).run()
 
     class Stop(Exception):
         pass
@@ -235,11 +303,11 @@ def test_resume_with_lora_is_exact(base, tmp_path):
         if trainer.step == 3:
             raise Stop
 
-    b = lora_trainer(tmp_path / "b", copy.deepcopy(start), steps=6, checkpoint_every=3)
+    b = lora_trainer(tmp_path / "b", copy.deepcopy(start), steps=6, checkpoint_every=3, lora_dropout=0.25)
     b.on_step_end = stop_at_3
     with pytest.raises(Stop):
         b.run()
-    resumed = lora_trainer(tmp_path / "b", copy.deepcopy(start), steps=6, checkpoint_every=3)
+    resumed = lora_trainer(tmp_path / "b", copy.deepcopy(start), steps=6, checkpoint_every=3, lora_dropout=0.25)
     assert resumed.resume() and resumed.step == 3
     resumed.run()
     sa, sb = (read_tensors(list_states(tmp_path / r)[-1][1]) for r in "ab")

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def _hook(lin: nn.Linear, args: tuple, out: Tensor) -> Tensor:
         return out
     x = args[0]
     h = nn.functional.linear(x, lin.lora_down.to(x.dtype))  # (..., rank)
+    if lin.lora_drop is not None and lin.training:
+        h = h * _keep(lin, h)
     # out + h @ (s * up)^T as one GEMM accumulating into `out` (beta = 1): no separate scale and add
     # passes over the (tokens, out) activations, and nothing of that size saved for the backward
     up = (s * lin.lora_up).to(out.dtype)
@@ -117,6 +120,7 @@ def _attach(lin: nn.Linear, down: Tensor, up: Tensor, alpha: float) -> None:
     lin.register_parameter("lora_down", nn.Parameter(down))  # (rank, in)
     lin.register_parameter("lora_up", nn.Parameter(up))  # (out, rank)
     lin.lora_alpha, lin.lora_scale, lin.lora_strength, lin.lora_merged = alpha, alpha / rank, 1.0, None
+    lin.lora_drop = None  # (p, keys, salt) within rank_dropout
     lin.lora_hook = lin.register_forward_hook(_hook)
 
 
@@ -199,9 +203,81 @@ def strip_lora(model: nn.Module) -> int:
     for lin in layers.values():
         lin.lora_hook.remove()
         del lin.lora_down, lin.lora_up
-        for attr in ("lora_hook", "lora_alpha", "lora_scale", "lora_strength", "lora_merged"):
+        for attr in ("lora_hook", "lora_alpha", "lora_scale", "lora_strength", "lora_merged", "lora_drop"):
             delattr(lin, attr)
     return len(layers)
+
+
+# --- dropout in training -----------------------------------------------------------------------------
+#
+# Why rank dropout (kohya's sd-scripts `rank_dropout`: each sample drops each of the adapter's rank
+# components with probability p, the kept ones scaled by 1 / (1 - p)) rather than PEFT's dropout on
+# every input element: a sample's mask here is a function of (seed, step, the sample's index in the
+# step's global batch, the layer) alone, computed by a counter-based hash on the device. So it is the
+# same whatever the number of processes, micro-batches, or the padding of the batch's conditioning
+# (which moves every image token's position), and a gradient-checkpointed block recomputes the
+# same mask: exact resume and 1 process = N processes hold as without dropout. An elementwise mask
+# would have to be keyed by token positions that padding shifts.
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+
+
+def _wrap(v: int) -> int:
+    """A Python integer as the signed 64-bit integer it is modulo 2^64."""
+    return (v + 2**63) % 2**64 - 2**63
+
+
+def _shr(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (products wrap modulo 2^64): a bijection whose
+    outputs for consecutive inputs are as good as independent uniform 64-bit draws."""
+    z = (z ^ _shr(z, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    z = (z ^ _shr(z, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    return z ^ _shr(z, 31)
+
+
+def _keep(lin: nn.Linear, h: Tensor) -> Tensor:
+    """The kept-and-rescaled rank components of the samples h's leading dimension holds: (N, 1.., rank).
+    Rows of a sample share its mask (LAP's blocks see a prompt's tokens as rows: N = prompts x tokens)."""
+    p, keys, salt = lin.lora_drop
+    n, rank = h.shape[0], h.shape[-1]
+    if n % keys.numel():
+        raise RuntimeError(f"LoRA dropout: a layer saw {n} rows for {keys.numel()} samples; set the samples' keys of "
+                           "each part with lora.rank_dropout for the batch it runs")
+    k = keys.repeat_interleave(n // keys.numel())
+    z = _mix(_mix(k ^ salt)[:, None] + _GOLDEN * torch.arange(1, rank + 1, device=h.device))
+    u = _shr(z, 40).to(torch.float32) * 2.0**-24  # the top 24 bits: uniform in [0, 1), exact in fp32
+    keep = (u >= p).to(h.dtype) / (1 - p)
+    return keep.view(n, *(1,) * (h.ndim - 2), rank)
+
+
+@contextmanager
+def rank_dropout(model: nn.Module, p: float, seed: int, keys: dict[str, Tensor]):
+    """Within: in training mode, the adapted layers of each part ('dit', 'lap', 'refiner': the
+    prefix of their names) drop rank components of their samples with probability p (see above).
+    keys[part]: one int64 per sample of the batch that part runs (its index in the step's global
+    batch); `seed`: the run's seed and step together (e.g. the step generator's seed). Keep it
+    open over the backward too: checkpointed blocks recompute their forward there."""
+    if not 0 <= p < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {p}")
+    layers = adapted(model)
+    if p > 0:
+        base = _mix(torch.tensor([seed & (2**63 - 1)], dtype=torch.int64))
+        for i, (name, lin) in enumerate(layers.items()):
+            part = name.split(".", 1)[0]
+            if part in keys:
+                # the salt a tensor, not a Python int: compiled blocks take it as an input (one graph for all)
+                dev = lin.lora_down.device
+                lin.lora_drop = (float(p), keys[part].to(dev, torch.int64), _mix(base + _wrap(_GOLDEN * (i + 1))).to(dev))
+    try:
+        yield
+    finally:
+        for lin in layers.values():
+            lin.lora_drop = None
 
 
 # --- the file ---------------------------------------------------------------------------------------

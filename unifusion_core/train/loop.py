@@ -22,6 +22,7 @@ is ever written (`NonFiniteError`; the states already saved stay).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +42,7 @@ from ..conditioning import Conditioning
 from ..config import UniFusionConfig
 from ..features import Features
 from ..flow import flow_loss, interpolate, resolution_shift, time_shift
-from ..lora import LoRAConfig, add_lora, is_lora_key, merge_lora, save_lora, strip_lora
+from ..lora import LoRAConfig, add_lora, is_lora_key, merge_lora, rank_dropout, save_lora, strip_lora
 from ..model import UniFusionModel
 from .board import Board, Metrics
 from .buckets import bucket_record
@@ -119,6 +120,9 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 0.0  # 0: the rank (the adapters' scale alpha / rank is 1)
     lora_targets: str = "dit"
+    # rank dropout of the adapters (lora.rank_dropout: each sample drops each rank component with this
+    # probability; kohya's rank_dropout); 0: none, as PEFT's and kohya's defaults
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -126,6 +130,10 @@ class TrainConfig:
             raise ValueError(f"lora_rank must be >= 0 (0: full training), got {self.lora_rank}")
         if self.lora_rank:
             LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_targets)  # a clear error now
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_dropout and not self.lora_rank:
+            raise ValueError("lora_dropout drops LoRA adapters' rank components: give lora_rank too (or leave it out)")
         if self.adapter_lr_scaling not in ("fan_in", "none"):
             raise ValueError(f"adapter_lr_scaling must be 'fan_in' or 'none', got {self.adapter_lr_scaling!r}")
         if self.nonfinite not in ("skip", "stop"):
@@ -162,8 +170,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]))
 
 
-# What a row's generator draws: one independent stream per purpose.
-NOISE, POSTERIOR = 0, 1
+# What a row's generator draws: one independent stream per purpose (LORA_DROPOUT: the step's seed
+# of the adapters' dropout masks, lora.rank_dropout).
+NOISE, POSTERIOR, LORA_DROPOUT = 0, 1, 2
 
 
 def row_generators(seed: int, step: int, rows: range, purpose: int = NOISE) -> list[torch.Generator]:
@@ -462,10 +471,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total, ts, all_losses = 0.0, [], []
         for m in range(N):
-            loss, t, losses = self._micro_batch(m, drop_all, u_all)
-            # Why backward per micro-batch (FSDP2 reduce-scatters each one): the gradients stay
-            # sharded between micro-batches, which is the memory that accumulation is for.
-            (loss / N).backward()
+            with self._lora_dropout(m):  # open over the backward: checkpointed blocks recompute their masks
+                loss, t, losses = self._micro_batch(m, drop_all, u_all)
+                # Why backward per micro-batch (FSDP2 reduce-scatters each one): the gradients stay
+                # sharded between micro-batches, which is the memory that accumulation is for.
+                (loss / N).backward()
             total += loss.item() / N
             ts.append(t.cpu())
             all_losses.append(losses.detach().cpu())
@@ -483,6 +493,21 @@ class Trainer:
         self.step += 1
         return {"loss": mean, "grad_norm": gnorm, "finite": finite, "t": torch.cat(ts),
                 "losses": torch.cat(all_losses), "samples": N * P * K}
+
+    def _lora_dropout(self, m: int):
+        """The adapters' dropout for micro-batch m (none without --lora-dropout): each sample's masks
+        keyed by its index in the step's global batch, prompts for LAP and the refiner, (prompt,
+        timestep) rows for the DiT, so that they do not depend on the number of processes."""
+        cfg = self.cfg
+        if not (self.lora is not None and cfg.lora_dropout):
+            return contextlib.nullcontext()
+        P, K = cfg.prompts_per_step, cfg.timesteps_per_prompt
+        mine = self.dist.part(P)
+        first, n = m * P + mine.start, mine.stop - mine.start
+        prompts = torch.arange(first, first + n)
+        rows = torch.arange(first * K, (first + n) * K)
+        seed = int(np.random.SeedSequence([cfg.seed, self.step], spawn_key=(LORA_DROPOUT,)).generate_state(1, np.uint64)[0])
+        return rank_dropout(self.model, cfg.lora_dropout, seed, {"dit": rows, "lap": prompts, "refiner": prompts})
 
     def _micro_batch(self, m: int, drop_all: Tensor, u_all: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Forward of micro-batch m of the step: (this rank's mean loss, its timesteps, its per-row losses).
