@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unifusion_core import scenes
+from unifusion_core import scene_edits, scenes
 from unifusion_core.eval import edits
 
 
@@ -22,6 +22,8 @@ def test_cases_are_fixed_and_of_their_split(task):
     assert all(np.array_equal(x, y) for c, d in zip(a, b) for x, y in zip(c.images, d.images))
     assert {len(c.images) for c in a} == ({2} if task == "multiref" else {1})
     assert all(c.split == "heldout" for c in a)
+    if task == "edit":  # kind by kind in turn, none drawn twice
+        assert [c.kind for c in a] == list(scene_edits.EDIT_KINDS) * 2 and len({c.text for c in a}) == 12
 
 
 def test_drawing_the_target_scores_one_and_drawing_the_source_only_what_is_unchanged():

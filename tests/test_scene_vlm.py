@@ -200,3 +200,4 @@ def test_the_shipped_scene_vlm_scores_as_recorded(shipped):
     got = describe.evaluate(shipped, 12, "heldout", describe.make_pools())
     bars = {"describe": 11 / 12, "question": 11 / 12, "edit": 11 / 12, "reference": 11 / 12, "text": 10 / 12}
     assert all(got[t] >= bar for t, bar in bars.items()), got
+    assert {k: v["n"] for k, v in got["edit_kinds"].items()} == dict.fromkeys(scene_edits.EDIT_KINDS, 2)  # in turn
