@@ -390,6 +390,14 @@ def test_bad_data_is_skipped_counted_and_named(tmp_path, caplog):
     assert "truncated.png" in text and "nocaption" in text
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["bad_samples"] == summary["bad_samples"]
+    # the same folder with a lower bound: the run stops with a ValueError (the CLI's exit status 1)
+    # naming the flag; a bound of 1 or more, which would refill a batch of bad samples forever, is refused
+    (tmp_path / "run2").mkdir()
+    tc = dataclasses.replace(tc, out=str(tmp_path / "run2"), max_bad_fraction=0.1)
+    with pytest.raises(ValueError, match=r"samples drawn were bad, more than --max-bad-fraction 0.1 \(the warnings"):
+        Trainer(tc, model, TaskMixture({"t2i": src}, {"t2i": 1.0}, seed=0), {"t2i": src}, feats).run()
+    with pytest.raises(ValueError, match=r"max_bad_fraction must be in \[0, 1\), got 1"):
+        dataclasses.replace(tc, max_bad_fraction=1.0)
 
 
 def test_caption_dropout_uses_the_learned_null_token(tmp_path):

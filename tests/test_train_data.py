@@ -318,6 +318,32 @@ def test_features_follow_the_task():
     assert out[1].hidden.shape == (2, 2, 8)
 
 
+def test_prompt_features_kept_in_memory_are_bounded():
+    """Each caption's features are kept for reuse up to PromptFeatures.MEMO_BYTES, least recently
+    drawn out first and encoded again when drawn; what a call returns never changes."""
+    spec = EncoderSpec("tiny", "tiny-random", hidden_size=8, num_layers=2, layers=(1, 2))
+
+    class Numbered(RecordingVLM):
+        def encode(self, text, images=None, rewrite=False, layers=(), system_prompt=None):
+            self.calls.append((text, 0))
+            return Features(torch.full((2, len(layers), 8), float(text[1:])), tuple(layers), self.spec, text)
+
+        def encode_batch(self, texts, rewrite=False, layers=(), system_prompt=None):
+            return [self.encode(t, layers=layers) for t in texts]
+
+    vlm = Numbered(spec)
+    feats = PromptFeatures(spec, (1, 2), vlm=vlm)
+    feats.MEMO_BYTES = 3 * 2 * 2 * 8 * 4  # three captions of (2, 2, 8) fp32
+    draws = [[f"p{i}", f"p{i + 1}"] for i in range(6)] + [["p6", "p0"]]
+    for prompts in draws:
+        out = feats([Sample(p, "t2i", p, cond_id=text_id(p)) for p in prompts])
+        assert [float(f.hidden[0, 0, 0]) for f in out] == [float(p[1:]) for p in prompts]
+        assert len(feats.memo) <= 3 and feats.memo_bytes <= feats.MEMO_BYTES
+    # p1..p6 each encoded once (every draw's second caption is the next one's first), p0 twice: evicted by then
+    assert [c[0] for c in vlm.calls] == ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p0"]
+    assert feats.evicted == 5
+
+
 # ---------------------------------------------------------------------------------- TaskMixture
 
 

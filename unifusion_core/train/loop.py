@@ -154,6 +154,9 @@ class TrainConfig:
                              f"got {self.keep_checkpoints}")
         if not (self.time_limit >= 0 and math.isfinite(self.time_limit)):
             raise ValueError(f"time_limit must be >= 0 minutes (0 = none), got {self.time_limit}")
+        if not 0 <= self.max_bad_fraction < 1:
+            # 1 or more would never stop a run whose every sample is bad: it would refill its batch forever
+            raise ValueError(f"max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
         if not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"cond_dropout and ema_decay must be in [0, 1), got {self.cond_dropout}, {self.ema_decay}")
 
@@ -443,8 +446,10 @@ class Trainer:
                 return out[mine]
             self.bad += len(slots)
             if self.drawn >= 20 and self.bad > self.cfg.max_bad_fraction * self.drawn:
-                raise RuntimeError(f"{self.bad} of {self.drawn} samples were bad (see the warnings): "
-                                   "fix the data") from None
+                # ValueError: bad data, exit status 1 with this message (every rank alike: the counts are global)
+                raise ValueError(f"{self.bad} of {self.drawn} samples drawn were bad, more than --max-bad-fraction "
+                                 f"{self.cfg.max_bad_fraction:g} (the warnings above name each file and why): fix or "
+                                 "remove them") from None
             # refill: the same batch (a bucketed mixture keeps it in the batch's bucket)
             refill = getattr(self.mixture, "refill", self.mixture.draw)
             for i, pick in zip(slots, refill(len(slots))):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,8 @@ def load_features_file(path: Path) -> tuple[dict[str, torch.Tensor], EncoderSpec
 
 
 class PromptFeatures:
-    """Features per sample, computed once per distinct conditioning (cond_id) and kept in memory.
+    """Features per sample, computed once per distinct conditioning (cond_id) and kept in memory
+    up to MEMO_BYTES (least recently drawn first out; those are encoded again when drawn).
 
     Sources: a features file, an opt-in on-disk cache, or the frozen VLM online. The model may
     read a subset of the stored layers (the last-layer ablation).
@@ -161,19 +163,42 @@ class PromptFeatures:
                              f"(they hold {list(stored_layers)})")
         self.pick = [stored_layers.index(i) for i in spec.layers]
         self.table = table or {}  # prompt text -> (T, L_stored, D)
-        self.memo: dict[str, Features] = {}  # prompt-only features, shared by every sample with the prompt
-        self.once: dict[str, Features] = {}  # features of samples with images, for the current call only
+        # prompt-only features, shared by every sample with the prompt, least recently used first
+        self.memo: OrderedDict[str, Features] = OrderedDict()
+        self.memo_bytes, self.evicted = 0, 0
+        self.once: dict[str, Features] = {}  # this call's features (samples with images, a features file's rows)
 
     def features(self, hidden: torch.Tensor, text: str) -> Features:
         return Features(hidden[:, self.pick].float(), self.spec.layers, self.spec, text)
 
+    # Why a bound: every caption's features in fp32 (1.9 MiB at SmolLM2's shapes, about 11 MB at
+    # InternVL3-8B's) kept for the whole run filled host memory at 10^4-10^5 captions (measured by a
+    # review: 100k captions, 182 GiB a process). Within the bound a run over a few thousand
+    # captions (the scenes: 702) encodes each once; beyond it, --feature-cache keeps them on disk.
+    MEMO_BYTES = 2 * 2**30
+
+    def _remember(self, cid: str, f: Features) -> None:
+        self.memo[cid] = f
+        self.memo_bytes += f.hidden.nbytes
+        while self.memo_bytes > self.MEMO_BYTES and len(self.memo) > 1:
+            _, old = self.memo.popitem(last=False)
+            self.memo_bytes -= old.hidden.nbytes
+            if not self.evicted:
+                log.info("the features of %d captions fill the %.1f GiB kept in memory: the least recently drawn "
+                         "are encoded again when drawn (--feature-cache DIR keeps them on disk)", len(self.memo),
+                         self.MEMO_BYTES / 2**30)
+            self.evicted += 1
+
     def prepare(self, samples: list[Sample]) -> None:
         """Encode what is missing, batched (the shared system prompt is computed once). What the
         encoder gets is the sample's task's (tasks.py): the prompt alone, or its images too."""
-        for s in samples:  # precomputed prompts (features file): sliced to the model's layers once
-            if s.cond_id not in self.memo and not TASKS[s.task].images and s.prompt in self.table:
-                self.memo[s.cond_id] = self.features(self.table[s.prompt], s.prompt)
-        todo = {s.cond_id: s for s in samples if s.cond_id not in self.memo and s.cond_id not in self.once}
+        for s in samples:  # precomputed prompts (features file): sliced from the table when drawn, not kept
+            if s.cond_id in self.memo:
+                self.once[s.cond_id] = self.memo[s.cond_id]
+                self.memo.move_to_end(s.cond_id)
+            elif not TASKS[s.task].images and s.prompt in self.table:
+                self.once[s.cond_id] = self.features(self.table[s.prompt], s.prompt)
+        todo = {s.cond_id: s for s in samples if s.cond_id not in self.once}
         if not todo:
             return
         with_images = {cid: s for cid, s in todo.items() if TASKS[s.task].images}
@@ -191,21 +216,25 @@ class PromptFeatures:
                 return
         if with_images or self.vlm is None:
             for cid, s in todo.items():  # a sample with images is its own conditioning: kept for this call only
-                (self.once if TASKS[s.task].images else self.memo)[cid] = self._one(s)
+                self.once[cid] = self._one(s)
+                if not TASKS[s.task].images:
+                    self._remember(cid, self.once[cid])
             return
         if self.cache is not None:
             # build() writes one shard per call: for data seen prompt by prompt, many small shards
             self.cache.build(self.vlm, [(cid, s.prompt) for cid, s in todo.items()], rewrite=self.rewrite)
             for cid, s in todo.items():
                 f = self.cache.get(cid)
-                self.memo[cid] = self.features(f.hidden, f.text)
+                self.once[cid] = self.features(f.hidden, f.text)
+                self._remember(cid, self.once[cid])
             return
         if self.rewrite:
             raise ConfigError("--rewrite trains on VERIFI rewrites produced once offline: pass --feature-cache DIR")
         feats = self.vlm.encode_batch([s.prompt for s in todo.values()], rewrite=False, layers=self.spec.layers,
                                       system_prompt=self.spec.system_prompt)
         for cid, f in zip(todo, feats):
-            self.memo[cid] = Features(f.hidden.float(), f.layers, self.spec, f.text)
+            self.once[cid] = Features(f.hidden.float(), f.layers, self.spec, f.text)
+            self._remember(cid, self.once[cid])
 
     def close(self) -> None:
         """Write what the on-disk cache still buffers."""
@@ -228,7 +257,7 @@ class PromptFeatures:
     def __call__(self, samples: list[Sample]) -> list[Features]:
         self.once = {}
         self.prepare(samples)
-        out = [self.once[s.cond_id] if s.cond_id in self.once else self.memo[s.cond_id] for s in samples]
+        out = [self.once[s.cond_id] for s in samples]
         self.once = {}
         return out
 
