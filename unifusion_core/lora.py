@@ -271,8 +271,8 @@ def rank_dropout(model: nn.Module, p: float, seed: int, keys: dict[str, Tensor])
             part = name.split(".", 1)[0]
             if part in keys:
                 # the salt a tensor, not a Python int: compiled blocks take it as an input (one graph for all)
-                dev = lin.lora_down.device
-                lin.lora_drop = (float(p), keys[part].to(dev, torch.int64), _mix(base + _wrap(_GOLDEN * (i + 1))).to(dev))
+                dev, salt = lin.lora_down.device, _mix(base + _wrap(_GOLDEN * (i + 1)))
+                lin.lora_drop = (float(p), keys[part].to(dev, torch.int64), salt.to(dev))
     try:
         yield
     finally:

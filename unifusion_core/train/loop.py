@@ -511,8 +511,8 @@ class Trainer:
         first, n = m * P + mine.start, mine.stop - mine.start
         prompts = torch.arange(first, first + n)
         rows = torch.arange(first * K, (first + n) * K)
-        seed = int(np.random.SeedSequence([cfg.seed, self.step], spawn_key=(LORA_DROPOUT,)).generate_state(1, np.uint64)[0])
-        return rank_dropout(self.model, cfg.lora_dropout, seed, {"dit": rows, "lap": prompts, "refiner": prompts})
+        seed = np.random.SeedSequence([cfg.seed, self.step], spawn_key=(LORA_DROPOUT,)).generate_state(1, np.uint64)[0]
+        return rank_dropout(self.model, cfg.lora_dropout, int(seed), {"dit": rows, "lap": prompts, "refiner": prompts})
 
     def _micro_batch(self, m: int, drop_all: Tensor, u_all: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Forward of micro-batch m of the step: (this rank's mean loss, its timesteps, its per-row losses).
