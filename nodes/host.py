@@ -390,6 +390,7 @@ class Managed:
     def __init__(self, obj, module: torch.nn.Module, load: torch.device, offload: torch.device, partial: bool):
         self.obj, self.module, self.device = obj, module, load
         self.partial = partial  # only modules built from comfy.ops may be loaded partially (low VRAM)
+        self.loras: tuple[str, ...] = ()  # the LoRA files applied (with_lora), in order
         self.patcher = comfy.model_patcher.ModelPatcher(_Holder(module, offload), load, offload) if IN_COMFYUI else None
 
     def load(self, memory_required: int = 0):
@@ -422,7 +423,9 @@ def with_lora(managed: Managed, lora, strength: float) -> Managed:
     if managed.patcher is None:
         model = copy.deepcopy(managed.obj)
         uf.lora.merge_file(model, lora, strength)
-        return Managed(model, model, managed.device, offload_device(), managed.partial)
+        out = Managed(model, model, managed.device, offload_device(), managed.partial)
+        out.loras = (*managed.loras, lora.path.name)
+        return out
     import comfy.lora
 
     keys = {layer: f"module.{layer}.weight" for layer in lora.layers}  # the patcher holds _Holder(model)
@@ -433,7 +436,7 @@ def with_lora(managed: Managed, lora, strength: float) -> Managed:
         raise ValueError(f"{lora.path.name}: ComfyUI did not take the patches of {len(left)} layers ({left[:3]}); "
                          "the LoRA does not fit this model")
     clone = copy.copy(managed)  # the same model and weights, another patcher
-    clone.patcher = patcher
+    clone.patcher, clone.loras = patcher, (*managed.loras, lora.path.name)
     return clone
 
 

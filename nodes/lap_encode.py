@@ -44,7 +44,8 @@ class UniFusionLAPEncode:
         expect(features, uf.Features, "features", "UniFusion VERIFI Rewrite")
         if tokens not in TOKENS:
             raise ValueError(f"tokens must be one of {list(TOKENS)}, got {tokens!r}")
-        notes = advise("UniFusion LAP Encode", uf.advice.advice(model.obj.config, features=features))
+        notes = advise("UniFusion LAP Encode", uf.advice.advice(model.obj.config, features=features,
+                                                                lora=bool(model.loras)))
         host.show_text(unique_id, notes)
         if tokens == "image":
             features = features.image_tokens()

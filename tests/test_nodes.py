@@ -464,14 +464,23 @@ def test_lap_encode_warns_of_what_the_scenes_model_never_learned(caplog, shown):
         outside = enc.encode(model, features_of(spec, "a fox in the snow", rewrite=False), unique_id="4")
         rewritten = enc.encode(model, features_of(spec, "a red circle on the left", rewrite=True), unique_id="4")
     (grammar,), (rewrite,) = outside["ui"]["text"], rewritten["ui"]["text"]
-    assert grammar.startswith("'a fox in the snow' is not a prompt of the synthetic-scene grammar: 'a <colour> "
-                              "<shape> <position>'")
+    assert grammar.startswith("'a fox in the snow' is not a synthetic-scene prompt or paraphrase (unknown words "
+                              "['fox', 'snow']): the grammar accepts")
     assert grammar.endswith("this checkpoint knows only that grammar: expect a blank or meaningless picture "
                             "(e.g. 'a red circle to the left of a blue square')")
     assert rewrite.startswith("this checkpoint was trained on the prompt's own words (rewrite off), but this "
                               "conditioning is a VERIFI rewrite")
     assert warnings(caplog) == [f"UniFusion LAP Encode: {grammar}", f"UniFusion LAP Encode: {rewrite}"]
     assert shown[1:] == [("4", [grammar]), ("4", [rewrite])]
+    # the grammar in any case and punctuation: nothing to say; another of its templates: the trained wording
+    assert isinstance(enc.encode(model, features_of(spec, "A red circle on the left.", rewrite=False)), tuple)
+    (para,) = enc.encode(model, features_of(spec, "there is a red circle on the left", rewrite=False))["ui"]["text"]
+    assert para == ("'there is a red circle on the left' is a paraphrase of 'a red circle on the left', the wording "
+                    "this checkpoint was trained on: if the picture misses, write that")
+    # with a LoRA, which may have taught it new words (the shipped one: cyan), the grammar is not checked
+    (cyan,) = N["UniFusionLoRALoader"]().load(model, uf.assets.demo_lora().name, 1.0)
+    assert cyan.loras == ("lora-cyan.safetensors",) and model.loras == ()
+    assert isinstance(enc.encode(cyan, features_of(spec, "a cyan square on the left", rewrite=False)), tuple)
 
 
 @needs_bundled

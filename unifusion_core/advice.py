@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 
-from . import scenes
+from . import paraphrase, scenes
 from .assets import bundled_model
 from .checkpoint import read_config
 from .config import UniFusionConfig
@@ -28,12 +28,14 @@ LONG_RUN = 60.0  # seconds: a run estimated longer than this is announced after 
 
 
 def advice(config: UniFusionConfig, *, prompt: str | None = None, features: Features | None = None,
-           rewrite: bool | None = None, width: int | None = None, height: int | None = None) -> list[str]:
+           rewrite: bool | None = None, width: int | None = None, height: int | None = None,
+           lora: bool = False) -> list[str]:
     """Sentences on what this checkpoint was not trained for in a run; empty when there is nothing to say.
 
     prompt: the conditioning text (default: features.text, the rewrite or the prompt). rewrite:
     whether the conditioning is a VERIFI rewrite (default: what the features record, Features.rewrite;
-    None: unknown, not checked). width, height: the image size (None: not checked).
+    None: unknown, not checked). width, height: the image size (None: not checked). lora: the
+    checkpoint runs with a LoRA, which may have taught it words beyond its grammar (not checked then).
     """
     notes = size_advice(config, width, height) if width and height else []
     if features is not None:
@@ -47,13 +49,24 @@ def advice(config: UniFusionConfig, *, prompt: str | None = None, features: Feat
             "this checkpoint was trained on the prompt's own words (rewrite off), but this conditioning is a VERIFI "
             "rewrite, words it never saw in training: turn rewrite off"
         )
-    if prompt is not None and knows_scenes(config):
-        try:
-            scenes.parse_prompt(prompt)
-        except ValueError as e:
-            notes.append(f"{e}; this checkpoint knows only that grammar: expect a blank or meaningless picture "
-                         f"(e.g. {scenes.EXAMPLE!r})")
+    if prompt is not None and knows_scenes(config) and not lora:
+        notes += grammar_advice(prompt)
     return notes
+
+
+def grammar_advice(prompt: str) -> list[str]:
+    """For the scenes model: nothing for a prompt of its grammar in any case and punctuation; for a
+    paraphrase (another template of paraphrase.py) the canonical wording it was trained on; for
+    anything else, that it knows only the grammar."""
+    try:
+        scene = paraphrase.canonical(prompt)
+    except ValueError as e:
+        return [f"{e}; this checkpoint knows only that grammar: expect a blank or meaningless picture (e.g. "
+                f"{scenes.EXAMPLE!r})"]
+    if paraphrase.normalise(prompt) == scene.prompt:
+        return []
+    return [f"{prompt!r} is a paraphrase of {scene.prompt!r}, the wording this checkpoint was trained on: if the "
+            "picture misses, write that"]
 
 
 def area_ratio(config: UniFusionConfig, width: int, height: int) -> float | None:
