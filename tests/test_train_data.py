@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from unifusion_core.config import EncoderSpec
 from unifusion_core.features import Features
 from unifusion_core.latents import LATENT_SPACES, LatentSpace
+from unifusion_core.pixels import to_8bit
 from unifusion_core.train.data import BadSample, Sample
 from unifusion_core.train.mixture import TaskMixture
 from unifusion_core.train.setup import PromptFeatures
@@ -101,6 +102,29 @@ def test_image_folder_same_stem_is_refused(tmp_path):
     write(tmp_path / "x.jpg", image_bytes("JPEG"))
     with pytest.raises(ValueError, match="share the id 'x'"):
         ImageFolder(tmp_path, 16)
+
+
+def test_a_16_bit_grayscale_png_loads_like_its_8_bit_twin(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (a ramp came out nearly white): images are
+    scaled to 8 bits, in every source and in the tiling of reference images."""
+    from unifusion_core.tiling import to_pils
+    from unifusion_core.train.sources import open_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "g8.png")
+    for name in ("g16", "g8"):
+        write(tmp_path / f"{name}.txt", "a grey ramp")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    src = ImageFolder(tmp_path, 64)
+    g16, g8 = (src.get(src.ids.index(n)).target for n in ("g16", "g8"))
+    assert float((g16 - g8).abs().max()) <= 1 / 255 + 1e-6 and abs(float(g16.mean()) - 0.5) < 0.01
+    as_bytes = np.asarray(open_image((tmp_path / "g16.png").read_bytes(), "g16.png"), dtype=int)  # tar members
+    tiled = np.asarray(to_pils(str(tmp_path / "g16.png"))[0], dtype=int)
+    eight = np.asarray(Image.open(tmp_path / "g8.png").convert("RGB"), dtype=int)
+    assert np.abs(as_bytes - eight).max() <= 1 and np.abs(tiled - eight).max() <= 1
+    for other in (Image.fromarray(ramp.astype(np.int32)), Image.fromarray(ramp.astype(np.float32) / 65535)):  # I, F
+        assert other.mode in ("I", "F") and np.abs(np.asarray(to_8bit(other), dtype=int) - eight[..., 0]).max() <= 1
 
 
 @pytest.mark.parametrize("case", ["no caption", "empty caption", "truncated png", "truncated jpeg", "too small"])
@@ -250,6 +274,44 @@ def test_tar_shards(tmp_path):
                          "f": "s-001.tar:f.png.*smaller than min_size"}.items():
         assert isinstance(by_id[key], str), key
         assert __import__("re").search(pattern, by_id[key]), by_id[key]
+
+
+def test_tar_shards_of_one_name_in_two_folders_get_distinct_ids(tmp_path):
+    """train/000.tar and extra/000.tar: a sample's id names its shard by the path below the folder the
+    shards share (the stem alone gave both one id, and the id-keyed latent cache paired one's caption
+    with the other's latent); the shards of one folder keep their stem; one id twice is refused."""
+    for folder, caption, seed in (("train", "a red square", 1), ("extra", "a blue square", 2)):
+        (tmp_path / folder).mkdir()
+        write_tar(tmp_path / folder / "000.tar", {"0001.png": image_bytes(seed=seed), "0001.txt": caption})
+    src = load_sources(str(tmp_path / "*/000.tar"), 16)["t2i"]
+    assert src.ids == ["extra/000/0001", "train/000/0001"]
+    assert [(s.id, s.prompt) for s in map(src.get, range(2))] == [("extra/000/0001", "a blue square"),
+                                                                 ("train/000/0001", "a red square")]
+    assert TarShards(str(tmp_path / "train/000.tar"), 16).get(0).id == "000/0001"  # one folder: as before
+    with pytest.raises(ValueError, match=r"000\.tar:0001 and .*000\.tar:0001 share the id '000/0001'"):
+        TarShards([tmp_path / "train/000.tar", tmp_path / "train/000.tar"], 16)
+
+
+def test_a_utf8_bom_is_no_part_of_a_caption_or_a_manifest(tmp_path):
+    """Notepad's and PowerShell's UTF-8 starts with a byte-order mark: it stayed in the caption (another
+    cond_id, a features file's prompt missed) and made a JSONL manifest's first row malformed."""
+    read = {}
+    for name, encoding in (("plain", "utf-8"), ("bom", "utf-8-sig")):
+        d = tmp_path / name
+        write(d / "folder/a.png", image_bytes())
+        (d / "folder/a.txt").write_text("a red circle", encoding=encoding)
+        write(d / "a.png", image_bytes())
+        (d / "m.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a red circle"}) + "\n", encoding=encoding)
+        row = json.dumps({"caption": "a red circle"})
+        write_tar(d / "s.tar", {"k.png": image_bytes(), "k.txt": "a red circle".encode(encoding),
+                                "j.png": image_bytes(), "j.json": row.encode(encoding)})
+        m = Manifest(d / "m.jsonl", 16)
+        assert m.tasks() == {"t2i": 1}, name
+        tar = TarShards(str(d / "s.tar"), 16)
+        read[name] = [ImageFolder(d / "folder", 16).get(0), m.get(0), tar.get(0), tar.get(1)]
+    for plain, bom in zip(read["plain"], read["bom"]):
+        assert (bom.prompt, bom.cond_id, bom.id) == (plain.prompt, plain.cond_id, plain.id) == (
+            "a red circle", text_id("a red circle"), plain.id)
 
 
 # ---------------------------------------------------------------------------------- tasks

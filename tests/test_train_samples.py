@@ -76,6 +76,9 @@ def test_prompts_files_txt_jsonl_toml(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=message):
             read_sample_prompts(tmp_path / name)
+    for name in ("p.txt", "p.jsonl"):  # UTF-8 with a byte-order mark (Notepad's): read as without it
+        (tmp_path / f"bom-{name}").write_text((tmp_path / name).read_text(), encoding="utf-8-sig")
+        assert read_sample_prompts(tmp_path / f"bom-{name}") == read_sample_prompts(tmp_path / name)
 
 
 def test_a_run_samples_the_ema_weights_every_n_steps_and_logs_them_to_tensorboard(tmp_path, scene_features):

@@ -121,15 +121,34 @@ def test_validation_loss_errors_name_the_problem():
     with pytest.raises(ValueError, match="must be >= 1"):
         ValidationLoss(_samples(1), feats, None, timesteps=0)
     with pytest.raises(ValueError, match="fraction in"):
-        split_indices(10, 1.5)
+        split_indices(["a", "b"], 1.5)
+    with pytest.raises(TypeError, match="expected the samples' ids"):
+        split_indices(10, 0.5)
 
 
 def test_val_split_is_fixed_disjoint_and_whole():
-    train, held = split_indices(1000, 0.1)
+    ids = [f"img{i:04d}" for i in range(1000)]
+    train, held = split_indices(ids, 0.1)
     assert sorted(train + held) == list(range(1000)) and not set(train) & set(held)
     assert 60 < len(held) < 140
-    assert split_indices(1000, 0.1) == (train, held)  # the same for every run and seed
-    assert set(split_indices(1100, 0.1)[1]) >= set(held)  # more data keeps the samples already held out
+    assert split_indices(ids, 0.1) == (train, held)  # the same for every run and seed
+    assert set(split_indices(ids + ["more"] * 100, 0.1)[1]) >= set(held)  # more data keeps the samples held out
+
+
+def test_adding_a_file_that_sorts_first_moves_no_held_out_sample():
+    """The split goes by each sample's id, not its position: a file added in front of the sort order
+    (it moved 53 of 56 held-out images of 1000 into training) or removed moves no other sample."""
+    names = [f"img{i:04d}" for i in range(1, 1001)]
+
+    def held(names: list[str]) -> set[str]:
+        return {names[i] for i in split_indices(names, 0.05)[1]}
+
+    before = held(names)
+    assert 30 <= len(before) <= 70  # 50 expected, sd 6.9
+    for added in (["img0000"], ["img0000", "img0500b", "zzz"]):
+        assert held(sorted(names + added)) - set(added) == before
+    assert held(names[1:]) == before - {names[0]}
+    assert held(names[::-1]) == before  # nor does the order
 
 
 def _folder(root, n=12):
@@ -174,6 +193,12 @@ def test_val_split_holds_out_samples_the_mixture_never_draws(tmp_path):
     assert held and len(sources["t2i"]) + len(held) == 20
     drawn = {sources["t2i"].indices[i] for _, i in mixture.draw(200)}
     assert drawn and not drawn & held
+    # the split goes by the samples' ids: a file added in front of the sorted names moves no other one
+    names = {sources["t2i"].held_out.get(i).id for i in range(len(held))}
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "a.txt").write_text("a red square in the center")
+    _, again = make_data(args, seed=0)
+    assert {again["t2i"].held_out.get(i).id for i in range(len(again["t2i"].held_out))} - {"a"} == names
 
 
 def test_val_split_with_buckets_scores_held_out_images_at_their_bucket_sizes(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .pixels import pil_to_tensor
+from .pixels import pil_to_tensor, to_8bit
 
 ACCEPTED = "a ComfyUI IMAGE tensor [B, H, W, 3], an [H, W, 3] tensor, a PIL.Image, a file path, or a list of these"
 
@@ -61,7 +61,7 @@ def _open(path: Path) -> Image.Image:
         raise ValueError(f"image file {str(path)!r} does not exist; check the path")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() loads the pixels, so truncated files fail here
+            return to_8bit(im).convert("RGB")  # loads the pixels, so truncated files fail here; 16-bit scaled
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot decode {str(path)!r} as an image ({e}); pass a PNG/JPEG/WebP file") from e
 
@@ -77,7 +77,7 @@ def to_pils(images: Any) -> list[Image.Image]:
     if isinstance(images, Image.Image):
         if images.width == 0 or images.height == 0:
             raise ValueError(f"PIL image has size {images.size}; pass an image of non-zero size")
-        return [images.convert("RGB")]
+        return [to_8bit(images).convert("RGB")]
     if isinstance(images, (str, Path)):
         return [_open(Path(images))]
     raise TypeError(f"cannot tile an object of type {type(images).__name__}; expected {ACCEPTED}")

@@ -82,8 +82,8 @@ def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
     """The prompts of a .txt, .jsonl or .toml file, or ValueError naming the file, line and fix."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Notepad's UTF-8) is no part of line 1
+    except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--sample-prompts {path}: cannot read it ({e})") from None
     base, suffix = path.parent, path.suffix.lower()
     if suffix == ".jsonl":

@@ -113,13 +113,13 @@ def _attach_val_data(sources: dict, path: str, resolution: int) -> None:
 
 
 def _set_aside(sources: dict, fraction: float) -> dict:
-    """--val-split: each source without its held-out fraction (val_loss.split_indices); the
+    """--val-split: each source without its held-out fraction (val_loss.split_indices, by sample id); the
     held-out part rides along as the training subset's `held_out`, for the validation loss."""
     from .val_loss import split_indices
 
     out = {}
     for task, src in sources.items():
-        train, held = split_indices(len(src), fraction)
+        train, held = split_indices(src.ids, fraction)  # by id: other files added or removed move none
         if not train or not held:
             raise ConfigError(f"--val-split {fraction}: the {task} data ({len(src)} samples) leaves "
                               f"{len(train)} to train on and {len(held)} held out; give more data or another fraction")

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import tarfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from .. import scene_edits
 from .. import scenes as sc
-from ..pixels import uint8_to_unit
+from ..pixels import to_8bit, uint8_to_unit
 from .data import BadSample, Sample, Source
 from .tasks import TASKS, Task, get_task, text_id
 
@@ -171,7 +172,8 @@ def read_image_size(data: bytes | str | Path, name: str) -> tuple[int, int]:
 
 def open_image(data: bytes | str | Path, name: str, min_size: int = 0,
                draft: int | tuple[int, int] | None = None) -> Image.Image:
-    """Decode a whole image to PIL RGB, or raise `BadSample` naming `name` and the reason.
+    """Decode a whole image to PIL RGB, or raise `BadSample` naming `name` and the reason. A 16-bit
+    (or 32-bit, float) grayscale image is scaled to 8 bits (`pixels.to_8bit`), not clipped.
 
     draft: for JPEG, let the decoder scale down by a power of two while the shorter side stays
     >= draft pixels (much faster for large photos; the final resize is done by `preprocess`); an
@@ -189,7 +191,7 @@ def open_image(data: bytes | str | Path, name: str, min_size: int = 0,
         elif draft is not None and img.format == "JPEG":
             img.draft("RGB", (draft, draft))
         img.load()  # decode everything now: a truncated file fails here, not in the training loop
-        img = ImageOps.exif_transpose(img)
+        img = to_8bit(ImageOps.exif_transpose(img))  # Why: convert("RGB") clips 16-bit values at 255
     except BadSample:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -278,7 +280,7 @@ class ImageFolder:
         path = self.files[index]
         cap = path.with_suffix(".txt")
         try:
-            text = cap.read_text(encoding="utf-8")
+            text = cap.read_text(encoding="utf-8-sig")  # -sig: a BOM (Notepad's UTF-8) is no part of it
         except FileNotFoundError:
             raise BadSample(f"{path}: missing caption file {cap.name}") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -306,6 +308,12 @@ class Subset:
 
     def image_size(self, index: int) -> tuple[int, int]:
         return self.source.image_size(self.indices[index])
+
+    @property
+    def ids(self) -> list[str]:
+        """The samples' ids, in order, without reading a sample (the source's `ids`)."""
+        ids = self.source.ids
+        return [ids[i] for i in self.indices]
 
 
 @dataclass
@@ -377,7 +385,7 @@ class Manifest:
                     continue
                 where = f"{self.path.name} line {n}"
                 try:
-                    rows.append(_Row(where, data=json.loads(line.decode("utf-8"))))
+                    rows.append(_Row(where, data=json.loads(line.decode("utf-8-sig"))))  # a BOM on line 1
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     rows.append(_Row(where, error=f"{where}: malformed JSON ({e})"))
         return rows
@@ -405,6 +413,11 @@ class Manifest:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def ids(self) -> list[str]:
+        """The rows' ids, in order ("" for an unusable row)."""
+        return [r.id for r in self.rows]
 
     def tasks(self) -> dict[str, int]:
         """Usable rows per task."""
@@ -484,6 +497,20 @@ def expand_shards(pattern: str | Path | list) -> list[Path]:
     return [Path(pattern)]
 
 
+def shard_names(shards: list[Path]) -> list[str]:
+    """Each shard's name in its samples' ids: its path relative to the folder all the shards share,
+    without ".tar". Shards of one folder keep their stem ("000" for shards/000.tar, the ids before
+    shards of several folders were told apart: caches made then stay valid); train/000.tar and
+    extra/000.tar give "train/000" and "extra/000" (the stem alone paired one's captions with the
+    other's cached latents)."""
+    paths = [Path(os.path.abspath(p)) for p in shards]
+    try:
+        root = os.path.commonpath([p.parent for p in paths])
+    except ValueError:  # no common folder (Windows drives): the whole path
+        return [p.with_suffix("").as_posix() for p in paths]
+    return [p.relative_to(root).with_suffix("").as_posix() for p in paths]
+
+
 @dataclass
 class _Member:
     offset: int
@@ -496,8 +523,11 @@ class TarShards:
     The index is built once by scanning the member headers (only the small .json members are
     read, for their task); `get` seeks to a member's offset. key.json has the manifest row fields
     (task, prompt/caption, sources), where a source names another member of the same key by its
-    extension (e.g. "src.png" for key.src.png). id = "<shard stem>/<key>". Uncompressed tars only
-    (a .tar.gz cannot seek). `by_task()` splits the samples per task like `Manifest.by_task`.
+    extension (e.g. "src.png" for key.src.png). id = "<shard>/<key>", the shard named by its path
+    relative to the folder the given shards share, without ".tar" (`shard_names`): "000/key" when
+    all are in one folder, "train/000/key" and "extra/000/key" for train/000.tar and extra/000.tar.
+    Uncompressed tars only (a .tar.gz cannot seek). `by_task()` splits the samples per task like
+    `Manifest.by_task`.
     """
 
     def __init__(self, shards: str | Path | list, resolution: int, min_size: int | None = None):
@@ -542,6 +572,15 @@ class TarShards:
                     dropped += 1
         if dropped:
             _log.warning("TarShards: %d keys without an image (%s) left out", dropped, "/".join(_TAR_IMAGE_EXTS))
+        names = shard_names(self.shards)
+        self.ids = [f"{names[si]}/{key}" for si, key, _ in self.samples]
+        seen: dict[str, int] = {}
+        for i, id in enumerate(self.ids):
+            if id in seen:
+                (a, ka, _), (b, kb, _) = self.samples[seen[id]], self.samples[i]
+                raise ValueError(f"TarShards: {self.shards[a]}:{ka} and {self.shards[b]}:{kb} share the id {id!r} "
+                                 f"(the caches are keyed by id); give each shard once, or rename one of them")
+            seen[id] = i
         _log.info("TarShards: %d samples in %d shards", len(self.samples), len(self.shards))
 
     def __len__(self) -> int:
@@ -594,7 +633,7 @@ class TarShards:
             raise BadSample(f"{name}.json: prompt/caption must be a string, got {type(prompt).__name__}")
         if prompt is None and "txt" in members:
             try:
-                prompt = self._read(si, members["txt"]).decode("utf-8")
+                prompt = self._read(si, members["txt"]).decode("utf-8-sig")
             except UnicodeDecodeError as e:
                 raise BadSample(f"{name}.txt: unreadable caption ({e})") from None
         sources = row.get("sources", [ext] if task.target_is_source else [])
@@ -608,7 +647,7 @@ class TarShards:
             images.append(open_image(self._read(si, members[s]), f"{name}.{s}"))
         target = open_image(self._read(si, members[ext]), f"{name}.{ext}", self.min_size if size is None else 0,
                             draft=size or self.resolution)
-        return _make_sample(f"{shard.stem}/{key}", task, prompt, target, images, size or self.resolution)
+        return _make_sample(self.ids[index], task, prompt, target, images, size or self.resolution)
 
 
 _TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

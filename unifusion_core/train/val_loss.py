@@ -14,7 +14,8 @@ The held-out set: the synthetic scenes' held-out compositions (--data scenes), a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,15 +28,25 @@ from .data import BadSample, Sample
 VAL_SALT = 0x5EED_0F_7A11  # fixed: the noise of a validation sample never depends on the run's seed
 
 
-def split_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """(training indices, held-out indices) of a source of n samples: index i is held out when a hash
-    of (VAL_SALT, i) falls below `fraction`. The same split for every run and seed; it follows the
-    source's order (an image folder's sorted file names), so adding files may move a few samples."""
+def split_indices(ids: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of a source whose samples have these ids (in its order):
+    sample i is held out when a hash of (VAL_SALT, ids[i]) falls below `fraction`. The same split
+    for every run and seed, and each sample's side depends on its own id alone: adding or removing
+    samples moves no other sample in or out. Why not by position (a fixed draw per index, as
+    before): one file added that sorts first shifted every later index, and most of the held-out
+    images went to training."""
     if not 0 < fraction < 1:
         raise ValueError(f"--val-split must be a fraction in (0, 1), got {fraction}")
-    u = np.random.default_rng(VAL_SALT).random(n)  # one fixed draw per index
-    held = u < fraction
+    if isinstance(ids, (str, int)):
+        raise TypeError(f"split_indices: expected the samples' ids (a list of str), got {type(ids).__name__}")
+    held = np.array([_unit_hash(id) < fraction for id in ids], dtype=bool)
     return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
+
+
+def _unit_hash(id: str) -> float:
+    """A fixed number in [0, 1) for a sample id (sha256 of VAL_SALT and the id)."""
+    digest = hashlib.sha256(f"{VAL_SALT}/{id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 NOISE, POSTERIOR = 0, 1
