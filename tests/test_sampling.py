@@ -376,6 +376,26 @@ def test_a_long_run_is_estimated_after_its_first_model_call(clock, caplog):
     assert "about 2.3 h for 28 steps" in text
 
 
+def test_a_run_that_compiles_is_estimated_from_its_second_step(clock, caplog, monkeypatch):
+    """The Sample node's compile switch: a first step that compiled the DiT is not a sampling step,
+    so the estimate waits for the second (an 8 s run announced 4 min from its compiling first call)."""
+    graphs = [3]
+    monkeypatch.setattr(uf.dit, "graphs_compiled", lambda: graphs[0])
+    reported, zero = [], torch.zeros(1)
+    callback = advice.timed(None, uf.get_preset("tiny").replace(sampling={"size": (64, 64)}), 64, 64,
+                            report=reported.append)
+    clock[0] += 30.0
+    graphs[0] = 4  # the first step compiled a graph
+    callback(0, 28, zero, zero)
+    assert reported == []
+    clock[0] += 5.0
+    for step in range(1, 28):
+        callback(step, 28, zero, zero)
+    (text,) = reported  # 30 s + 27 x 5 s
+    assert text.startswith("sampling 64x64 will take about 3 min for 28 steps (until about ")
+    assert text.endswith("from its second step, which took 5.0 s (the first took 30.0 s: it compiled the DiT)")
+
+
 def test_advice_says_nothing_it_cannot_know():
     """No training size recorded: no size advice; features that do not record whether they are a
     rewrite (built by hand, a features file): no rewrite advice; not the scenes model: no grammar."""

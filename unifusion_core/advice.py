@@ -109,22 +109,39 @@ def timed(callback: Callback | None, config: UniFusionConfig, width: int, height
           report=None) -> Callback:
     """`callback` for sample(), timing the run's first model call: right after it, the whole run's
     estimate is logged (a warning at a size far above the trained one, else when longer than
-    LONG_RUN) and handed to report(sentence). Make it right before sampling: the clock starts here."""
-    start = time.monotonic()
+    LONG_RUN) and handed to report(sentence). Make it right before sampling: the clock starts here.
+    When the first call compiled the DiT (torch.compile), the estimate waits for the second step."""
+    from .dit import graphs_compiled
+
+    start, graphs = time.monotonic(), graphs_compiled()
     slow = (area_ratio(config, width, height) or 0) >= FAR
+    compiled: list[float] = []  # (end of the first step, its seconds) when it compiled
+
+    def announce(total: int, whole: float, left: float, basis: str) -> None:
+        if slow or whole > LONG_RUN:
+            until = time.strftime("%H:%M", time.localtime(time.time() + left))
+            note = (f"sampling {width}x{height} will take about {_duration(whole)} for {total} steps (until about "
+                    f"{until}), {basis}")
+            (log.warning if slow else log.info)(note)
+            if report is not None:
+                report(note)
 
     def timed_callback(step: int, total: int, x, x0) -> None:
-        if step == 0:
+        if step == 0 or (step == 1 and compiled):
             x0.reshape(-1)[:1].cpu()  # waits for the device to finish the step, not only to queue it
-            first = time.monotonic() - start
-            whole = first * total * MODEL_CALLS.get(sampler, 1)
-            if slow or whole > LONG_RUN:
-                until = time.strftime("%H:%M", time.localtime(time.time() + whole - first))
-                note = (f"sampling {width}x{height} will take about {_duration(whole)} for {total} steps (until about "
-                        f"{until}), from its first model call, which took {_duration(first)}")
-                (log.warning if slow else log.info)(note)
-                if report is not None:
-                    report(note)
+            now = time.monotonic()
+        if step == 0:
+            first = now - start
+            if graphs_compiled() > graphs:  # compiling is not sampling: time the next step instead
+                compiled[:] = [now, first]
+            else:
+                whole = first * total * MODEL_CALLS.get(sampler, 1)
+                announce(total, whole, whole - first, f"from its first model call, which took {_duration(first)}")
+        elif step == 1 and compiled:
+            step_s = now - compiled[0]  # one step: its model calls, the next step's first
+            announce(total, compiled[1] + step_s * (total - 1), step_s * (total - 2),
+                     f"from its second step, which took {_duration(step_s)} (the first took "
+                     f"{_duration(compiled[1])}: it compiled the DiT)")
         if callback is not None:
             callback(step, total, x, x0)
 
