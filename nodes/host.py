@@ -199,13 +199,21 @@ def _report_once(path: Path, problem: str, node: str = "UniFusion Model Load", l
 
 
 def resolve(kind: str, name: str) -> Path:
-    """A listed name -> its full path; FileNotFoundError naming the folders searched."""
+    """A listed name -> its full path; FileNotFoundError naming the folders searched. Checkpoints
+    and LoRAs: the first file of that name that is one (as the lists check), so that another file of
+    the same name in an earlier folder (a LoRA in models/unifusion, another model's LoRA in
+    models/loras) does not hide the listed one; none: the first file, whose loading says why."""
     kinds = {"vlm": VLM_FOLDERS, "lora": LORA_FOLDERS}
     folders = [p for f in kinds.get(kind, MODEL_FOLDERS) for p in folder_paths_for(f)]
-    for folder in folders:
-        if (folder / name).exists():
-            return folder / name
-    raise FileNotFoundError(f"{name!r} is not in any of the model folders {[str(f) for f in folders]}")
+    found = [folder / name for folder in folders if (folder / name).exists()]
+    if not found:
+        raise FileNotFoundError(f"{name!r} is not in any of the model folders {[str(f) for f in folders]}")
+    fmt = {"vlm": None, "lora": "unifusion-lora"}.get(kind, "unifusion")
+    if fmt is not None:
+        for path in found:
+            if path.is_file() and unifusion_file_problem(path, fmt) is None:
+                return path
+    return found[0]
 
 
 def unifusion_file_problem(path: Path, kind: str = "unifusion") -> str | None:

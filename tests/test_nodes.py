@@ -104,6 +104,40 @@ def test_model_folders_list_only_what_the_nodes_can_load():
         N["UniFusionVLMLoad"]().load("missing")
 
 
+def test_a_listed_name_loads_the_listed_file_when_another_folder_has_a_file_of_that_name(models_dir, tmp_path):
+    """models/unifusion comes first among the checkpoint folders and may hold LoRAs: a LoRA there named
+    as a checkpoint in models/diffusion_models does not hide it from Model Load; another model's LoRA
+    in models/loras does not hide the UniFusion LoRA of that name (lora.safetensors, as the trainer
+    names it) in models/unifusion from the LoRA Loader."""
+    model = uf.load_model(models_dir / "unifusion" / "tiny.safetensors")
+    uf.lora.add_lora(model, uf.lora.LoRAConfig(2))
+    lora = uf.lora.save_lora(model, tmp_path / "lora.safetensors")
+    uf.lora.strip_lora(model)
+    made = [models_dir / f for f in ("unifusion/same.safetensors", "diffusion_models/same.safetensors",
+                                     "loras/lora.safetensors", "unifusion/lora.safetensors")]
+    try:
+        shutil.copy(lora, made[0])
+        uf.save_model(model, made[1])
+        (models_dir / "loras").mkdir(exist_ok=True)
+        save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(made[2]))  # an SDXL LoRA, say
+        shutil.copy(lora, made[3])
+        assert "same.safetensors" in listed()[1]
+        assert nodes.host.resolve("model", "same.safetensors") == made[1]
+        (loaded,) = N["UniFusionModelLoad"]().load("same.safetensors")
+        assert loaded.obj.config == model.config
+        assert "lora.safetensors" in N["UniFusionLoRALoader"].INPUT_TYPES()["required"]["lora_name"][0]
+        assert nodes.host.resolve("lora", "lora.safetensors") == made[3]
+        (adapted,) = N["UniFusionLoRALoader"]().load(loaded, "lora.safetensors", 1.0)
+        assert adapted.loras == ("lora.safetensors",)
+        made[3].unlink()  # none of that name is a UniFusion LoRA: the first, whose loading says why
+        assert nodes.host.resolve("lora", "lora.safetensors") == made[2]
+        with pytest.raises(ValueError, match="not a UniFusion LoRA"):
+            N["UniFusionLoRALoader"]().load(loaded, "lora.safetensors", 1.0)
+    finally:
+        for f in made:
+            f.unlink(missing_ok=True)
+
+
 def test_vlm_load_takes_one_file_encoders_with_a_tokenizer_folder():
     """A one-file encoder is listed and loads with the tokenizer folder chosen in the node; on
     auto outside ComfyUI (no ComfyUI tokenizer to fall back on) the error says what to choose."""
