@@ -40,7 +40,9 @@ class UniFusionVERIFIRewrite:
                 "sample": ("BOOLEAN", {"default": False, "tooltip": (
                     "Off: greedy decoding (always the same rewrite). On: sample with the seed.")}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Seed of the rewrite when sampling."}),
+                                 "tooltip": (
+                    "Seed of the rewrite when sampling (sample on); unused otherwise, so a new node's control starts "
+                    "at 'fixed': a changed seed would re-run every node after this one.")}),
             },
             "optional": {
                 "images": (IMAGES, {"tooltip": "Reference images from UniFusion Tile Images."}),

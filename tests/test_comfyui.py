@@ -688,6 +688,19 @@ def test_help_pages_are_served_where_the_frontend_fetches_them(server, object_in
     assert server.get(f"/extensions/{PACK}/docs/tiling-grid.png", raw=True)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_frontend_extension_is_listed_and_served(server):
+    """web/unifusion.js (a new VERIFI Rewrite's seed control starts at "fixed": its seed matters only
+    when sampling, and a randomized one re-ran the whole graph below it at every Queue) is in the
+    list of extensions the frontend imports, at a path whose import of ../../scripts/app.js resolves
+    to ComfyUI's app (checked in headless Chromium when written: the extension registered, a new node's
+    control "fixed", a loaded workflow's saved choice kept)."""
+    listed = [e for e in server.get("/extensions") if "/unifusion" in e.lower()]
+    assert listed == [f"/extensions/{PACK}/unifusion.js"], listed
+    script = server.get(listed[0], raw=True).decode("utf-8")
+    assert script == (WF.parent / "web" / "unifusion.js").read_text(encoding="utf-8")
+    assert 'from "../../scripts/app.js"' in script and server.get("/scripts/app.js", raw=True)
+
+
 # --- templates --------------------------------------------------------------------------------------
 
 
