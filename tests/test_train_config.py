@@ -120,6 +120,14 @@ def test_the_resolved_config_trains_the_same_run(tmp_path):
                                                     for k, v in vars(args).items()}))
     assert settings(parse(["--config", str(tmp_path / "run.json")])) == \
         {k: str(v) if isinstance(v, Path) else v for k, v in settings(args).items()}
+    # a resumed run's run.json, with a BOM (Notepad), starts a new run elsewhere: "resume" is what
+    # that invocation did, not a setting
+    resumed = {**json.loads((tmp_path / "run.json").read_text()), "resume": "auto", "new_data": True}
+    (tmp_path / "run.json").write_text("\ufeff" + json.dumps(resumed), encoding="utf-8")
+    fresh = parse(["--config", str(tmp_path / "run.json"), "--out", str(tmp_path / "new")])
+    assert (fresh.resume, fresh.new_data, fresh.out, fresh.lr) == (None, False, str(tmp_path / "new"), 1e-05)
+    path.write_text("\ufeff" + path.read_text(), encoding="utf-8")  # a TOML file with a BOM reads as without
+    assert settings(parse(["--config", str(path)])) == settings(args)
 
 
 def test_flat_keys_dashes_arrays_and_tables(tmp_path):

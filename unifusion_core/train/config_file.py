@@ -123,7 +123,7 @@ def _expected(dest: str, want: str) -> str:
 def read_toml(path: Path, ap: argparse.ArgumentParser) -> dict:
     """The settings of a TOML config file (dest -> value, typed as argparse would give them)."""
     try:
-        doc = _tomllib().loads(Path(path).read_text())
+        doc = _tomllib().loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM, as Notepad writes, is no key
     except OSError as e:
         raise ValueError(f"--config {path}: cannot read it ({e})") from None
     except Exception as e:  # tomllib.TOMLDecodeError: the line and column
@@ -163,9 +163,11 @@ def read_toml(path: Path, ap: argparse.ArgumentParser) -> dict:
 
 def read_json(path: Path, known: set[str]) -> dict:
     """A flat JSON config (keys = flag names with underscores), as the trainer always read it
-    (a run's run.json is one)."""
+    (a run's run.json is one). The command-line-only settings a run.json records (a resumed run's
+    "resume": "auto") are what that invocation did, not settings: left out, or a new run started
+    from a resumed run's file would try to resume."""
     try:
-        file = json.loads(Path(path).read_text())
+        file = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise ValueError(f"--config {path}: cannot read it as JSON ({e})") from None
     if not isinstance(file, dict):
@@ -173,7 +175,7 @@ def read_json(path: Path, known: set[str]) -> dict:
     unknown = sorted(set(file) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown settings {unknown}")
-    return file
+    return {k: v for k, v in file.items() if k not in COMMAND_LINE_ONLY}
 
 
 def read_config(path: Path, ap: argparse.ArgumentParser, known: set[str]) -> dict:
