@@ -180,3 +180,28 @@ def test_resume_errors_say_what_the_cli_user_can_do(tmp_path, scene_features):
         t.resume()
     assert "pass strict=False" not in str(err.value)
     assert t.resume(new_data=True) and t.step == 1
+
+
+def test_a_resume_from_another_folder_of_the_same_size_is_refused(tmp_path):
+    """Another --data of the same size (the same file names, other pictures and captions) was
+    resumed silently: only a changed size was seen. The state records where each task's data comes
+    from; a state from before it recorded that has nothing to compare."""
+    from PIL import Image
+
+    from unifusion_core.train.sources import ImageFolder, Subset
+
+    for name, color in (("A", "red"), ("B", "blue")):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.new("RGB", (16, 16), color).save(tmp_path / name / f"{i:04d}.png")
+            (tmp_path / name / f"{i:04d}.txt").write_text(f"a {color} square")
+    a, b = (ImageFolder(tmp_path / n, 16) for n in "AB")
+    state = json.loads(json.dumps(TaskMixture({"t2i": a}, {"t2i": 1.0}, seed=0).state_dict()))
+    other = TaskMixture({"t2i": Subset(b, [0, 1, 2, 3])}, {"t2i": 1.0}, seed=0)  # through a wrapper too
+    assert other.differences(state) == [f"t2i data {(tmp_path / 'A').resolve()} -> {(tmp_path / 'B').resolve()}"]
+    with pytest.raises(ValueError, match="another mixture \\(t2i data .*A -> .*B\\)"):
+        other.load_state_dict(state)
+    assert TaskMixture({"t2i": ImageFolder(tmp_path / "A", 16)}, {"t2i": 1.0}, seed=0).differences(state) == []
+    del state["origins"]  # saved before origins were recorded
+    assert other.differences(state) == []
+

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import BadSample, Sample, Source
-from .mixture import TaskMixture, _name_seed, _splitmix64, seed_and_ratio_differences
+from .mixture import TaskMixture, _name_seed, _splitmix64, origin_differences, origin_of, seed_and_ratio_differences
 
 log = logging.getLogger(__name__)
 
@@ -295,12 +295,14 @@ class BucketMixture:
         lengths = {t: sum(len(m[t]) for m in self.members) for t in self.tasks}
         return {"seed": self.seed, "ratios": dict(self.ratios), "draws": self.draws, "batches": self.batches,
                 "lengths": lengths, "buckets": self.histogram(),
+                "origins": {t: origin_of(self.sources[t]) for t in self.tasks},
                 "epochs": {k: self.epochs[bt] for k, bt in keys() if len(self.members[bt[0]][bt[1]])},
                 "positions": {k: self.positions[bt] for k, bt in keys() if len(self.members[bt[0]][bt[1]])}}
 
     def differences(self, state: dict) -> list[str]:
-        """How a saved state's mixture differs from this one (seed, ratios, buckets); [] when none."""
-        diffs = seed_and_ratio_differences(state, self.seed, self.ratios)
+        """How a saved state's mixture differs from this one (seed, ratios, where the data comes from,
+        buckets); [] when none."""
+        diffs = seed_and_ratio_differences(state, self.seed, self.ratios) + origin_differences(state, self.sources)
         if "buckets" not in state:
             diffs.append("no aspect-ratio buckets -> --buckets")
         elif state["buckets"] != self.histogram():

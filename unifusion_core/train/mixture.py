@@ -37,6 +37,23 @@ def seed_and_ratio_differences(state: dict, seed: int, ratios: dict[str, float])
     return diffs
 
 
+def origin_of(source) -> str | None:
+    """Where a source's samples come from (a folder, a manifest, shards: their `origin`), through
+    the wrappers that hold one as `.source` (subsets, buckets); None for the synthetic scenes."""
+    while not hasattr(source, "origin") and hasattr(source, "source"):
+        source = source.source
+    return getattr(source, "origin", None)
+
+
+def origin_differences(state: dict, sources: dict) -> list[str]:
+    """The tasks whose data comes from elsewhere than in a saved state (another --data of the same
+    size trained on silently before: only a changed size was seen). A state from before this was
+    recorded has none to compare."""
+    saved = state.get("origins", {})
+    return [f"{t} data {saved[t]} -> {origin_of(sources[t])}" for t in sources
+            if saved.get(t) is not None and origin_of(sources[t]) is not None and saved[t] != origin_of(sources[t])]
+
+
 class TaskMixture:
     """Draws (task, index) pairs with the given task ratios, resumable to the exact same sequence.
 
@@ -118,11 +135,13 @@ class TaskMixture:
         """Plain JSON-able state: seed, ratios, source lengths, draws, per-task epoch and position."""
         return {"seed": self.seed, "draws": self.draws, "ratios": dict(self.ratios),
                 "lengths": {t: len(self.sources[t]) for t in self.tasks},
+                "origins": {t: origin_of(self.sources[t]) for t in self.tasks},
                 "epochs": dict(self.epochs), "positions": dict(self.positions)}
 
     def differences(self, state: dict) -> list[str]:
-        """How a saved state's mixture differs from this one (seed, ratios, source lengths); [] when none."""
-        diffs = seed_and_ratio_differences(state, self.seed, self.ratios)
+        """How a saved state's mixture differs from this one (seed, ratios, where the data comes
+        from, source lengths); [] when none."""
+        diffs = seed_and_ratio_differences(state, self.seed, self.ratios) + origin_differences(state, self.sources)
         if state.get("buckets") is not None:
             diffs.append("aspect-ratio buckets -> none (no --buckets)")
         changed = self._changed_lengths(state)

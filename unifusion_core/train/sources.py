@@ -260,6 +260,7 @@ class ImageFolder:
                              f"{'/'.join(IMAGE_EXTS)} files, each with a same-stem .txt caption beside it "
                              "(cat.png + cat.txt)")
         self.ids = [p.relative_to(self.root).with_suffix("").as_posix() for p in self.files]
+        self.origin = str(self.root.resolve())  # where the samples come from (a resume compares it)
         seen: dict[str, Path] = {}
         for id, p in zip(self.ids, self.files):
             if id in seen:
@@ -340,6 +341,7 @@ class Manifest:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"Manifest: {str(self.path)!r} is not a file")
+        self.origin = str(self.path.resolve())  # where the samples come from (a resume compares it)
         get_task(default_task)  # ValueError naming the known tasks
         self.resolution, self.default_task = resolution, default_task
         self.min_size = _check_resolution(resolution, min_size)
@@ -534,6 +536,9 @@ class TarShards:
         self.shards = expand_shards(shards)
         if not self.shards:
             raise ValueError(f"TarShards: no shard matches {shards!r}")
+        # where the samples come from (a resume compares it): the shards, or their first and count
+        names = [str(p.resolve()) for p in self.shards]
+        self.origin = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more shards"
         self.resolution = resolution
         self.min_size = _check_resolution(resolution, min_size)
         self.samples: list[tuple[int, str, dict[str, _Member]]] = []  # (shard index, key, ext -> member)
