@@ -459,10 +459,10 @@ def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
     config = tiny_config(size=16).replace(latent=space)
     model = uf.UniFusionModel(config)
     trainer = _trainer(tmp_path / "run", model, ["a red circle on the left", "a blue square on the right"], steps=2)
-    seen = []
+    seen = {}
 
     def latents(samples, gens):
-        seen.extend(s.id for s in samples)
+        seen.update((s.id, cache.key(s.id, s.target)) for s in samples)
         return to_latents(samples, space, vae, cache, gens)
 
     latents.close = cache.flush
@@ -470,13 +470,64 @@ def test_training_in_a_vae_latent_space_with_the_latent_cache(tmp_path):
     trainer.run()
     # the run wrote its last, partial shard (it was left in memory, and lost with the process)
     cache = LatentCache(tmp_path / "latents", vae.identity, space, 16)
-    assert seen and all(i in cache for i in seen)  # every latent cached under its sample's id
-    x = trainer.sources["t2i"].get(int(seen[0].rsplit("-", 1)[1]))  # ids: scene-<seed>-<index>
-    assert x.id == seen[0]
-    z = cache.get(x.id)
+    assert seen and all(k in cache for k in seen.values())  # every latent cached under its sample's id and pixels
+    first = next(iter(seen))
+    x = trainer.sources["t2i"].get(int(first.rsplit("-", 1)[1]))  # ids: scene-<seed>-<index>
+    assert x.id == first and cache.key(x.id, x.target) == seen[first]
+    z = cache.get(seen[first])
     assert z.shape == (4, 8, 8) and torch.isfinite(z).all()
     assert torch.equal(to_latents([x], space, None, cache)[0], z)  # served from the cache: no VAE needed
     assert uf.load_model(tmp_path / "run" / "model.safetensors").config.latent == space
+
+
+def test_a_run_with_the_latent_cache_killed_and_resumed_is_bit_identical(tmp_path):
+    """--latent-cache (the trainer's wiring, setup.make_latents) on 4 images drawn again every step.
+    Before, a cached latent was the posterior draw of the step that first encoded it, and the cache's
+    buffer was written only at the end of the run: killed after a state, the run lost it, and the
+    resumed run encoded those images again at a later step with another draw."""
+    from types import SimpleNamespace
+
+    from unifusion_core.train.setup import make_latents
+    from unifusion_core.train.vae import LatentCache
+
+    space = uf.LatentSpace("tiny-vae", channels=4, downscale=2)
+    vae = save_tiny_vae(tmp_path / "vae")
+    prompts = ["a red circle on the left", "a blue square on the right"]
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(trainer):
+        if trainer.step == 3:
+            trainer.latents.close = lambda: None  # a killed process writes nothing more
+            raise Killed
+
+    def trainer(run: str, **kw) -> Trainer:
+        torch.manual_seed(0)
+        model = uf.UniFusionModel(tiny_config(size=16).replace(latent=space))
+        src = SyntheticScenes(size=16, prompts=prompts, length=4)
+        feats = PromptFeatures(model.config.encoder, model.config.encoder.layers,
+                               table=feature_table(prompts, model.config.encoder))
+        cfg = TrainConfig(out=str(tmp_path / run), steps=4, prompts_per_step=4, timesteps_per_prompt=2, warmup=1,
+                          checkpoint_every=2, keep_checkpoints=10)
+        args = SimpleNamespace(vae=str(vae), latent_cache=str(tmp_path / run / "latents"), buckets=None,
+                               resolution=16)
+        return Trainer(cfg, model, TaskMixture({"t2i": src}, {"t2i": 1.0}, seed=0), {"t2i": src}, feats,
+                       latents=make_latents(args, space, cfg.seed), **kw)
+
+    trainer("a").run()
+    killed = trainer("b", on_step_end=kill_after_3)
+    with pytest.raises(Killed):
+        killed.run()  # the newest state: step 2
+    # the 4 images' latents (all encoded at step 0) were written with that state
+    assert len(LatentCache(tmp_path / "b" / "latents", killed.latents.vae.identity, space, 16)) == 4
+    resumed = trainer("b")
+    assert resumed.resume() and resumed.step == 2
+    resumed.run()
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = read_tensors(state_path(tmp_path / "a", 4)), read_tensors(state_path(tmp_path / "b", 4))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # optimizer moments, EMA
 
 
 def test_a_frozen_adapter_can_be_unfrozen_on_resume(tmp_path):

@@ -495,10 +495,16 @@ def test_latent_cache_refuses_another_setup(tmp_path):
         LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=32)
     with pytest.raises(ValueError, match=r"space: cache has"):
         LatentCache(tmp_path, vae="vae-a", space=LatentSpace("tiny-vae", 4, 2, scale=0.5), resolution=16)
+    # a cache of the format that keyed latents by sample id alone (a replaced image kept its latent)
+    meta = json.loads((tmp_path / "cache.json").read_text())
+    (tmp_path / "cache.json").write_text(json.dumps({**meta, "format": "unifusion-latent-cache/1"}))
+    with pytest.raises(ValueError, match=rf"written by an older version of the trainer .*by sample id alone.*"
+                                         rf"Delete {tmp_path} to re-encode"):
+        LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16)
 
 
 def test_a_bucketed_latent_cache_keeps_one_latent_a_sample_and_size(tmp_path):
-    """With --buckets the cache holds latents of many sizes, each under '<id>@<H>x<W>': to_latents
+    """With --buckets the cache holds latents of many sizes, each under '<id>#<pixels>@<H>x<W>': to_latents
     encodes what it lacks once (two sizes, one VAE call) and serves it again without the VAE; the
     size a key names is the shape it must have; a square cache and a bucketed one refuse each other."""
     from test_train import save_tiny_vae
@@ -515,7 +521,9 @@ def test_a_bucketed_latent_cache_keeps_one_latent_a_sample_and_size(tmp_path):
     assert [z.shape[-2:] for z in first] == [(8, 16), (12, 12), (8, 16)] and len(calls) == 3
     cache.flush()
     again = LatentCache(tmp_path / "c", vae="vae-a", space=SPACE, resolution=64, buckets=(32,))
-    assert sorted(again._index) == ["img/0@16x32", "img/1@24x24", "img/2@16x32"]
+    keys = [again.key(s.id, s.target) for s in samples]
+    assert sorted(again._index) == keys and [k.split("#")[0] + k[-6:] for k in keys] == \
+        ["img/0@16x32", "img/1@24x24", "img/2@16x32"]
     for s, z in zip(samples, first):
         assert torch.equal(to_latents([s], SPACE, None, again), z)  # no VAE: all from the cache
     assert len(calls) == 3
@@ -523,9 +531,11 @@ def test_a_bucketed_latent_cache_keeps_one_latent_a_sample_and_size(tmp_path):
     other = Sample(id="img/0", task="t2i", prompt="p", cond_id="p", target=torch.rand(3, 32, 16, generator=g))
     z = to_latents([other], SPACE, vae, again)
     assert z.shape[-2:] == (16, 8) and len(calls) == 4
-    assert torch.equal(again.get("img/0@32x16"), z[0]) and torch.equal(again.get("img/0@16x32"), first[0][0])
+    assert again.key(other.id, other.target).endswith("@32x16")
+    assert torch.equal(again.get(again.key(other.id, other.target)), z[0])
+    assert torch.equal(again.get(keys[0]), first[0][0])
     with pytest.raises(ValueError, match=r"latent shape \(4, 8, 8\) does not match the cache's \(4, 8, 16\)"):
-        again.put("img/9@16x32", torch.zeros(4, 8, 8))
+        again.put("img/9#0@16x32", torch.zeros(4, 8, 8))
     with pytest.raises(ValueError, match=r"resolution: cache has None, this run has 64"):
         LatentCache(tmp_path / "c", vae="vae-a", space=SPACE, resolution=64)
     # the trainer's wiring: --vae, --latent-cache and --buckets give a bucketed cache
@@ -535,12 +545,77 @@ def test_a_bucketed_latent_cache_keeps_one_latent_a_sample_and_size(tmp_path):
 
     args = SimpleNamespace(vae=str(tmp_path / "vae"), latent_cache=str(tmp_path / "run-cache"), buckets="32,64",
                            resolution=64)
-    latents = make_latents(args, SPACE)
+    latents = make_latents(args, SPACE, seed=0)
     assert latents(samples[:1], None).shape == first[0].shape  # (encoded anew: the posterior is sampled)
     latents.close()  # what the trainer calls at the end of a run
     run_cache = LatentCache(tmp_path / "run-cache", vae=latents.vae.identity, space=SPACE, resolution=64,
                             buckets=(32, 64))
-    assert list(run_cache._index) == ["img/0@16x32"]
+    assert list(run_cache._index) == keys[:1]
+
+
+def _run_latents(tmp_path, cache: str | None = "cache"):
+    """The trainer's latents (setup.make_latents) with a tiny VAE and, unless None, --latent-cache tmp_path/cache."""
+    from types import SimpleNamespace
+
+    from test_train import save_tiny_vae
+
+    from unifusion_core.train.setup import make_latents
+
+    vae = tmp_path / "vae"
+    if not vae.is_dir():
+        save_tiny_vae(vae)
+    return make_latents(SimpleNamespace(vae=str(vae), latent_cache=cache and str(tmp_path / cache), buckets=None,
+                                        resolution=16), SPACE, seed=0)
+
+
+def test_a_replaced_image_is_encoded_again_not_served_from_the_latent_cache(tmp_path):
+    """0001.png (red) is cached, then replaced by a blue image of the same name. Before, the cache
+    (keyed by sample id alone) served the red image's latent with the blue image's caption."""
+    from unifusion_core.train.vae import posterior_generators
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (16, 16), "red").save(data / "0001.png")
+    (data / "0001.txt").write_text("a red square")
+    red = ImageFolder(data, 16).get(0)
+    latents = _run_latents(tmp_path)
+    z_red = latents([red], None)
+    latents.close()  # the run ends
+    Image.new("RGB", (16, 16), "blue").save(data / "0001.png")
+    (data / "0001.txt").write_text("a blue square")
+    blue = ImageFolder(data, 16).get(0)
+    assert blue.id == red.id
+    latents = _run_latents(tmp_path)  # the next run, with the same cache
+    encoded = []
+    encode = latents.vae.encode
+    latents.vae.encode = lambda x, **kw: encoded.append(len(x)) or encode(x, **kw)
+    z_blue = latents([blue], None)
+    assert encoded == [1] and (z_blue - z_red).abs().max() > 0.1
+    assert torch.equal(z_blue, encode(blue.target[None], generator=posterior_generators(0, [blue.id])))
+    assert torch.equal(latents([red], None), z_red) and encoded == [1]  # the red image's latent is still there
+    latents.close()
+    cache = LatentCache(tmp_path / "cache", latents.vae.identity, SPACE, 16)
+    assert len(cache) == 2 and torch.equal(to_latent(blue, SPACE, cache=cache), z_blue[0])  # no VAE
+
+
+def test_a_cached_latent_is_the_same_whichever_step_row_or_rank_encodes_it(tmp_path):
+    """With --latent-cache 2 processes train what 1 does: in a later epoch a sample can land on the
+    other rank, whose cache lacks it, at another step and row. Before, that rank drew another
+    posterior sample (the generators of its step and row). Without a cache each draw stays the
+    step's and row's (a fresh posterior sample each time)."""
+    from unifusion_core.train.loop import POSTERIOR, row_generators
+
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(id=f"img/{i}", task="t2i", prompt="p", target=torch.rand(3, 16, 16, generator=g))
+               for i in range(3)]
+    rank0, rank1 = _run_latents(tmp_path), _run_latents(tmp_path)  # one folder, each rank its own LatentCache
+    z0 = rank0(samples, row_generators(0, 0, range(3), POSTERIOR))  # step 0, rows 0-2 on rank 0
+    z1 = torch.cat([rank1([s], row_generators(0, 5, range(j + 2, j + 3), POSTERIOR))  # step 5, rows 2-4 on rank 1
+                    for j, s in enumerate(samples)])
+    torch.testing.assert_close(z1, z0, rtol=1e-5, atol=1e-5)  # float rounding: batches of 1 and of 3
+    uncached = _run_latents(tmp_path, cache=None)
+    a, b, a2 = (uncached(samples[:1], row_generators(0, step, range(1), POSTERIOR)) for step in (0, 5, 0))
+    assert (a - b).abs().max() > 0.1 and torch.equal(a, a2)
 
 
 VAE_LOG = "unifusion_core.train.vae"
@@ -572,11 +647,11 @@ def test_a_damaged_latent_shard_is_refused_with_its_path(tmp_path, caplog):
 
 
 def test_a_damaged_latent_is_refused_by_to_latents_without_a_vae(tmp_path):
-    with LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16) as cache:
-        cache.put("a", torch.randn(4, 8, 8))
-    flip(next(tmp_path.glob("shard-*")), "a", n=2)
     s = Sample(id="a", task="t2i", prompt="x", target=torch.rand(3, 16, 16))
-    with pytest.raises(ValueError, match=r"the latent of 'a' in .*shard-.* does not match the checksum"):
+    with LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16) as cache:
+        cache.put(cache.key(s.id, s.target), torch.randn(4, 8, 8))
+    flip(next(tmp_path.glob("shard-*")), cache.key(s.id, s.target), n=2)
+    with pytest.raises(ValueError, match=r"the latent of 'a#[0-9a-f]{16}' in .*shard-.* does not match the checksum"):
         to_latent(s, SPACE, cache=LatentCache(tmp_path, vae="vae-a", space=SPACE, resolution=16))
 
 
@@ -626,12 +701,12 @@ def test_vae_encodes_to_the_latent_space(tiny_vae_dir, tmp_path):
     z = vae.encode(x)
     assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
     assert vae.encode(x, sample=False).equal(vae.encode(x, sample=False))  # the mean is deterministic
-    # Samples go through the cache by id; a second pass needs no VAE.
+    # Samples go through the cache by id and pixels; a second pass needs no VAE.
     samples = [Sample(id=f"s{i}", task="t2i", prompt="x", target=torch.rand(3, 16, 16)) for i in range(3)]
     cache = LatentCache(tmp_path / "cache", vae=vae.identity, space=SPACE, resolution=16)
     z1 = to_latents(samples, SPACE, vae=vae, cache=cache)
     cache.flush()
-    assert z1.shape == (3, 4, 8, 8) and all(s.id in cache for s in samples)
+    assert z1.shape == (3, 4, 8, 8) and all(cache.key(s.id, s.target) in cache for s in samples)
     z2 = to_latents(samples[::-1], SPACE, cache=LatentCache(tmp_path / "cache", vae.identity, SPACE, 16))
     assert z2.equal(z1.flip(0))
 
@@ -645,7 +720,8 @@ def test_a_damaged_latent_shard_is_encoded_again_by_to_latents(tiny_vae_dir, tmp
         z1 = to_latents(samples, SPACE, vae=vae, cache=cache, generators=[torch.Generator().manual_seed(i)
                                                                             for i in range(3)])
     (shard,) = tmp_path.glob("shard-*.safetensors")
-    flip(shard, "s1")
+    k0, k1 = (cache.key(s.id, s.target) for s in samples[:2])
+    flip(shard, k1)
     encoded = []
     encode = vae.encode
     vae.encode = lambda images, **kw: encoded.append(len(images)) or encode(images, **kw)
@@ -654,14 +730,14 @@ def test_a_damaged_latent_shard_is_encoded_again_by_to_latents(tiny_vae_dir, tmp
             z2 = to_latents(samples, SPACE, vae=vae, cache=cache, generators=[torch.Generator().manual_seed(i)
                                                                                 for i in range(3)])
     assert encoded == [2]  # s0 read (its bytes intact) before s1 was found damaged; s1 and s2 encoded again
-    assert f"the latent of 's1' in {shard} does not match the checksum written with it" in caplog.text
+    assert f"the latent of '{k1}' in {shard} does not match the checksum written with it" in caplog.text
     assert z2.equal(z1)  # the same generators draw the same posterior samples
     assert (tmp_path / f"damaged-{shard.name}").is_file() and not shard.exists()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=VAE_LOG):
         cache = LatentCache(tmp_path, vae.identity, SPACE, 16)
         assert to_latents(samples[1:], SPACE, cache=cache).equal(z1[1:])  # from the new shard, no VAE
-    assert not caplog.records and "s0" not in cache  # s0 is encoded again when next drawn
+    assert not caplog.records and k0 not in cache  # s0 is encoded again when next drawn
 
 
 def test_vae_posterior_sample_per_row_is_independent_of_the_batch(tiny_vae_dir):

@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
       help="opt-in on-disk feature cache directory (fp16 safetensors shards, keyed by id)")
     a("--vae", help="VAE folder (diffusers AutoencoderKL) for flux/sd3/sdxl latent spaces (not needed for 'pixel')")
     a("--latent-cache", type=Path,
-      help="with --vae: keep each sample's latent on disk, keyed by sample id (and resume exactly)")
+      help="with --vae: keep each sample's latent on disk, keyed by sample id and pixels (and resume exactly)")
     # model
     a("--preset", default="tiny", help="base preset (tiny, small, paper-5b); the flags below override it")
     a("--latent", default="pixel")
@@ -260,7 +260,7 @@ def _train(args, argv, d, device) -> dict:
     model = build_model(config, args.init_from, tuple(p for p in args.reinit.split(",") if p))
     n = model.num_parameters()
     log.info("model: %s parameters (LAP %s, refiner %s, DiT %s)", n["total"], n["lap"], n["refiner"], n["dit"])
-    latents = make_latents(args, config.latent)
+    latents = make_latents(args, config.latent, train_cfg.seed)
     validate = make_validation(args, encoder, latents, config, sources)
     trainer = Trainer(train_cfg, model, mixture, sources, encoder, validate, latents=latents,
                       describe={"argv": argv if argv is not None else sys.argv[1:], "init_from": args.init_from},

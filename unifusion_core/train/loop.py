@@ -163,7 +163,8 @@ class TrainConfig:
 
 FeatureFn = Callable[[list[Sample]], list[Features]]
 # latents(samples, generators): model-space latents of this rank's samples; the generators (one a
-# sample) draw a VAE's posterior sample, so that it too is independent of the number of processes.
+# sample) draw a VAE's posterior sample, so that it too is independent of the number of processes
+# (a latent cache's latents ignore them: each is drawn once, by sample id, vae.posterior_generators).
 LatentFn = Callable[[list[Sample], list[torch.Generator]], Tensor]
 ValidateFn = Callable[[UniFusionModel, int, Path], dict]
 
@@ -333,12 +334,26 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        # the caches' buffered entries first: a run killed after this state and resumed reads them as
+        # the uninterrupted run does, instead of encoding them again (in other batches, more work)
+        self._write_caches()
         path = state_path(self.out, self.step)
         save_state(path, self.model, self.ema, self.optimizer, self.meta(), self.dist)  # refuses NaN / inf
         if self.dist.main:
             prune_states(self.out, self.cfg.keep_checkpoints, upto=self.step)
         log.info("saved training state at step %d: %s", self.step, path)
         return path
+
+    def _write_caches(self) -> None:
+        """Write what the feature and latent caches buffer (their `close` writes it; they stay open):
+        each even if the other fails, and a failure never hides the error that ended the run nor stops
+        one (what was not written is encoded again, the same, when next needed)."""
+        for name, part in (("feature", self.features), ("latent", self.latents)):
+            try:
+                getattr(part, "close", lambda: None)()
+            except Exception:
+                log.exception("writing the %s cache's buffered entries failed (they are encoded again "
+                              "when next needed)", name)
 
     def resume(self, path: Path | None = None, new_data: bool = False) -> bool:
         """Continue from `path` or the run's newest state; False when there is none.
@@ -628,14 +643,7 @@ class Trainer:
                     break
         finally:
             bar.close()
-            # the feature and latent caches' last, partial shards: each written even if the other
-            # fails, and a failure here never hides the error that ended the run
-            for name, part in (("feature", self.features), ("latent", self.latents)):
-                try:
-                    getattr(part, "close", lambda: None)()
-                except Exception:
-                    log.exception("writing the %s cache's last shard failed (its entries are encoded again "
-                                  "when next needed)", name)
+            self._write_caches()  # the caches' last, partial shards
         # the export first: a validation that fails must not lose the run's result
         export = self.export(self.out / "model.safetensors")
         if self.validate is not None or self.samples is not None:

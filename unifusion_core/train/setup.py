@@ -385,9 +385,10 @@ def _scene_scores(args, features: PromptFeatures):
     return validate
 
 
-def make_latents(args, space):
-    """Model-space latents of a batch: the pixel space needs nothing; other spaces a VAE."""
-    from .vae import LatentCache, load_vae, to_latents
+def make_latents(args, space, seed: int):
+    """Model-space latents of a batch: the pixel space needs nothing; other spaces a VAE. seed: the
+    run's (a cached latent's posterior draw is keyed by it and the sample id)."""
+    from .vae import LatentCache, load_vae, posterior_generators, to_latents
 
     if space.name == "pixel":
         return None
@@ -399,12 +400,15 @@ def make_latents(args, space):
              if args.latent_cache else None)
 
     def latents(samples, generators):
+        if cache is not None:  # a cached latent's draw is the sample's own, whenever and wherever it is encoded
+            generators = posterior_generators(seed, [s.id for s in samples])
         return to_latents(samples, space, vae, cache, generators)
 
     def uncached(samples, generators):
         return to_latents(samples, space, vae, None, generators)
 
     latents.vae = vae  # the samples grid decodes with the same VAE
-    latents.close = cache.flush if cache is not None else (lambda: None)  # the trainer calls it at the end
+    # the trainer calls it at each state it saves and at the end
+    latents.close = cache.flush if cache is not None else (lambda: None)
     latents.uncached = uncached  # the validation loss: its latents stay out of the cache
     return latents

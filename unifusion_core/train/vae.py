@@ -1,8 +1,9 @@
-"""The VAE for training: images -> model-space latents, and a latent cache keyed by sample id.
+"""The VAE for training: images -> model-space latents, and a latent cache keyed by sample id and pixels.
 
 diffusers' `AutoencoderKL` is used as a frozen black box, loaded from local files only (never a
-download). `LatentCache` stores latents in safetensors shards keyed by `Sample.id` and records
-what made them (VAE identity, resolution, latent space, preprocessing); it refuses to mix. Each
+download). `LatentCache` stores latents in safetensors shards keyed by `Sample.id` and a hash of
+the sample's pixels, and records what made them (VAE identity, resolution, latent space,
+preprocessing); it refuses to mix. Each
 latent's checksum is written with it and checked when it is first read: a damaged shard is set
 aside and its samples encoded again by `to_latents` with a VAE, or refused by `LatentCache.get`.
 """
@@ -17,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -147,8 +149,38 @@ def load_vae(path: str | Path, space: LatentSpace | str, dtype: torch.dtype = to
     return vae
 
 
+# The entropy beside the run's seed of a cached latent's posterior draw (posterior_generators); the
+# trainer's uncached draws come from (seed, step) streams (loop.row_generators)
+CACHED_POSTERIOR = 0x1A7E27
+
+
+def posterior_generators(seed: int, ids: list[str]) -> list[torch.Generator]:
+    """One generator a sample for the posterior draw of a latent that goes to the cache: a function
+    of (seed, sample id) only. Why not the trainer's (seed, step, row): a cached latent is drawn once
+    and kept, so the step, row or process that first encodes it must not matter. A run killed after
+    a state re-encodes what it had not written at another step; in a later epoch a sample can land
+    on another rank, whose cache lacks it; both would otherwise train on another draw than the
+    uninterrupted single-process run."""
+    words = [int.from_bytes(hashlib.sha256(i.encode()).digest()[:16], "little") for i in ids]
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, CACHED_POSTERIOR], spawn_key=(w,))
+                                              .generate_state(1, np.uint64)[0])) for w in words]
+
+
+def pixels_digest(target: Tensor) -> str:
+    """A hash of the pixels a latent is encoded from (the sample's preprocessed target, its shape too).
+
+    Why the pixels and not the file's bytes: they are what the VAE encodes, and what `to_latents`
+    has at hand (a source decodes its files). Hashing 3 x 1024 x 1024 floats takes 7 ms on this
+    project's CPU machine; decoding and resizing a 1024 x 768 JPEG, 38 ms."""
+    t = target.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(repr(tuple(t.shape)).encode())
+    h.update(t.numpy())
+    return h.hexdigest()[:16]
+
+
 class LatentCache:
-    """Model-space latents in safetensors shards under `root`, keyed by `Sample.id` (never position).
+    """Model-space latents in safetensors shards under `root`, keyed by `Sample.id` and the hash of
+    its pixels (never position): an image replaced under the same name is encoded again (`key`).
 
     `root/cache.json` (and every shard's metadata) records the VAE identity, resolution, latent
     space and preprocessing; opening with any of them different is refused. `put` buffers and
@@ -158,7 +190,9 @@ class LatentCache:
     renamed `damaged-<name>` and its latents forgotten (`read` gives None, `get` refuses).
     """
 
-    FORMAT = "unifusion-latent-cache/1"
+    # /1 keyed latents by sample id alone, so a replaced image kept its old latent: such a cache is
+    # refused (a clear error) rather than read as misses, which would leave its entries on disk forever
+    FORMAT = "unifusion-latent-cache/2"
 
     def __init__(self, root: str | Path, vae: str, space: LatentSpace | str, resolution: int,
                  shard_size: int = 256, buckets: tuple[int, ...] | None = None):
@@ -186,6 +220,11 @@ class LatentCache:
         self.refresh()
 
     def _check_meta(self, old: dict, where: str) -> None:
+        if old.get("format") != self.FORMAT:
+            raise ValueError(f"latent cache {self.root} was written by an older version of the trainer ({where}: "
+                             f"format {old.get('format')!r}, this version reads {self.FORMAT!r}; it keyed latents "
+                             f"by sample id alone, so a replaced image kept its old latent). Delete {self.root} "
+                             f"to re-encode, or point --latent-cache at another folder")
         diffs = [f"{k}: cache has {old.get(k)!r}, this run has {v!r}" for k, v in self.meta.items() if old.get(k) != v]
         if diffs:
             raise ValueError(f"latent cache {self.root} was made differently ({where}): " + "; ".join(diffs) +
@@ -214,19 +253,21 @@ class LatentCache:
                     self._index[key], self._sums[key] = shard, sums[key]
         self._verified = {k for k in self._verified if k in self._index and before.get(k) == self._index[k]}
 
-    def key(self, id: str, size: tuple[int, int] | None) -> str | None:
-        """The cache key of sample `id` at pixel size (H, W): the id itself, or with buckets
-        "<id>@<H>x<W>" (None when the size is unknown)."""
-        if not self.buckets:
-            return id
-        return None if size is None else f"{id}@{size[0]}x{size[1]}"
+    def key(self, id: str, target: Tensor | None) -> str | None:
+        """The cache key of sample `id` whose target image is `target` (3, H, W): "<id>#<pixels>", with
+        buckets "<id>#<pixels>@<H>x<W>" (pixels: `pixels_digest`); None without a target (nothing to
+        check a cached latent against)."""
+        if target is None:
+            return None
+        key = f"{id}#{pixels_digest(target)}"
+        return f"{key}@{target.shape[-2]}x{target.shape[-1]}" if self.buckets else key
 
     def _shape_of(self, key: str) -> tuple[int, ...]:
         if self.shape is not None:
             return self.shape
         h, _, w = key.rpartition("@")[2].partition("x")
         if not (h.isdigit() and w.isdigit()):
-            raise ValueError(f"LatentCache.put({key!r}): a bucketed cache's keys are '<id>@<H>x<W>' (LatentCache.key)")
+            raise ValueError(f"LatentCache.put({key!r}): a bucketed cache's keys end in '@<H>x<W>' (LatentCache.key)")
         return (self.space.channels, *self.space.latent_size(int(h), int(w)))
 
     def __contains__(self, id: str) -> bool:
@@ -337,8 +378,9 @@ def to_latents(samples: list[Sample], space: LatentSpace | str, vae: VAE | None 
                cache: LatentCache | None = None, generators: list[torch.Generator] | None = None) -> Tensor:
     """Model-space latents of samples, (B, C, h, w) float32: from `Sample.latent`, the cache, or encoded.
 
-    pixel space: target * 2 - 1, no VAE. Otherwise the samples the cache lacks are encoded in one
-    batch by `vae` and put in the cache; generators (one a sample) draw their posterior samples.
+    pixel space: target * 2 - 1, no VAE. Otherwise the samples the cache lacks (by id and pixels:
+    `LatentCache.key`) are encoded in one batch by `vae` and put in the cache; generators (one a
+    sample) draw their posterior samples (with a cache, the trainer gives `posterior_generators`).
     """
     space = get_latent_space(space)
     if vae is not None and vae.space != space:
@@ -349,8 +391,8 @@ def to_latents(samples: list[Sample], space: LatentSpace | str, vae: VAE | None 
     missing, keys = [], [None] * len(samples)
     for i, s in enumerate(samples):
         cached = None
-        if cache is not None:
-            keys[i] = cache.key(s.id, None if s.target is None else tuple(s.target.shape[-2:]))
+        if cache is not None and s.latent is None:
+            keys[i] = cache.key(s.id, s.target)
         if s.latent is None and keys[i] is not None and keys[i] in cache:
             # without a VAE a damaged latent is refused; with one, its shard is set aside and it is encoded again
             cached = cache.get(keys[i]) if vae is None else cache.read(keys[i])
