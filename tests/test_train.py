@@ -195,7 +195,7 @@ def scene_features(tmp_path_factory) -> Path:
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
-    steps = ["--steps", "16", "--checkpoint-every", "4", "--keep-checkpoints", "10"]
+    steps = ["--steps", "16", "--checkpoint-every", "4", "--keep-checkpoints", "10", "--log-every", "1"]
     run_cli(tmp_path / "a", scene_features, *steps)
     # the same run killed with SIGKILL after step 9 (last state: step 8), then resumed
     killed = run_cli(tmp_path / "b", scene_features, *steps, check=False, kill_after=9)
@@ -219,8 +219,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
     # the loss curve continues exactly
     la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    last = lambda rows: [r["loss"] for r in rows if "loss" in r][-1]
-    assert last(la) == last(lb)
+    curve = lambda rows: [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert curve(la) == curve(lb) and [s for s, _ in curve(lb)] == list(range(1, 17))  # steps 9 and 10 once each
     # a finished run refuses to start over in the same folder
     again = run_cli(tmp_path / "a", scene_features, *steps, check=False)
     assert again.returncode != 0 and "--resume" in again.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +87,20 @@ class Board:
 
 
 class Metrics:
-    """metrics.jsonl, opened for appending; each record written also goes to the board, if any."""
+    """metrics.jsonl, opened for appending; each record written also goes to the board, if any.
+    step: the step the run starts from; the records of later steps already in the file (a run
+    killed after its last state logged them, and the resumed run logs those steps again) are
+    dropped first, with a last line cut short by the kill, as TensorBoard's purge_step drops its
+    events: the file holds each step once."""
 
-    def __init__(self, path: str | Path, board: Board | None = None):
-        self.file, self.board, self.pending = Path(path).open("a"), board, ""
+    def __init__(self, path: str | Path, board: Board | None = None, step: int | None = None):
+        path = Path(path)
+        if step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if _before(line, step)]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        self.file, self.board, self.pending = path.open("a"), board, ""
 
     def write(self, text: str) -> int:
         n = self.file.write(text)
@@ -110,3 +121,13 @@ class Metrics:
         self.file.close()
         if self.board is not None:
             self.board.close()
+
+
+def _before(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line is a whole record of step <= `step` (or of no step)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    at = record.get("step") if isinstance(record, dict) else None
+    return line.endswith("\n") and (not isinstance(at, int) or at <= step)

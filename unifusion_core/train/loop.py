@@ -573,7 +573,8 @@ class Trainer:
     def run(self) -> dict:
         cfg, main = self.cfg, self.dist.main
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = Metrics(self.out / "metrics.jsonl", self.board) if main else open(os.devnull, "w")  # rank 0's
+        # rank 0's; from the state's step on: what a killed run logged after its last state is dropped
+        metrics = Metrics(self.out / "metrics.jsonl", self.board, self.step) if main else open(os.devnull, "w")
         bins = torch.zeros(4), torch.zeros(4)
         seen, t_start, t_log, losses = 0, time.perf_counter(), time.perf_counter(), []
         train_seconds = self.describe.get("train_seconds", 0.0)
