@@ -179,6 +179,14 @@ def test_val_split_and_val_data_in_the_cli(tmp_path):
     bad = run_cli(tmp_path / "both", features, *common, "--val-split", "0.3", "--val-data", str(tmp_path / "data"),
                   check=False)
     assert bad.returncode == 1 and "not both" in bad.stderr
+    # the scenes hold out their own compositions: a real-data flag there did nothing, and is refused
+    from argparse import Namespace
+
+    from unifusion_core.train.setup import ConfigError, make_data
+
+    for flag in ({"val_split": 0.1}, {"val_data": str(tmp_path / "data")}):
+        with pytest.raises(ConfigError, match=f"--val-{next(iter(flag))[4:]} set real data aside; with --data scenes"):
+            make_data(Namespace(data="scenes", resolution=16, **flag), seed=0)
 
 
 def test_val_split_holds_out_samples_the_mixture_never_draws(tmp_path):

@@ -57,6 +57,11 @@ def make_data(args, seed: int, stride: int | None = None, batch: int = 1):
         if stride is None:
             raise ValueError("make_data: --buckets needs the model's pixel stride (patch x latent downscale)")
     if args.data == "scenes":
+        held = [f for f, v in (("--val-split", getattr(args, "val_split", 0.0)),
+                               ("--val-data", getattr(args, "val_data", None))) if v]
+        if held:  # they did nothing here, silently: the scenes' validation is their held-out compositions
+            raise ConfigError(f"{' and '.join(held)} set real data aside; with --data scenes the validation scores "
+                              "the scenes' held-out compositions (never trained on): leave it out")
         kinds = tuple(k.strip() for k in getattr(args, "scene_kinds", "single,pair").split(","))
         tasks = [t.strip() for t in getattr(args, "scene_tasks", "t2i").split(",") if t.strip()]
         makers = {"t2i": lambda: SyntheticScenes("train", args.resolution, seed, kinds=kinds),
