@@ -274,9 +274,24 @@ def test_a_bucketed_run_killed_and_resumed_is_bit_identical(tmp_path, features, 
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # optimizer moments, EMA
     ra, rb = _records(tmp_path / "a"), _records(tmp_path / "b")
     by_step = lambda rows: {r["step"]: (r["bucket"], r["loss"]) for r in rows if "bucket" in r}
-    assert by_step(ra) == by_step(rb) and len(by_step(ra)) == 6  # step 3 logged twice in b, the same both times
+    assert by_step(ra) == by_step(rb) and len(by_step(ra)) == 6
     assert len({tuple(r["bucket"]) for r in ra if "bucket" in r}) > 1  # the steps did use several buckets
     assert all(r["buckets"] == {"x".join(map(str, r["bucket"])): 1} for r in ra if "bucket" in r)
+
+
+def test_tokens_per_s_counts_every_step_since_the_last_log(tmp_path, features, folder):
+    """With buckets each step has its own image size: a record's image tokens per sample are the mean
+    over the steps it covers, not the last step's (which swung tokens/s, TFLOP/s and MFU by the
+    ratio of the sizes)."""
+    _cli(tmp_path / "w", features, folder, "--steps", "6", "--log-every", "3")
+    recs = [r for r in _records(tmp_path / "w") if "buckets" in r]
+    assert len(recs) == 2
+    for r in recs:
+        tokens = {k: (int(k.split("x")[0]) // 2) * (int(k.split("x")[1]) // 2) for k in r["buckets"]}  # patch 2
+        mean = sum(n * tokens[k] for k, n in r["buckets"].items()) / sum(r["buckets"].values())
+        assert r["tokens_per_s"] / r["samples_per_s"] == pytest.approx(mean, rel=2e-3), r
+    assert any(len(set(tokens_of)) > 1 for tokens_of in (  # a window mixed sizes of different token counts
+        [(int(k.split("x")[0]) // 2) * (int(k.split("x")[1]) // 2) for k in r["buckets"]] for r in recs))
 
 
 def test_the_batches_do_not_depend_on_the_number_of_processes(tmp_path, features, folder):

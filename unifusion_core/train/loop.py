@@ -490,6 +490,7 @@ class Trainer:
             group["lr"] = lr_at(cfg, self.step) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
         total, ts, all_losses = 0.0, [], []
+        work = [0, 0.0]  # the step's image tokens and model FLOPs (all ranks': each micro-batch's P * K rows)
         for m in range(N):
             with self._lora_dropout(m):  # open over the backward: checkpointed blocks recompute their masks
                 loss, t, losses = self._micro_batch(m, drop_all, u_all)
@@ -499,6 +500,8 @@ class Trainer:
             total += loss.item() / N
             ts.append(t.cpu())
             all_losses.append(losses.detach().cpu())
+            work[0] += P * K * self.image_tokens  # per micro-batch: its bucket's size, its conditioning's length
+            work[1] += P * K * self.flops_per_sample
         gnorm = float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
         # One all-reduce decides for every rank: the global loss (NaN or inf if any rank's is) and
         # the number of ranks that saw a non-finite gradient norm (under FSDP the norm is already
@@ -512,7 +515,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss": mean, "grad_norm": gnorm, "finite": finite, "t": torch.cat(ts),
-                "losses": torch.cat(all_losses), "samples": N * P * K}
+                "losses": torch.cat(all_losses), "samples": N * P * K, "image_tokens": work[0], "flops": work[1]}
 
     def _lora_dropout(self, m: int):
         """The adapters' dropout for micro-batch m (none without --lora-dropout): each sample's masks
@@ -577,6 +580,7 @@ class Trainer:
         metrics = Metrics(self.out / "metrics.jsonl", self.board, self.step) if main else open(os.devnull, "w")
         bins = torch.zeros(4), torch.zeros(4)
         seen, t_start, t_log, losses = 0, time.perf_counter(), time.perf_counter(), []
+        work = [0, 0.0]  # image tokens and FLOPs since the last log: with buckets each step has its own size
         train_seconds = self.describe.get("train_seconds", 0.0)
         bar = progress(cfg.steps, self.step, enabled=main)
         last_val: dict = {}
@@ -584,6 +588,8 @@ class Trainer:
             while self.step < cfg.steps:
                 out = self.train_step()
                 seen += out["samples"]
+                work[0] += out["image_tokens"]
+                work[1] += out["flops"]
                 if out["finite"]:
                     losses.append(out["loss"])
                     b = (out["t"] * 4).long().clamp(max=3)
@@ -603,7 +609,7 @@ class Trainer:
                            "loss_by_t": [round(float(s / max(c, 1)), 5) for s, c in zip(*bins)],
                            "bad_samples": self.bad, "nonfinite_steps": self.nonfinite,
                            "train_seconds": round(train_seconds, 1)}
-                    rec |= self._throughput(rate)
+                    rec |= self._throughput(work[0] / (now - t_log), work[1] / (now - t_log))
                     rec |= bucket_record(self.mixture)  # {} without --buckets
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
@@ -613,7 +619,7 @@ class Trainer:
                     if "mfu" in rec:
                         shown["mfu"] = f"{100 * rec['mfu']:.1f}%"
                     bar.set_postfix(shown)
-                    seen, t_log, losses = 0, time.perf_counter(), []
+                    seen, t_log, losses, work = 0, time.perf_counter(), [], [0, 0.0]
                     bins[0].zero_(), bins[1].zero_()
                     self.describe["train_seconds"] = train_seconds
                 # validation before the last step; the last one's comes after the export
@@ -717,14 +723,15 @@ class Trainer:
         metrics.write(json.dumps({"step": self.step, "samples": result}) + "\n")
         metrics.flush()
 
-    def _throughput(self, samples_per_s: float) -> dict:
-        """Tokens/s (image tokens through the DiT), MFU where the device's peak is known, and each
-        rank's peak memory (GPU: allocated by torch; CPU: the process's resident set)."""
-        out = {"tokens_per_s": round(samples_per_s * self.image_tokens, 1), "world_size": self.dist.world}
-        out["tflops_per_s"] = round(samples_per_s * self.flops_per_sample / 1e12, 4)
+    def _throughput(self, tokens_per_s: float, flops_per_s: float) -> dict:
+        """Tokens/s (image tokens through the DiT), TFLOP/s and MFU where the device's peak is known,
+        over the steps since the last log (each its own image size with buckets), and each rank's
+        peak memory (GPU: allocated by torch; CPU: the process's resident set)."""
+        out = {"tokens_per_s": round(tokens_per_s, 1), "world_size": self.dist.world}
+        out["tflops_per_s"] = round(flops_per_s / 1e12, 4)
         peak = peak_flops(self.device, self.cfg.precision)
         if peak:
-            out["mfu"] = round(samples_per_s * self.flops_per_sample / (peak * self.dist.world), 4)
+            out["mfu"] = round(flops_per_s / (peak * self.dist.world), 4)
         out["memory_gib_per_rank"] = [round(float(m), 2) for m in self.dist.gather(peak_memory_gib(self.device))]
         return out
 
