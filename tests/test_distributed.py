@@ -48,10 +48,11 @@ def free_port() -> int:
 
 
 def train(out: Path, features: Path, *extra: str, procs: int = 1, node: tuple[int, int, int] | None = None,
-          env: dict | None = None, background: bool = False, kill_after: int | None = None):
+          env: dict | None = None, background: bool = False, kill_after: int | str | None = None):
     """`python -m unifusion_core.train` as one process, or under torchrun with `procs` processes
     (node = (node_rank, nnodes, port): one of several launches on 127.0.0.1). kill_after=N: every
-    process SIGKILLs itself once N steps are done (tests/train_killed.py)."""
+    process SIGKILLs itself once N steps are done; "N:TERM": sends itself SIGTERM (env SIGNAL_RANK:
+    that rank only; tests/train_killed.py)."""
     script = ["-m", "unifusion_core.train"] if kill_after is None else [str(train_killed.SCRIPT), str(kill_after)]
     if procs == 1 and node is None:
         launch = [sys.executable, *script]
@@ -79,8 +80,7 @@ def losses(run: Path) -> list[float]:
 
 
 def losses_by_step(run: Path) -> dict[int, list[float]]:
-    """Every loss logged for each step: a step done again after a kill (from the state before it) is
-    logged again."""
+    """Every loss logged for each step (a resume drops what a killed run logged after its state)."""
     out: dict[int, list[float]] = {}
     for x in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(x)
@@ -125,10 +125,15 @@ def test_two_processes_train_what_one_does(tmp_path, features, single):
     assert uf.load_model(out / "model.safetensors").config.sampling.size == (16, 16)
 
 
-def test_sharded_run_killed_resumes_on_one_process_then_on_two(tmp_path, features, single):
+def test_sharded_run_stopped_resumes_on_one_process_then_on_two(tmp_path, features, single):
     out = tmp_path / "run"
-    killed = train(out, features, procs=2, kill_after=3)  # dies after step 3 (state: step 2)
-    assert killed.returncode != 0 and [s for s, _ in list_states(out)] == [2]
+    # a preemption's SIGTERM reaches rank 1 alone after step 2: both ranks stop at the end of step 3
+    # (one all-reduce a step: none is left waiting in a collective), saving the state there
+    stopped = train(out, features, procs=2, kill_after="2:TERM", env={"SIGNAL_RANK": "1"})
+    assert stopped.returncode != 0 and [s for s, _ in list_states(out)] == [2, 3], stopped.stderr[-3000:]
+    log = stopped.stdout + stopped.stderr
+    assert "stopped by SIGTERM at step 3 of 6" in log and "stopped by a signal to another rank at step 3 of 6" in log
+    assert "exitcode  : 5" in log or "exitcode: 5" in log, log[-3000:]
     assert not (out / "model.safetensors").exists()
     # the consolidated export of the sharded state, by one process, loads in the nodes' path
     ok(train(out, features, "--resume", "--export-only"))
@@ -137,12 +142,10 @@ def test_sharded_run_killed_resumes_on_one_process_then_on_two(tmp_path, feature
     # one process continues the 2-process state, and is killed in its turn after step 5 (state: step 4)
     again = train(out, features, "--resume", kill_after=5)
     assert again.returncode == -signal.SIGKILL, again.stderr[-3000:]
-    assert [s for s, _ in list_states(out)] == [2, 4] and read_meta(list_states(out)[-1][1])["world_size"] == 1
+    assert [s for s, _ in list_states(out)] == [2, 3, 4] and read_meta(list_states(out)[-1][1])["world_size"] == 1
     ok(train(out, features, "--resume", procs=2))  # and two processes finish the 6 steps
-    by_step = losses_by_step(out)
-    assert sorted(by_step) == [1, 2, 3, 4, 5, 6] and len(by_step[3]) == len(by_step[5]) == 2  # 3 and 5: done twice
-    for redone in by_step.values():  # a step done again from the saved state computes the same loss
-        torch.testing.assert_close(torch.tensor(redone), torch.tensor(redone[:1] * len(redone)), **TOL)
+    by_step = losses_by_step(out)  # step 5, done twice, once in metrics.jsonl (the resume drops the first)
+    assert sorted(by_step) == [1, 2, 3, 4, 5, 6] and all(len(v) == 1 for v in by_step.values())
     torch.testing.assert_close(torch.tensor([v[-1] for v in by_step.values()]), torch.tensor(losses(single)), **TOL)
     assert_same_weights(single / "model.safetensors", out / "model.safetensors")
 

@@ -177,8 +177,9 @@ def test_generate_equals_the_model_chain():
 
 
 def run_cli(out: Path, features: Path, *extra: str, check: bool = True, env: dict | None = None,
-            kill_after: int | None = None) -> subprocess.CompletedProcess:
-    """The training CLI on a tiny model; kill_after=N: SIGKILLed once N steps are done (tests/train_killed.py)."""
+            kill_after: int | str | None = None) -> subprocess.CompletedProcess:
+    """The training CLI on a tiny model; kill_after=N: SIGKILLed once N steps are done, "N:TERM": sent
+    SIGTERM then (tests/train_killed.py)."""
     launch = ["-m", "unifusion_core.train"] if kill_after is None else [str(train_killed.SCRIPT), str(kill_after)]
     cmd = [sys.executable, *launch, "--out", str(out), "--features", str(features),
            "--resolution", "16", "--preset", "tiny", "--dit-width", "64", "--dit-depth", "2", "--dit-heads", "4",
@@ -224,6 +225,24 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, scene_features):
     # a finished run refuses to start over in the same folder
     again = run_cli(tmp_path / "a", scene_features, *steps, check=False)
     assert again.returncode != 0 and "--resume" in again.stderr
+
+
+def test_sigterm_saves_the_state_and_resume_continues_exactly(tmp_path, scene_features):
+    """A scheduler's preemption (SIGTERM, or Slurm's SIGUSR1): the run finishes the step it came in,
+    saves its state there (not only at --checkpoint-every), exports nothing and exits with status 5;
+    --resume then ends where the uninterrupted run does, bit for bit."""
+    steps = ["--steps", "6", "--checkpoint-every", "100", "--val-prompts", "0"]
+    run_cli(tmp_path / "a", scene_features, *steps)
+    for sig in ("TERM", "USR1"):
+        stopped = run_cli(tmp_path / sig, scene_features, *steps, check=False, kill_after=f"3:{sig}")
+        assert stopped.returncode == 5, stopped.stderr[-2000:]
+        # sent at the end of step 3 (after its checks): the run stops at the end of step 4
+        assert f"stopped by SIG{sig} at step 4 of 6: state saved in" in stopped.stderr
+        assert [p.name for _, p in list_states(tmp_path / sig)] == ["step-00000004"]
+        assert not (tmp_path / sig / "model.safetensors").exists()
+        run_cli(tmp_path / sig, scene_features, *steps, "--resume")
+        a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("a", sig))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_exported_model_loads_in_the_nodes_path(tmp_path, scene_features):

@@ -1,9 +1,11 @@
-"""Test helper: the training CLI, SIGKILLed after a given step (as a crash or a preemption would).
+"""Test helper: the training CLI, SIGKILLed after a given step (as a crash would).
 
-    python tests/train_killed.py STEP [the flags of python -m unifusion_core.train]
+    python tests/train_killed.py STEP[:SIGNAL] [the flags of python -m unifusion_core.train]
 
-Also as torchrun's script: every rank kills itself after STEP. The kill comes from the Trainer's
-`on_step_end` hook, so the shipped trainer carries no test-only code.
+STEP:TERM (or :USR1) sends that signal instead, as a scheduler's preemption does, to the rank
+given by the environment variable SIGNAL_RANK (default: every rank). Also as torchrun's script:
+every rank kills itself after STEP. The kill comes from the Trainer's `on_step_end` hook, so the
+shipped trainer carries no test-only code.
 """
 
 from __future__ import annotations
@@ -18,22 +20,24 @@ from unifusion_core.train import __main__ as cli
 SCRIPT = Path(__file__).resolve()
 
 
-def kill_after(step: int):
-    """An on_step_end hook that SIGKILLs this process once `step` steps are done."""
+def kill_after(step: int, sig: signal.Signals = signal.SIGKILL):
+    """An on_step_end hook that sends `sig` to this process once `step` steps are done."""
+    rank = os.environ.get("SIGNAL_RANK")
 
     def on_step_end(trainer: cli.Trainer) -> None:
-        if trainer.step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.step == step and (rank is None or int(rank) == trainer.dist.rank):
+            os.kill(os.getpid(), sig)
 
     return on_step_end
 
 
 def main(argv: list[str]) -> None:
-    step = int(argv[0])
+    step, _, name = argv[0].partition(":")
+    step, sig = int(step), getattr(signal, f"SIG{name or 'KILL'}")
 
     class KilledTrainer(cli.Trainer):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, on_step_end=kill_after(step), **kwargs)
+            super().__init__(*args, on_step_end=kill_after(step, sig), **kwargs)
 
     cli.Trainer = KilledTrainer  # the CLI builds its Trainer from this name
     cli.main(argv[1:])

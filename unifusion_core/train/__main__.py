@@ -26,7 +26,7 @@ from ..lora import base_config
 from ..presets import get_preset
 from .board import Board, summary_writer
 from .config_file import read_config, to_toml
-from .loop import TrainConfig, Trainer, build_model
+from .loop import SignalStop, TrainConfig, Trainer, build_model
 from .samples import make_samples
 from .setup import ConfigError, make_data, make_features, make_latents, make_validation
 from .state import NonFiniteError, StateError, list_states
@@ -35,7 +35,7 @@ from .tasks import PAPER_RATIOS
 log = logging.getLogger("unifusion_core.train")
 
 # Exit statuses besides 0, 1 (an error message) and argparse's 2; listed in EPILOG.
-EXIT_NONFINITE, EXIT_STATE = 3, 4
+EXIT_NONFINITE, EXIT_STATE, EXIT_SIGNAL = 3, 4, 5
 
 EPILOG = """exit status:
   0  trained to --steps, or stopped at --time-limit with the state saved (--resume continues)
@@ -45,6 +45,8 @@ EPILOG = """exit status:
      skipped steps): nothing was written after the last good step; the message names the step
   4  a training state refused: damaged or modified since it was written (its checksums), incomplete,
      or holding NaN/inf; the message names it and the state before it (--resume PATH)
+  5  stopped by SIGTERM or SIGUSR1 (a scheduler's preemption, Slurm's --signal=USR1@SECONDS) at the
+     end of the step it came in, with the state saved and nothing else: --resume continues exactly
 under torchrun: torchrun's own status is 1 when a rank fails; its report gives each rank's status"""
 
 
@@ -217,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     except StateError as e:
         log.error("%s", e)
         raise SystemExit(EXIT_STATE) from None
+    except SignalStop as e:
+        log.warning("%s", e)
+        raise SystemExit(EXIT_SIGNAL) from None
     except (ValueError, FileNotFoundError) as e:  # bad settings or data: the message says what to do
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None

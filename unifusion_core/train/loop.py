@@ -28,6 +28,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,6 +169,36 @@ FeatureFn = Callable[[list[Sample]], list[Features]]
 # (a latent cache's latents ignore them: each is drawn once, by sample id, vae.posterior_generators).
 LatentFn = Callable[[list[Sample], list[torch.Generator]], Tensor]
 ValidateFn = Callable[[UniFusionModel, int, Path], dict]
+
+
+# Signals that stop a run with its state saved at the end of the step they arrive in: SIGTERM (a
+# scheduler's preemption, `kill`, torchrun passing its own on) and SIGUSR1 (Slurm's
+# `--signal=USR1@SECONDS`, sent that long before a job's time limit). Ctrl-C (SIGINT) stays
+# Python's KeyboardInterrupt: an interactive stop, at once.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
+class SignalStop(RuntimeError):
+    """The run stopped on STOP_SIGNALS after saving its state (--resume continues)."""
+
+
+@contextlib.contextmanager
+def stop_signals(trainer: Trainer):
+    """Within: STOP_SIGNALS set trainer.stop_signal (the run stops at the end of the step); the
+    previous handlers come back after. Signals reach only the main thread: elsewhere, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -584,6 +616,9 @@ class Trainer:
         train_seconds = self.describe.get("train_seconds", 0.0)
         bar = progress(cfg.steps, self.step, enabled=main)
         last_val: dict = {}
+        self.stop_signal = None
+        signals = contextlib.ExitStack()
+        signals.enter_context(stop_signals(self))
         try:
             while self.step < cfg.steps:
                 out = self.train_step()
@@ -638,17 +673,25 @@ class Trainer:
                 timed_out = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
                 if cfg.time_limit > 0:
                     timed_out = bool(self.dist.sum_(torch.tensor([float(timed_out and main)])).item())
-                if self._due(cfg.checkpoint_every) or timed_out:
+                # a signal on any rank stops every rank at this step (one tiny all-reduce a step)
+                signalled = bool(self.dist.sum_(torch.tensor([float(self.stop_signal is not None)])).item())
+                if self._due(cfg.checkpoint_every) or timed_out or signalled:
                     t0 = time.perf_counter()
                     self.save()
                     t_log += time.perf_counter() - t0
                 if self.on_step_end is not None:
                     self.on_step_end(self)
+                if signalled and self.step < cfg.steps:
+                    # no export, validation or samples: a preempted job has seconds; --resume continues
+                    raise SignalStop(f"stopped by {self.stop_signal or 'a signal to another rank'} at step {self.step} "
+                                     f"of {cfg.steps}: state saved in {state_path(self.out, self.step)}; --resume "
+                                     "continues the run exactly")
                 if timed_out and self.step < cfg.steps:
                     log.warning("time limit of %g minutes reached at step %d of %d: state saved; --resume continues",
                                 cfg.time_limit, self.step, cfg.steps)
                     break
         finally:
+            signals.close()
             bar.close()
             self._write_caches()  # the caches' last, partial shards
         # the export first: a validation that fails must not lose the run's result
