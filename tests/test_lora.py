@@ -266,6 +266,9 @@ def test_lora_dropout_trains_other_adapters_and_checkpointed_blocks_recompute_it
         TrainConfig(out=str(tmp_path), lora_rank=4, lora_dropout=1.0)
     with pytest.raises(ValueError, match="lora_dropout drops LoRA adapters' rank components: give lora_rank"):
         TrainConfig(out=str(tmp_path), lora_dropout=0.1)
+    with pytest.raises(ValueError, match="'dit,lap' adapt LAP or the refiner, which adapter_lr 0 freezes"):
+        TrainConfig(out=str(tmp_path), lora_rank=4, lora_targets="dit,lap", adapter_lr=0.0)
+    TrainConfig(out=str(tmp_path), lora_rank=4, lora_targets="dit", adapter_lr=0.0)  # nothing of LAP to train
 
 
 def test_a_lora_trains_the_same_with_compiled_blocks(base, tmp_path):

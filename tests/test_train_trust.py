@@ -205,3 +205,11 @@ def test_a_resume_from_another_folder_of_the_same_size_is_refused(tmp_path):
     del state["origins"]  # saved before origins were recorded
     assert other.differences(state) == []
 
+
+def test_a_state_saved_between_log_steps_counts_its_training_time(tmp_path):
+    """train_seconds in a state includes the steps since the last log (it was updated at log steps
+    only: a state saved at step 2 of a run logging at its end said 0 s)."""
+    torch.manual_seed(0)
+    _trainer(tmp_path, uf.UniFusionModel(tiny_config()), PROMPTS, steps=3, log_every=0, checkpoint_every=2).run()
+    assert read_meta(state_path(tmp_path, 2))["meta"]["describe"]["train_seconds"] > 0
+

@@ -184,6 +184,10 @@ def test_val_split_and_val_data_in_the_cli(tmp_path):
 
     from unifusion_core.train.setup import ConfigError, make_data
 
+    with pytest.raises(ConfigError, match="--val-split 0.3 sets data aside for the validation loss, which "
+                                          "--val-loss-samples 0 turns off"):
+        make_data(Namespace(data=str(tmp_path / "data"), resolution=16, mix="t2i=1.0", val_split=0.3,
+                            val_loss_samples=0), seed=0)
     for flag in ({"val_split": 0.1}, {"val_data": str(tmp_path / "data")}):
         with pytest.raises(ConfigError, match=f"--val-{next(iter(flag))[4:]} set real data aside; with --data scenes"):
             make_data(Namespace(data="scenes", resolution=16, **flag), seed=0)

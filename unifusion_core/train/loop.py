@@ -136,6 +136,11 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_dropout and not self.lora_rank:
             raise ValueError("lora_dropout drops LoRA adapters' rank components: give lora_rank too (or leave it out)")
+        if self.lora_rank and self.adapter_lr == 0 and {"lap", "refiner"} & set(LoRAConfig(
+                self.lora_rank, self.lora_alpha, self.lora_targets).targets):
+            # adapter_lr 0 freezes LAP and the refiner, their LoRA adapters too: they would never train
+            raise ValueError(f"lora_targets {self.lora_targets!r} adapt LAP or the refiner, which adapter_lr 0 "
+                             "freezes: give adapter_lr > 0, or leave lap and refiner out of lora_targets")
         if self.adapter_lr_scaling not in ("fan_in", "none"):
             raise ValueError(f"adapter_lr_scaling must be 'fan_in' or 'none', got {self.adapter_lr_scaling!r}")
         if self.nonfinite not in ("skip", "stop"):
@@ -677,6 +682,7 @@ class Trainer:
                 signalled = bool(self.dist.sum_(torch.tensor([float(self.stop_signal is not None)])).item())
                 if self._due(cfg.checkpoint_every) or timed_out or signalled:
                     t0 = time.perf_counter()
+                    self.describe["train_seconds"] = train_seconds + (t0 - t_log)  # with the steps since the last log
                     self.save()
                     t_log += time.perf_counter() - t0
                 if self.on_step_end is not None:

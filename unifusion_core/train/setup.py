@@ -84,6 +84,9 @@ def make_data(args, seed: int, stride: int | None = None, batch: int = 1):
     mix = parse_mix(args.mix)  # the flag checked before the data is read
     sources = {k: s for k, s in load_sources(args.data, args.resolution).items() if len(s)}
     if getattr(args, "val_split", 0.0):
+        if getattr(args, "val_loss_samples", 32) == 0:  # set aside, then neither trained on nor scored
+            raise ConfigError(f"--val-split {args.val_split} sets data aside for the validation loss, which "
+                              "--val-loss-samples 0 turns off: leave one of them out")
         sources = _set_aside(sources, args.val_split)
     elif sides and getattr(args, "val_data", None):
         _attach_val_data(sources, args.val_data, args.resolution)
