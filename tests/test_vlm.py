@@ -225,6 +225,25 @@ def test_features_drive_a_unifusion_model(vlms):
         other.encode(f)
 
 
+def test_generate_encodes_with_the_checkpoints_own_system_prompt_even_none(vlms):
+    """A checkpoint trained with no system prompt ("") is encoded by generate() without one, as the
+    trainer and the eval encode it (not with VERIFI's default, a ~290-token turn it never saw);
+    an explicit "" turns a checkpoint's system prompt off."""
+    from unifusion_core.generate import generate
+
+    vlm = vlms["qwen2"]
+    prompt = "a photo of a cat"
+    for trained_with in ("", uf.prompts.VERIFI_SYSTEM_PROMPT):
+        spec = vlm.encoder_spec(layers=3, system_prompt=trained_with)
+        model = uf.UniFusionModel.from_preset("tiny", vlm=spec)
+        out = generate(vlm, model, prompt, rewrite=False, steps=1, width=8, height=8)
+        trained = vlm.encode(prompt, rewrite=False, system_prompt=spec.system_prompt, layers=spec.layers)
+        assert out.features.encoder.system_prompt == trained_with
+        assert out.features.sequence_ids == trained.sequence_ids and torch.equal(out.features.hidden, trained.hidden)
+    off = generate(vlm, model, prompt, rewrite=False, system_prompt="", steps=1, width=8, height=8)
+    assert off.features.encoder.system_prompt == "" and len(off.features.sequence_ids) < len(trained.sequence_ids)
+
+
 def test_vlm_is_frozen(vlms):
     for vlm in vlms.values():
         assert not vlm.model.training and not any(p.requires_grad for p in vlm.model.parameters())

@@ -50,8 +50,9 @@ def generate(
 ) -> Generation:
     """Generate from a prompt with a frozen VLM and a UniFusion model.
 
-    rewrite=None encodes as the model was trained (its config's sampling.rewrite); pass
-    `features` to skip the VLM. width/height default to the checkpoint's training size, else 1024.
+    rewrite=None encodes as the model was trained (its config's sampling.rewrite) and
+    system_prompt=None with the system prompt it was trained with (its encoder spec's; "" = none);
+    pass `features` to skip the VLM. width/height default to the checkpoint's training size, else 1024.
     A long run logs its estimated time after its first step (advice.timed).
     """
     s = model.config.sampling
@@ -59,8 +60,11 @@ def generate(
         if vlm is None:
             raise ValueError("generate needs a VLM encoder or precomputed features")
         rewrite = s.rewrite if rewrite is None else rewrite
+        # "" is a checkpoint trained with no system prompt, and must stay "": the encoder reads None
+        # as VERIFI's default, a system turn that checkpoint never saw (the trainer and the eval
+        # pass the spec's string unchanged too).
         system = model.config.encoder.system_prompt if system_prompt is None else system_prompt
-        features = vlm.encode(prompt, images=images, rewrite=rewrite, system_prompt=system or None,
+        features = vlm.encode(prompt, images=images, rewrite=rewrite, system_prompt=system,
                               max_new_tokens=max_new_tokens, layers=model.config.encoder.layers)
     width, height = image_size(model.config, width, height)
     cond = model.encode(features)
