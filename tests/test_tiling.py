@@ -112,6 +112,26 @@ def test_pil_tensor_and_path_inputs_agree(tmp_path):
         assert other.grid == a.grid and torch.equal(other.tiles, a.tiles)
 
 
+@pytest.mark.parametrize("orientation", [6, 3, 2])  # rotated 90 degrees, 180 degrees, mirrored
+def test_a_photo_is_tiled_as_it_is_displayed(tmp_path, orientation):
+    """A phone photo stores its pixels sideways with an EXIF orientation tag: as a path or an opened
+    PIL image it is tiled upright, as ComfyUI's Load Image and the trainer read it (grid included)."""
+    from PIL import ImageOps
+
+    arr = rand_pixels(40, 20, seed=3)  # stored 40 wide, 20 high
+    path = tmp_path / "photo.png"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, exif=exif)
+    upright = ImageOps.exif_transpose(Image.open(path))
+    want = tile_images(Image.fromarray(np.asarray(upright)), max_tiles=10, tile_size=16)[0]  # no tag left
+    for given in (path, Image.open(path)):
+        got = tile_images(given, max_tiles=10, tile_size=16)[0]
+        assert got.source_size == upright.size and got.grid == want.grid and torch.equal(got.tiles, want.tiles)
+    if orientation == 6:
+        assert want.source_size == (20, 40) and want.grid == (2, 1)  # (rows, cols): portrait
+
+
 def test_float_tensor_is_rounded_and_clamped():
     x = torch.tensor([[[-0.5, 0.5, 2.0]]]).expand(4, 4, 3)  # (H, W, 3)
     (t,) = tile_images(x, tile_size=4, resample=Image.Resampling.NEAREST)

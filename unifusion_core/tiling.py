@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .pixels import pil_to_tensor, to_8bit
 
@@ -55,13 +55,21 @@ def _tensor_to_pils(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
+def _upright(im: Image.Image) -> Image.Image:
+    """8-bit RGB as the image is displayed."""
+    # A phone photo's pixels are stored sideways with an EXIF orientation tag; ComfyUI's Load Image
+    # and the trainer (train/sources.py) turn it upright, so the VLM must see (and tile) it so too.
+    # 16-bit images are scaled by to_8bit: convert("RGB") would clip them at 255.
+    return to_8bit(ImageOps.exif_transpose(im)).convert("RGB")
+
+
 def _open(path: Path) -> Image.Image:
     """Load an image file as RGB, with an error that names the path."""
     if not path.is_file():
         raise ValueError(f"image file {str(path)!r} does not exist; check the path")
     try:
         with Image.open(path) as im:
-            return to_8bit(im).convert("RGB")  # loads the pixels, so truncated files fail here; 16-bit scaled
+            return _upright(im)  # loads the pixels, so truncated files fail here
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot decode {str(path)!r} as an image ({e}); pass a PNG/JPEG/WebP file") from e
 
@@ -77,7 +85,7 @@ def to_pils(images: Any) -> list[Image.Image]:
     if isinstance(images, Image.Image):
         if images.width == 0 or images.height == 0:
             raise ValueError(f"PIL image has size {images.size}; pass an image of non-zero size")
-        return [to_8bit(images).convert("RGB")]
+        return [_upright(images)]
     if isinstance(images, (str, Path)):
         return [_open(Path(images))]
     raise TypeError(f"cannot tile an object of type {type(images).__name__}; expected {ACCEPTED}")
