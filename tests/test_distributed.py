@@ -48,16 +48,18 @@ def free_port() -> int:
 
 
 def train(out: Path, features: Path, *extra: str, procs: int = 1, node: tuple[int, int, int] | None = None,
-          env: dict | None = None, background: bool = False, kill_after: int | str | None = None):
+          env: dict | None = None, background: bool = False, kill_after: int | str | None = None,
+          torchrun: tuple[str, ...] = ()):
     """`python -m unifusion_core.train` as one process, or under torchrun with `procs` processes
     (node = (node_rank, nnodes, port): one of several launches on 127.0.0.1). kill_after=N: every
     process SIGKILLs itself once N steps are done; "N:TERM": sends itself SIGTERM (env SIGNAL_RANK:
-    that rank only; tests/train_killed.py)."""
+    that rank only; tests/train_killed.py). torchrun: more flags for torchrun."""
     script = ["-m", "unifusion_core.train"] if kill_after is None else [str(train_killed.SCRIPT), str(kill_after)]
     if procs == 1 and node is None:
         launch = [sys.executable, *script]
     elif node is None:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *script]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+                  *torchrun, *script]
     else:
         rank, nnodes, port = node
         launch = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={rank}",
@@ -148,6 +150,19 @@ def test_sharded_run_stopped_resumes_on_one_process_then_on_two(tmp_path, featur
     assert sorted(by_step) == [1, 2, 3, 4, 5, 6] and all(len(v) == 1 for v in by_step.values())
     torch.testing.assert_close(torch.tensor([v[-1] for v in by_step.values()]), torch.tensor(losses(single)), **TOL)
     assert_same_weights(single / "model.safetensors", out / "model.safetensors")
+
+
+def test_slurms_sigusr1_to_torchrun_stops_every_rank_with_the_state_saved(tmp_path, features):
+    """Slurm's --signal=USR1@SECONDS goes to the job's main process, torchrun: with SIGUSR1 among its
+    --signals-to-handle (as docs/training.md says; by default torchrun dies of it and leaves its
+    workers running unsignalled) it passes the signal on, and every rank stops at the same step."""
+    out = tmp_path / "run"
+    stopped = train(out, features, "--checkpoint-every", "100", procs=2, kill_after="2:USR1",
+                    env={"SIGNAL_PARENT": "1", "SIGNAL_RANK": "0"},
+                    torchrun=("--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"))
+    log = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0 and log.count("stopped by SIGUSR1 at step 3 of 6: state saved") == 2, log[-3000:]
+    assert [s for s, _ in list_states(out)] == [3]
 
 
 def test_two_nodes_on_localhost_agree(tmp_path, features, single):

@@ -404,6 +404,12 @@ def test_prompt_features_kept_in_memory_are_bounded():
     # p1..p6 each encoded once (every draw's second caption is the next one's first), p0 twice: evicted by then
     assert [c[0] for c in vlm.calls] == ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p0"]
     assert feats.evicted == 5
+    # --feature-memory sets the bound; 0 keeps nothing beyond the call
+    nothing = PromptFeatures(spec, (1, 2), vlm=vlm, memo_gib=0)
+    assert [float(f.hidden[0, 0, 0]) for f in nothing([Sample("p7", "t2i", "p7", cond_id=text_id("p7"))])] == [7.0]
+    assert not nothing.memo and nothing.evicted == 1
+    with pytest.raises(ValueError, match="--feature-memory must be >= 0 GiB"):
+        PromptFeatures(spec, (1, 2), vlm=vlm, memo_gib=-1)
 
 
 # ---------------------------------------------------------------------------------- TaskMixture

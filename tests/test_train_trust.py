@@ -198,12 +198,24 @@ def test_a_resume_from_another_folder_of_the_same_size_is_refused(tmp_path):
     a, b = (ImageFolder(tmp_path / n, 16) for n in "AB")
     state = json.loads(json.dumps(TaskMixture({"t2i": a}, {"t2i": 1.0}, seed=0).state_dict()))
     other = TaskMixture({"t2i": Subset(b, [0, 1, 2, 3])}, {"t2i": 1.0}, seed=0)  # through a wrapper too
-    assert other.differences(state) == [f"t2i data {(tmp_path / 'A').resolve()} -> {(tmp_path / 'B').resolve()}"]
-    with pytest.raises(ValueError, match="another mixture \\(t2i data .*A -> .*B\\)"):
+    assert other.differences(state) == [f"t2i data {(tmp_path / 'A').resolve()} -> {(tmp_path / 'B').resolve()} "
+                                        "(the same data moved: --new-data continues exactly)"]
+    with pytest.raises(ValueError, match="another mixture \\(t2i data .*A -> .*B \\(the same data moved"):
         other.load_state_dict(state)
     assert TaskMixture({"t2i": ImageFolder(tmp_path / "A", 16)}, {"t2i": 1.0}, seed=0).differences(state) == []
     del state["origins"]  # saved before origins were recorded
     assert other.differences(state) == []
+    # ... unless --val-split sets data aside now: such a state's run held out by position
+    from argparse import Namespace
+
+    from unifusion_core.train.setup import make_data
+
+    args = Namespace(data=str(tmp_path / "A"), resolution=16, mix="t2i=1.0", val_split=0.5)
+    split, _ = make_data(args, seed=0)
+    assert "less --val-split 0.5 (held out by sample id)" in split.state_dict()["origins"]["t2i"]
+    diffs = split.differences(state)
+    assert any(d.startswith("t2i: --val-split now holds out by sample id, this state's run held out by position")
+               for d in diffs), diffs
 
 
 def test_a_state_saved_between_log_steps_counts_its_training_time(tmp_path):

@@ -82,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     a("--features", type=Path, help="precomputed features file (safetensors: '0','1',... with metadata 'prompts')")
     a("--feature-cache", type=Path,
       help="opt-in on-disk feature cache directory (fp16 safetensors shards, keyed by id)")
+    a("--feature-memory", type=float, default=2.0,
+      help="GiB of caption features kept in memory per process for reuse (least recently drawn out first: "
+      "those are encoded again); about 190 captions at InternVL3-8B's size, 1000 at SmolLM2's")
     a("--vae", help="VAE folder (diffusers AutoencoderKL) for flux/sd3/sdxl latent spaces (not needed for 'pixel')")
     a("--latent-cache", type=Path,
       help="with --vae: keep each sample's latent on disk, keyed by sample id and pixels (and resume exactly)")

@@ -25,7 +25,7 @@ COMMAND_LINE_ONLY = ("config", "resume", "new_data", "export_only")
 SECTIONS: dict[str, tuple[str, ...]] = {
     "": ("out",),
     "data": ("data", "resolution", "scene_kinds", "scene_tasks", "scene_references", "mix", "max_bad_fraction"),
-    "encoder": ("vlm", "rewrite", "layers", "features", "feature_cache"),
+    "encoder": ("vlm", "rewrite", "layers", "features", "feature_cache", "feature_memory"),
     "vae": ("latent", "vae", "latent_cache"),
     "model": ("preset", "dit_width", "dit_depth", "dit_heads", "patch", "mlp_ratio", "lap_heads", "lap_depth",
               "refiner_heads", "refiner_depth", "shift", "init_from", "reinit"),

@@ -47,10 +47,17 @@ def origin_of(source) -> str | None:
 
 def origin_differences(state: dict, sources: dict) -> list[str]:
     """The tasks whose data comes from elsewhere than in a saved state (another --data of the same
-    size trained on silently before: only a changed size was seen). A state from before this was
-    recorded has none to compare."""
-    saved = state.get("origins", {})
-    return [f"{t} data {saved[t]} -> {origin_of(sources[t])}" for t in sources
+    size trained on silently before: only a changed size was seen). A state from before origins
+    were recorded has none to compare, but if --val-split sets data aside now, that state's
+    held-out set was chosen by position, another set than now's."""
+    if "origins" not in state:
+        split = [t for t, s in sources.items() if hasattr(s, "held_out")]
+        return [f"{t}: --val-split now holds out by sample id, this state's run held out by position (another "
+                "held-out set: --new-data goes on with the new one, whose images that run may have trained on)"
+                for t in split]
+    saved = state["origins"]
+    return [f"{t} data {saved[t]} -> {origin_of(sources[t])} (the same data moved: --new-data continues exactly)"
+            for t in sources
             if saved.get(t) is not None and origin_of(sources[t]) is not None and saved[t] != origin_of(sources[t])]
 
 

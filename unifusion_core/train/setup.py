@@ -17,7 +17,7 @@ from ..config import EncoderSpec, select_layers
 from ..features import Features, read_features_file
 from .buckets import bucketize, parse_buckets
 from .data import Sample
-from .mixture import TaskMixture
+from .mixture import TaskMixture, origin_of
 from .sources import SceneEdits, SceneReconstructions, Subset, SyntheticScenes, load_sources
 from .tasks import TASKS
 
@@ -133,6 +133,7 @@ def _set_aside(sources: dict, fraction: float) -> dict:
                               f"{len(train)} to train on and {len(held)} held out; give more data or another fraction")
         out[task] = Subset(src, train)
         out[task].held_out = Subset(src, held)
+        out[task].origin = f"{origin_of(src)} less --val-split {fraction:g} (held out by sample id)"
         log.info("--val-split %g: %s: %d samples held out for the validation loss, %d to train on", fraction, task,
                  len(held), len(train))
     return out
@@ -163,8 +164,12 @@ class PromptFeatures:
     """
 
     def __init__(self, spec: EncoderSpec, stored_layers: tuple[int, ...], vlm=None, rewrite: bool = False,
-                 table: dict[str, torch.Tensor] | None = None, cache=None):
+                 table: dict[str, torch.Tensor] | None = None, cache=None, memo_gib: float | None = None):
         self.spec, self.vlm, self.rewrite, self.cache = spec, vlm, rewrite, cache
+        if memo_gib is not None:
+            if not memo_gib >= 0:
+                raise ConfigError(f"--feature-memory must be >= 0 GiB, got {memo_gib}")
+            self.MEMO_BYTES = int(memo_gib * 2**30)
         missing = sorted(set(spec.layers) - set(stored_layers))
         if missing:
             raise ValueError(f"the model reads VLM layers {missing} that the features do not hold "
@@ -183,18 +188,18 @@ class PromptFeatures:
     # InternVL3-8B's) kept for the whole run filled host memory at 10^4-10^5 captions (measured by a
     # review: 100k captions, 182 GiB a process). Within the bound a run over a few thousand
     # captions (the scenes: 702) encodes each once; beyond it, --feature-cache keeps them on disk.
-    MEMO_BYTES = 2 * 2**30
+    MEMO_BYTES = 2 * 2**30  # --feature-memory
 
     def _remember(self, cid: str, f: Features) -> None:
         self.memo[cid] = f
         self.memo_bytes += f.hidden.nbytes
-        while self.memo_bytes > self.MEMO_BYTES and len(self.memo) > 1:
+        while self.memo_bytes > self.MEMO_BYTES and self.memo:
             _, old = self.memo.popitem(last=False)
             self.memo_bytes -= old.hidden.nbytes
             if not self.evicted:
-                log.info("the features of %d captions fill the %.1f GiB kept in memory: the least recently drawn "
-                         "are encoded again when drawn (--feature-cache DIR keeps them on disk)", len(self.memo),
-                         self.MEMO_BYTES / 2**30)
+                log.info("the features of %d captions fill the %.1f GiB kept in memory (--feature-memory): the least "
+                         "recently drawn are encoded again when drawn (--feature-cache DIR keeps them on disk)",
+                         len(self.memo) + 1, self.MEMO_BYTES / 2**30)
             self.evicted += 1
 
     def prepare(self, samples: list[Sample]) -> None:
@@ -291,7 +296,8 @@ def make_features(args, device: torch.device | None = None) -> tuple[PromptFeatu
         from .cache import FeatureCache
 
         cache = FeatureCache.open_or_create(args.feature_cache, spec, rewrite=args.rewrite)
-    return PromptFeatures(spec, spec.layers, vlm=vlm, rewrite=args.rewrite, cache=cache), spec
+    return PromptFeatures(spec, spec.layers, vlm=vlm, rewrite=args.rewrite, cache=cache,
+                          memo_gib=getattr(args, "feature_memory", None)), spec
 
 
 def make_validation(args, features: PromptFeatures, latents=None, config=None, sources: dict | None = None):
