@@ -165,3 +165,75 @@ def test_dequantising_in_pieces_gives_the_same_weights(smollm2, monkeypatch):
     whole = gguf_py.dequantize(embedding.data, embedding.tensor_type)
     rows = (1 << 20) // embedding.data[0].nbytes
     assert len(calls) == -(-len(embedding.data) // rows) > 1 and np.array_equal(pieces, whole)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny causal LM to write as a GGUF's converted weights (a write in milliseconds, not seconds)."""
+    import tiny_vlms
+
+    root = tmp_path_factory.mktemp("tiny-lm")
+    vlm = load_vlm(tiny_vlms.make_tiny_causal_lm(root / "lm"))
+    gguf = root / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))  # only its path, size and time key the entries
+    return gguf, vlm.model, vlm.tokenizer
+
+
+def _fake_entry(cache: Path, name: str, gguf: Path, dtype: torch.dtype) -> Path:
+    """An entry of an older key (the file or transformers changed since) at `dtype`."""
+    entry = cache / f"{gguf.stem}-{name}"
+    entry.mkdir(parents=True)
+    (entry / gguf_cache.RECORD).write_text(f'{{"gguf": "{gguf.resolve()}", "dtype": "{dtype}"}}')
+    return entry
+
+
+def test_a_gguf_keeps_one_entry_per_dtype(tiny_lm, tmp_path):
+    """Before: writing the bfloat16 entry removed the float32 one (and back), so loading a GGUF at
+    bfloat16 (VLM Load on a GPU) and at float32 (the CLI) converted it again at every switch."""
+    import copy
+
+    gguf, model, tokenizer = tiny_lm
+    fp32 = gguf_cache.cache_entry(gguf, torch.float32, tmp_path)
+    bf16 = gguf_cache.cache_entry(gguf, torch.bfloat16, tmp_path)
+    old_bf16 = _fake_entry(tmp_path, "0000000000000000", gguf, torch.bfloat16)
+    gguf_cache.write_entry(fp32, model, tokenizer, gguf)
+    assert old_bf16.exists()  # another dtype's, whatever its age: the bfloat16 write decides
+    gguf_cache.write_entry(bf16, copy.deepcopy(model).to(torch.bfloat16), tokenizer, gguf)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fp32.name, bf16.name])  # the older bf16 one went
+    assert gguf_cache.damage(fp32) is None and gguf_cache.damage(bf16) is None
+    assert '"dtype": "torch.bfloat16"' in (bf16 / gguf_cache.RECORD).read_text()
+    old_fp32 = _fake_entry(tmp_path, "1111111111111111", gguf, torch.float32)
+    gguf_cache.write_entry(fp32, model, tokenizer, gguf)  # a good entry there: kept, and the cleanup still runs
+    assert not old_fp32.exists() and bf16.exists()
+
+
+def test_temp_folders_of_killed_writes_are_removed_at_the_next_write(tiny_lm, tmp_path, caplog):
+    """Before: a write killed midway (SIGKILL, the OOM killer) left its .tmp<pid> folder, up to the
+    whole model's size, in the cache for ever."""
+    import subprocess
+    import sys
+    import time
+
+    gguf, model, tokenizer = tiny_lm
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now runs nothing
+    entry = gguf_cache.cache_entry(gguf, torch.float32, tmp_path)
+    live = os.getppid()
+
+    def folder(name, age_s=0.0):
+        f = tmp_path / name
+        f.mkdir()
+        (f / "model.safetensors").write_bytes(bytes(1024))
+        then = time.time() - age_s
+        for p in (f / "model.safetensors", f):
+            os.utime(p, (then, then))
+        return f
+
+    killed = [folder(f"{entry.name}.tmp{dead.pid}"), folder(f"other-0123456789abcdef.old{dead.pid}"),
+              folder(f"{entry.name}.tmp{live}", age_s=2 * 24 * 3600)]  # the pid reused since, or Windows
+    writing = folder(f"other-0123456789abcdef.tmp{live}")  # another process writing now
+    with caplog.at_level(logging.INFO, logger="unifusion_core.encoders.gguf_cache"):
+        gguf_cache.write_entry(entry, model, tokenizer, gguf)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([entry.name, writing.name])
+    assert gguf_cache.damage(entry) is None
+    assert sum("left by a conversion that was killed while writing" in m for m in caplog.messages) == len(killed)

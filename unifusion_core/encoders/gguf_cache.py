@@ -1,7 +1,9 @@
 """The converted-weights cache of .gguf files: a GGUF is dequantised and its tokenizer converted
 by transformers once (about 30 s for SmolLM2-135M on 2 CPU cores), then kept as a plain Hugging
 Face folder that later loads read in under a second. Every file of an entry is checked against the
-checksum recorded when it was written; a damaged entry is converted again and replaced."""
+checksum recorded when it was written; a damaged entry is converted again and replaced. A GGUF keeps
+one entry per dtype it is loaded at (float32 on a CPU, bfloat16 on a GPU by default), so switching
+between them does not convert again; an entry of an older version of the file is removed."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import time
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +36,10 @@ CACHE_FORMAT = 2  # 2: complete.json records the size and sha256 of every file o
 RECORD = "complete.json"  # written last: an entry without it never finished
 CHUNK = 64 << 20  # files are hashed in chunks of this size, in parallel
 PIECE = 16 << 20  # a large tensor is dequantised this many bytes of its GGUF blocks at a time (Cancel between)
+# The folders a write works in (write_entry's .tmp<pid>, _install's .old<pid>): a process killed
+# while writing leaves one, up to the size of the whole model.
+TEMP_FOLDER = re.compile(r".+\.(?:tmp|old)(\d+)")
+STALE_TEMP_S = 24 * 3600  # a temp folder nothing was written to for a day is left over, whatever its pid says
 
 
 def cache_entry(path: Path, dtype: torch.dtype, cache: Path) -> Path:
@@ -72,10 +80,12 @@ def checksum(path: Path) -> str:
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
-def record(folder: Path, gguf: Path) -> dict:
-    """What complete.json holds: the GGUF converted, and each file's size and checksum."""
+def record(folder: Path, gguf: Path, dtype: torch.dtype) -> dict:
+    """What complete.json holds: the GGUF converted, the dtype it was stored at, and each file's size
+    and checksum."""
     files = {p.name: [p.stat().st_size, checksum(p)] for p in sorted(folder.iterdir()) if p.name != RECORD}
-    return {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "format": CACHE_FORMAT, "files": files}
+    return {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "dtype": str(dtype), "format": CACHE_FORMAT,
+            "files": files}
 
 
 def damage(entry: Path) -> str | None:
@@ -112,13 +122,14 @@ def write_entry(entry: Path, model, tokenizer, gguf: Path) -> None:
     """Save a converted GGUF model as a Hugging Face folder, atomically: written in a temporary
     folder (complete.json, with every file's checksum, last), then renamed into place. A damaged
     entry there is replaced (renamed aside, the new one renamed in, the old removed); a good one,
-    written by another process first, is kept. Older entries of the same file are removed. A
-    failure (disk full, no permission) only costs the next load its speed: it is logged, never
-    raised."""
+    written by another process first, is kept. Older entries of the same file at the same dtype
+    are removed, and so are the temp folders of writes that were killed. A failure (disk full, no
+    permission) only costs the next load its speed: it is logged, never raised."""
     from safetensors.torch import save_model as save_safetensors
 
     tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
     try:
+        _remove_stale_temp(entry.parent)
         tmp.mkdir(parents=True, exist_ok=True)
         save_safetensors(model, str(tmp / "model.safetensors"))  # tied embeddings are stored once
         config = model.config.to_dict()
@@ -126,9 +137,9 @@ def write_entry(entry: Path, model, tokenizer, gguf: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / RECORD).write_text(json.dumps(record(tmp, gguf)))
+        (tmp / RECORD).write_text(json.dumps(record(tmp, gguf, model.dtype)))  # the dtype load_vlm keyed it by
         done = _install(tmp, entry)
-        _remove_older(entry, gguf)
+        _remove_older(entry, gguf, model.dtype)
         log.info({"kept": "kept the converted weights of %s in %s",
                   "replaced": "replaced the damaged converted weights of %s in %s",
                   "theirs": "kept the converted weights of %s that another process wrote first in %s; "
@@ -162,14 +173,60 @@ def _install(tmp: Path, entry: Path) -> str:
     return "replaced" if replaced else "kept"
 
 
-def _remove_older(entry: Path, gguf: Path) -> None:
-    """Remove the entries of the same GGUF under another key (the file or transformers changed)."""
+def _remove_older(entry: Path, gguf: Path, dtype: torch.dtype) -> None:
+    """Remove the entries of the same GGUF at the same dtype under another key (the file or
+    transformers changed). Entries at other dtypes stay: a GUI loading a GGUF at bfloat16 and a CLI
+    at float32 would otherwise convert it again at every switch. So a GGUF has at most one entry
+    per dtype it is loaded at (in practice float32, bfloat16, float16: three)."""
     for old in entry.parent.glob(f"{gguf.stem}-*/{RECORD}"):
         try:
-            if old.parent != entry and json.loads(old.read_text()).get("gguf") == str(gguf.resolve()):
+            found = json.loads(old.read_text())
+            # An entry written before the dtype was recorded cannot say its own: removed as before,
+            # which costs at most one more conversion of that dtype.
+            if (old.parent != entry and found.get("gguf") == str(gguf.resolve())
+                    and found.get("dtype", str(dtype)) == str(dtype)):
                 shutil.rmtree(old.parent, ignore_errors=True)
         except (OSError, ValueError, AttributeError):
             continue  # another entry's damage is its own load's business
+
+
+def _running(pid: int) -> bool:
+    """Whether a process of this pid runs on this machine (True where that cannot be asked)."""
+    if os.name != "posix":  # Windows' os.kill(pid, 0) would terminate the process, not probe it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs, as another user; OverflowError: no pid
+        return True
+    return True
+
+
+def _last_written(folder: Path) -> float:
+    """The newest modification time of the folder and the files in it."""
+    return max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.iterdir()])
+
+
+def _remove_stale_temp(cache: Path) -> None:
+    """Remove the temp folders that writes killed midway (SIGKILL, the OOM killer, power loss) left:
+    nothing else ever would. One is stale when its pid runs no process here, or when nothing was
+    written to it for a day (the pid reused, or Windows, where a pid cannot be probed). A cache
+    folder shared by several machines could lose another machine's write in progress to the pid
+    rule; that write then logs its failure and its next load converts again, nothing worse."""
+    if not cache.is_dir():
+        return
+    now = time.time()
+    for folder in cache.iterdir():
+        match = TEMP_FOLDER.fullmatch(folder.name)
+        if match is None or int(match[1]) == os.getpid() or not folder.is_dir():
+            continue  # this process's own temp folders belong to writes in progress (other threads)
+        try:
+            if not _running(int(match[1])) or now - _last_written(folder) > STALE_TEMP_S:
+                log.info("removing %s, left by a conversion that was killed while writing", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # removed meanwhile by another process
 
 
 # --- Cancel during a conversion --------------------------------------------------------------------
