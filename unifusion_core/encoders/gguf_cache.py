@@ -13,8 +13,8 @@ import logging
 import os
 import re
 import shutil
-import time
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
