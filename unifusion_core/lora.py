@@ -222,11 +222,6 @@ def strip_lora(model: nn.Module) -> int:
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 
 
-def _wrap(v: int) -> int:
-    """A Python integer as the signed 64-bit integer it is modulo 2^64."""
-    return (v + 2**63) % 2**64 - 2**63
-
-
 def _shr(z: Tensor, s: int) -> Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
     return (z >> s) & ((1 << (64 - s)) - 1)
@@ -267,12 +262,17 @@ def rank_dropout(model: nn.Module, p: float, seed: int, keys: dict[str, Tensor])
     layers = adapted(model)
     if p > 0:
         base = _mix(torch.tensor([seed & (2**63 - 1)], dtype=torch.int64))
+        # one copy of the keys and the salts per device, not one per layer (hundreds of small copies a step)
+        on: dict[torch.device, tuple[dict[str, Tensor], Tensor]] = {}
         for i, (name, lin) in enumerate(layers.items()):
             part = name.split(".", 1)[0]
             if part in keys:
+                dev = lin.lora_down.device
+                if dev not in on:
+                    salts = _mix(base + _GOLDEN * torch.arange(1, len(layers) + 1, dtype=torch.int64))
+                    on[dev] = {k: v.to(dev, torch.int64) for k, v in keys.items()}, salts.to(dev)
                 # the salt a tensor, not a Python int: compiled blocks take it as an input (one graph for all)
-                dev, salt = lin.lora_down.device, _mix(base + _wrap(_GOLDEN * (i + 1)))
-                lin.lora_drop = (float(p), keys[part].to(dev, torch.int64), salt.to(dev))
+                lin.lora_drop = (float(p), on[dev][0][part], on[dev][1][i : i + 1])
     try:
         yield
     finally:
