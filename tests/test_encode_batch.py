@@ -114,6 +114,33 @@ def test_teacher_forced_verifi_equals_the_in_pass_capture(vlms, family):
         assert bool((got.positions >= len(got.sequence_ids) - 6).all())  # only the rewrite conditions
 
 
+def test_an_added_special_token_in_a_rewrite_neither_conditions_nor_shows(tmp_path):
+    """Before: an added token marked special but missing from tokenizer.all_special_ids (SmolLM2's
+    <filename>, <jupyter_code>, ...) conditioned the image as a rewrite token while Features.text,
+    decoded without special tokens, did not show it."""
+    from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_vlms.make_tiny_causal_lm(tmp_path / "lm")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens([AddedToken("<filename>", special=True)])
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "with-filename")
+    tok.save_pretrained(tmp_path / "with-filename")
+    vlm = load_vlm(tmp_path / "with-filename")
+    filename, im_start = tok.convert_tokens_to_ids("<filename>"), tok.convert_tokens_to_ids("<|im_start|>")
+    assert filename not in tok.all_special_ids
+    words = tok("a red circle", add_special_tokens=False)["input_ids"]
+    plain, with_filename, with_im_start = vlm.encode_batch(
+        ["draw a red circle"] * 3, rewrite=True, system_prompt=SYSTEM,
+        rewrites=[words, words + [filename], words[:1] + [filename] + words[1:] + [im_start]])
+    for f in (plain, with_filename, with_im_start):
+        assert f.text == "a red circle" and f.num_tokens == len(words)  # Features.text's tokens, no more
+        assert vlm.tokenizer.decode(torch.tensor(f.sequence_ids)[f.positions]).strip() == f.text
+    assert torch.equal(with_filename.hidden, plain.hidden)
+    assert vlm._text(torch.tensor(words + [filename])) == "a red circle"  # rewrite_batch's Rewrite.text
+
+
 def test_rows_that_stop_early_stop_as_encode_does(vlms, monkeypatch):
     vlm = vlms["qwen2"]
     free = [r.ids for r in vlm.rewrite_batch(PROMPTS, system_prompt=SYSTEM, max_new_tokens=8)]

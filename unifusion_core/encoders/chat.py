@@ -78,6 +78,16 @@ def special_tokens(tokenizer) -> tuple[str, ...]:
     return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
 
 
+def special_ids(tokenizer) -> Tensor:
+    """The ids of special_tokens(tokenizer), sorted: the tokens that never condition as text."""
+    # tokenizer.all_special_ids alone misses added tokens marked special (SmolLM2's <filename>,
+    # <jupyter_code>, ...), which decode(skip_special_tokens=True) drops: such a token in a rewrite
+    # conditioned the image while Features.text did not show it.
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    ids = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+    return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long)
+
+
 def check_special(text: str, what: str, specials: Sequence[str], name: str) -> None:
     """ValueError naming the first of the tokenizer's special tokens in text (see the module's docstring);
     what: "the prompt", "prompt 3", ..."""

@@ -33,7 +33,7 @@ class VLMEncoder:
         self.model, self.tokenizer, self.adapter, self.name = model, tokenizer, adapter, name
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.no_lm_head: str | None = None  # why this encoder cannot generate (a one-file encoder without its head)
-        self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)  # asked for once
+        self.special_ids = chat.special_ids(tokenizer)  # asked for once; never condition as text
         self.special_tokens = chat.special_tokens(tokenizer)  # refused in prompts (chat.check_special)
         text_cfg = model.config.get_text_config()
         self.hidden_size = text_cfg.hidden_size
