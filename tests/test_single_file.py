@@ -317,3 +317,26 @@ def test_one_file_encoders_need_transformers_5_and_nothing_else_does(qwen25vl, t
         uf.load_vlm(gguf, cache_dir=tmp_path / "cache")
     monkeypatch.setattr(transformers, "__version__", "5.0.0")
     single_file.require_transformers_5(one_file, transformers.__version__)  # 5.0.0 passes
+
+
+def test_the_demo_cli_loads_a_one_file_encoder_with_its_tokenizer_folder(tmp_path):
+    """Before: the demo CLI had no way to name a tokenizer, so every one-file --vlm failed outside
+    ComfyUI ("name the folder of the model's tokenizer files", with nowhere to name it)."""
+    from dataclasses import replace
+
+    from unifusion_core.__main__ import main
+
+    folder = reference(tmp_path / "ref", "qwen2")
+    one_file = to_comfy(folder, tmp_path / "qwen_2.5_tiny.safetensors")
+    spec = uf.load_vlm(one_file, tokenizer=folder).encoder_spec(layers=3)
+    model = uf.UniFusionModel.from_preset("tiny", vlm=spec)
+    model.config = replace(model.config, sampling=replace(model.config.sampling, size=(16, 16)))
+    uf.save_model(model, tmp_path / "tiny.safetensors")
+    args = ["--model", str(tmp_path / "tiny.safetensors"), "--vlm", str(one_file), "--steps", "1", "--no-rewrite",
+            "--prompt", "a red circle on the left", "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="without a tokenizer: name the folder"):
+        main(args)
+    summary = main(args + ["--tokenizer", str(folder)])
+    assert summary["conditioning"] == "a red circle on the left" and summary["size"] == [16, 16]
+    with pytest.raises(SystemExit, match="--tokenizer is for a one-file .safetensors --vlm; .*leave --tokenizer out"):
+        main(["--vlm", str(tmp_path / "other.gguf"), "--tokenizer", str(folder), "--out", str(tmp_path / "out")])

