@@ -322,3 +322,64 @@ def test_verifi_fidelity_check_names_what_a_rewrite_lost():
     single = sc.parse_prompt("a green triangle at the top")
     assert check(single, "A green triangle near the top edge.")["all"]
     assert not check(single, "Green triangles in the middle.")["position"]
+
+
+@pytest.mark.parametrize("task", ["t2i", "describe", "edit", "reconstruct", "multiref"])
+@pytest.mark.parametrize("flag", ["--seeds", "--limit", "--batch-size"])
+def test_counts_below_one_are_refused_before_anything_loads(tmp_path, task, flag):
+    """Before: --seeds 0 failed with an IndexError after the model and VLM had loaded and every case
+    was encoded (edit, reconstruct, multiref); --limit 0 silently became 60 (100 for describe), or a
+    ValueError traceback for t2i. The paths do not exist: nothing is loaded before the check."""
+    missing = str(tmp_path / "missing")
+    with pytest.raises(SystemExit, match=f"^{flag} must be >= 1, got 0"):
+        main(["--task", task, "--model", missing + ".safetensors", "--vlm", missing + ".gguf",
+              "--out", str(tmp_path / "out"), flag, "0"])
+
+
+def _killed_while_writing(monkeypatch, name: str):
+    """Path.write_text that dies halfway through writing a file whose name starts with `name`."""
+    write_text = Path.write_text
+
+    def dying(self, data, *args, **kwargs):
+        if not self.name.startswith(name):
+            return write_text(self, data, *args, **kwargs)
+        write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # the process killed mid-write
+
+    monkeypatch.setattr(Path, "write_text", dying)
+
+
+def test_a_killed_run_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    """Before: report.json was written in place; a run killed while writing it left a truncated
+    JSON where the previous good report was."""
+    model = randomize(uf.UniFusionModel.from_preset("tiny")).eval()
+    uf.save_model(model, tmp_path / "m.safetensors")
+    save_features(tmp_path / "f.safetensors", tiny_table([s.prompt for s in SCENES]))
+    args = ["--model", str(tmp_path / "m.safetensors"), "--features", str(tmp_path / "f.safetensors"),
+            "--out", str(tmp_path / "out"), "--split", "heldout", "--limit", "1", "--seeds", "1", "--steps", "1",
+            "--size", "8", "--device", "cpu"]
+    first = main(args)
+    _killed_while_writing(monkeypatch, "report.json")
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--steps", "2"])
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == first
+
+
+def test_a_killed_write_leaves_the_previous_features_file_whole(tmp_path, monkeypatch):
+    """Before: save_features_file wrote in place; a kill mid-write (tools/encode_scene_prompts.py, the
+    eval's save_features) left a truncated file that the trainer and the eval refuse."""
+    import safetensors.torch
+
+    path = tmp_path / "f.safetensors"
+    table = tiny_table(["a red circle on the left", "a blue square at the top"])
+    save_features(path, table)
+
+    def dying(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise KeyboardInterrupt  # the process killed mid-write
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        save_features(path, tiny_table(["a green triangle at the top"]))
+    loaded, _ = uf.features.read_features_file(path)
+    assert list(loaded) == list(table) and all(torch.equal(loaded[p], table[p].half()) for p in table)

@@ -93,8 +93,10 @@ class Features:
 
 
 def save_features_file(path, table, encoder: EncoderSpec | None = None, **extra) -> None:
-    """Write {prompt: hidden (T, L, D)} as a features file (fp16); extra metadata is JSON-encoded."""
+    """Write {prompt: hidden (T, L, D)} as a features file (fp16); extra metadata is JSON-encoded.
+    Written to PATH.tmp and then renamed over PATH."""
     import json
+    import os
     from dataclasses import asdict
     from pathlib import Path
 
@@ -104,9 +106,14 @@ def save_features_file(path, table, encoder: EncoderSpec | None = None, **extra)
     meta = {"prompts": json.dumps(prompts), **{k: json.dumps(v) for k, v in extra.items()}}
     if encoder is not None:
         meta["encoder"] = json.dumps(asdict(encoder))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({str(i): table[p].detach().half().contiguous().cpu() for i, p in enumerate(prompts)}, str(path),
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({str(i): table[p].detach().half().contiguous().cpu() for i, p in enumerate(prompts)}, str(tmp),
               metadata=meta)
+    # A run killed while writing (an hour of encoding) must not leave a truncated file under the
+    # real name, which the trainer and the eval then refuse: the previous file stays until this one is whole.
+    os.replace(tmp, path)
 
 
 def read_features_file(path) -> tuple[dict[str, Tensor], EncoderSpec | None]:

