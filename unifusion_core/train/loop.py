@@ -674,12 +674,11 @@ class Trainer:
                         self._sample(metrics, model)
                     del model
                     t_log += time.perf_counter() - t0  # validation and sampling time is not training time
-                # rank 0's clock decides for all: ranks that disagreed would wait for each other's save
+                # One tiny all-reduce decides for every rank: rank 0's clock (ranks that disagreed would
+                # wait for each other's save) and a stop signal that reached any rank
                 timed_out = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
-                if cfg.time_limit > 0:
-                    timed_out = bool(self.dist.sum_(torch.tensor([float(timed_out and main)])).item())
-                # a signal on any rank stops every rank at this step (one tiny all-reduce a step)
-                signalled = bool(self.dist.sum_(torch.tensor([float(self.stop_signal is not None)])).item())
+                flags = torch.tensor([float(timed_out and main), float(self.stop_signal is not None)])
+                timed_out, signalled = (bool(f) for f in self.dist.sum_(flags).tolist())
                 if self._due(cfg.checkpoint_every) or timed_out or signalled:
                     t0 = time.perf_counter()
                     self.describe["train_seconds"] = train_seconds + (t0 - t_log)  # with the steps since the last log
