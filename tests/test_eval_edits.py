@@ -24,6 +24,9 @@ def test_cases_are_fixed_and_of_their_split(task):
     assert all(c.split == "heldout" for c in a)
     if task == "edit":  # kind by kind in turn, none drawn twice
         assert [c.kind for c in a] == list(scene_edits.EDIT_KINDS) * 2 and len({c.text for c in a}) == 12
+        # more than the rarest kind holds (54 held-out swaps): a kind used up drops out of the turn
+        many = [c.kind for c in edits.cases("edit", "heldout", 400, size=8)]
+        assert len(many) == 400 and many.count("swap") == 54 and len(set(many)) == 6
 
 
 def test_drawing_the_target_scores_one_and_drawing_the_source_only_what_is_unchanged():

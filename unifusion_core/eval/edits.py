@@ -12,6 +12,7 @@ and best-of-N, as the text benchmark does.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,14 +46,14 @@ def cases(task: str, split: str, n: int, size: int = 64) -> list[Case]:
         for i in rng.permutation(len(pool))[:n]:
             out.append(Case("reconstruct", "", [scenes.render(pool[i], size, rng)], pool[i], split))
     elif task == "edit":
-        # kind by kind in turn (n / 6 of each, per kind without repeats): drawn as the pool holds
-        # them, a held-out 100 had 1 swap and 9 removes, too few to score a kind by
-        kinds = scene_edits.EDIT_KINDS
-        pools = {k: scene_edits.edits(split, k) for k in kinds}
-        order = {k: iter(rng.permutation(len(pools[k]))) for k in kinds}
-        for j in range(n):
-            kind = kinds[j % len(kinds)]
-            e = pools[kind][next(order[kind])]
+        # kind by kind in turn (n / 6 of each, per kind without repeats; a kind used up drops out of
+        # the turn): drawn as the pool holds them, a held-out 100 had 1 swap and 9 removes, too few
+        # to score a kind by
+        pools = [scene_edits.edits(split, k) for k in scene_edits.EDIT_KINDS]
+        perms = [rng.permutation(len(p)) for p in pools]
+        turns = [(p, i) for row in itertools.zip_longest(*perms) for p, i in zip(pools, row) if i is not None]
+        for pool, i in turns[:n]:
+            e = pool[i]
             out.append(Case(e.kind, e.instruction, [scenes.render(e.source, size, rng)], e.target, split))
     else:
         pool = scene_edits.references(split)
