@@ -1,6 +1,7 @@
 """Rectified-flow sampling: integrator orders, schedules, guidance, seeds, sizes, callbacks."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,6 +395,17 @@ def test_a_run_that_compiles_is_estimated_from_its_second_step(clock, caplog, mo
     (text,) = reported  # 30 s + 27 x 5 s
     assert text.startswith("sampling 64x64 will take about 3 min for 28 steps (until about ")
     assert text.endswith("from its second step, which took 5.0 s (the first took 30.0 s: it compiled the DiT)")
+
+
+def test_timing_a_run_does_not_import_dynamo():
+    """timed() asks whether the first step compiled; without compile that must cost nothing (importing
+    torch._dynamo takes about a second), in the demo CLI and every Sample node run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, unifusion_core as uf; uf.advice.timed(None, uf.get_preset('tiny'), 8, 8)"
+            "(0, 1, torch.zeros(1), torch.zeros(1)); assert 'torch._dynamo' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
 
 
 def test_advice_says_nothing_it_cannot_know():

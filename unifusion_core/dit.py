@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
+import sys
 
 import torch
 from einops import rearrange
@@ -69,6 +70,8 @@ def compile_unavailable(device: torch.device | str, backend: str = "inductor") -
 def graphs_compiled() -> int:
     """How many graphs torch.compile has compiled in this process (a run compiled nothing when this
     does not change across it)."""
+    if "torch._dynamo" not in sys.modules:  # nothing compiled yet; asking must not import dynamo (1 s)
+        return 0
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
